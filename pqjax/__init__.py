@@ -1,0 +1,1 @@
+"""pqjax: PermuQuant 4-bit post-training quantization for diffusion transformers."""

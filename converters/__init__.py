@@ -31,9 +31,16 @@ def register(class_name: str) -> Callable[[type], type]:
   return deco
 
 
+# diffusers loads legacy ``Transformer2DModel`` DiT/PixArt checkpoints (DiT-XL-2, PixArt-alpha)
+# as the class their ``norm_type`` names; the state-dict keys are the same.
+_LEGACY_CLASSES = {("Transformer2DModel", "ada_norm_zero"): "DiTTransformer2DModel",
+                   ("Transformer2DModel", "ada_norm_single"): "PixArtTransformer2DModel"}
+
+
 def _model_class(config: dict[str, Any]) -> type:
   _import_families()
   name = config.get("_class_name")
+  name = _LEGACY_CLASSES.get((name, config.get("norm_type")), name)
   if name not in MODELS:
     raise UnsupportedModelError(
         f"unsupported model _class_name={name!r}; supported: {sorted(MODELS)}")
@@ -65,9 +72,20 @@ def from_diffusers(path: str | os.PathLike, *, dtype=jnp.bfloat16,
   return load_into(abstract, path, dtype=dtype, progress=progress)
 
 
-def to_diffusers(model: nnx.Module, path: str | os.PathLike, *, dtype=None) -> None:
-  """Writes ``model`` as a folder ``diffusers.<Class>.from_pretrained`` loads (atomically)."""
-  save_folder(model, model.config, path, dtype=dtype)
+def to_diffusers(model: nnx.Module, path: str | os.PathLike, *, dtype=None,
+                 max_shard_bytes: int = 10 * 2**30) -> None:
+  """Writes ``model`` as a folder ``diffusers.<Class>.from_pretrained`` loads (atomically).
+
+  Args:
+    model: a converted model (its ``config`` is written as ``config.json``).
+    path: a new or empty folder.
+    dtype: cast float tensors to this NumPy/JAX dtype (default: keep the model's).
+    max_shard_bytes: above this size the weights are sharded with an index, as diffusers does.
+
+  Raises:
+    CheckpointError: ``path`` exists and is not empty.
+  """
+  save_folder(model, model.config, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
 def _import_families() -> None:

@@ -14,9 +14,9 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,21 @@ class CheckpointMismatchError(CheckpointError):
 # ----------------------------------------------------------------------------- safetensors
 
 
+def _parse_entry(path: Path, key: str, e: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+  """Validates one header entry: known dtype, and byte range = dtype size x shape."""
+  try:
+    dtype_name, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+  except (KeyError, TypeError, ValueError):
+    raise CheckpointError(f"{path}: corrupt header entry for tensor {key}: {e!r}") from None
+  if dtype_name not in _ST_DTYPES:
+    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {dtype_name}")
+  dtype = _ST_DTYPES[dtype_name]
+  if end - begin != dtype.itemsize * int(np.prod(shape)) or begin < 0:
+    raise CheckpointError(f"{path}: tensor {key} ({dtype_name}, shape {shape}) has byte range "
+                          f"[{begin}, {end})")
+  return dtype, shape, begin, end
+
+
 class SafetensorsFile:
   """A memory-mapped safetensors file: header parsed and validated, tensors read on demand."""
 
@@ -83,19 +98,18 @@ class SafetensorsFile:
                               f"{size - 8} present)")
       try:
         header = json.loads(f.read(n))
-      except json.JSONDecodeError as e:
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     self.data_start = 8 + n
     self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
     truncated = []
     for key, e in header.items():
-      if e["dtype"] not in _ST_DTYPES:
-        raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {e['dtype']}")
-      begin, end = e["data_offsets"]
-      if self.data_start + end > size:
+      self.entries[key] = _parse_entry(path, key, e)
+      if self.data_start + self.entries[key][3] > size:
         truncated.append(key)
-      self.entries[key] = (_ST_DTYPES[e["dtype"]], tuple(e["shape"]), begin, end)
     if truncated:
       raise CheckpointError(f"{path}: truncated file ({size} bytes); tensors past its end: "
                             + ", ".join(sorted(truncated)))
@@ -120,31 +134,49 @@ class SafetensorsFile:
 
 
 def open_weights(folder: Path) -> dict[str, SafetensorsFile]:
-  """Maps every tensor key to its (single or sharded) safetensors file in ``folder``."""
+  """Maps every tensor key to its (single or sharded) safetensors file in ``folder``.
+
+  With an index, every shard it names is opened and every tensor they hold is mapped (a tensor
+  the index omits is still data, so it surfaces as an unexpected key, as in diffusers).
+
+  Raises:
+    CheckpointError: no weights file, a corrupt index, a missing shard, a tensor the index
+      misplaces or one held by two shards, or a corrupt/truncated file.
+  """
   index = folder / INDEX_NAME
-  if index.exists():
-    try:
-      weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise CheckpointError(f"{index}: corrupt index: {e!r}") from None
-    files: dict[str, SafetensorsFile] = {}
-    for name in sorted(set(weight_map.values())):
-      if not (folder / name).exists():
-        raise CheckpointError(f"{index} names shard {name}, which is missing")
-      files[name] = SafetensorsFile(folder / name)
-    out = {}
-    for key, name in weight_map.items():
-      if key not in files[name].entries:
-        raise CheckpointError(f"{index} places {key} in {name}, which does not hold it")
-      out[key] = files[name]
-    return out
-  single = folder / WEIGHTS_NAME
-  if not single.exists():
-    found = sorted(p.name for p in folder.glob("*.safetensors"))
-    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}"
-                          + (f" (found {found})" if found else ""))
-  f = SafetensorsFile(single)
-  return {key: f for key in f.entries}
+  if not index.exists():
+    single = folder / WEIGHTS_NAME
+    if not single.exists():
+      found = sorted(p.name for p in folder.glob("*.safetensors"))
+      raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}"
+                            + (f" (found {found})" if found else ""))
+    f = SafetensorsFile(single)
+    return {key: f for key in f.entries}
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{index}: corrupt index: {e!r}") from None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index}: corrupt index: weight_map is not a key -> file mapping")
+  missing = sorted(name for name in set(weight_map.values()) if not (folder / name).is_file())
+  if missing:
+    raise CheckpointError(f"{index} names missing shard(s): " + ", ".join(missing))
+  files = {name: SafetensorsFile(folder / name) for name in sorted(set(weight_map.values()))}
+  misplaced = sorted(f"{k} (in {n})" for k, n in weight_map.items() if k not in files[n].entries)
+  if misplaced:
+    raise CheckpointError(f"{index} places tensors in shards that do not hold them: "
+                          + ", ".join(misplaced))
+  out: dict[str, SafetensorsFile] = {}
+  duplicated = []
+  for f in files.values():
+    for key in f.entries:
+      if key in out:
+        duplicated.append(f"{key} ({out[key].path.name}, {f.path.name})")
+      out[key] = f
+  if duplicated:
+    raise CheckpointError(f"{folder}: tensors held by two shards: " + ", ".join(duplicated))
+  return out
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -168,10 +200,19 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 # ----------------------------------------------------------------------------- key mapping
 
 
-def _module_at(root: nnx.Module, path: tuple) -> Any:
+def module_at(root: nnx.Module, path: str | tuple) -> Any:
+  """Returns the submodule or param at ``path``.
+
+  ``path`` is dotted (``"transformer_blocks.0.attn1.to_q"``) or an NNX state-path tuple;
+  integer parts index ``nnx.List``s.
+  """
+  parts = path.split(".") if isinstance(path, str) else path
   node = root
-  for p in path:
-    node = node[p] if isinstance(p, int) else getattr(node, p)
+  for p in parts:
+    if isinstance(p, int) or (isinstance(p, str) and p.isdigit()):
+      node = node[int(p)]
+    else:
+      node = getattr(node, p)
   return node
 
 
@@ -184,7 +225,7 @@ def torch_layout(model: nnx.Module) -> dict[str, tuple[tuple, Any, Any]]:
   _, state = nnx.split(model, nnx.Param)
   out = {}
   for path, _ in nnx.to_flat_state(state):
-    owner = _module_at(model, path[:-1])
+    owner = module_at(model, path[:-1])
     spec = getattr(type(owner), "TORCH_PARAMS", {}).get(path[-1])
     name, to_flax, to_torch = spec if spec else (path[-1], None, None)
     key = ".".join(str(p) for p in path[:-1] + (name,))
@@ -199,57 +240,102 @@ def _expected_torch_shape(flax_shape: tuple[int, ...], to_torch) -> tuple[int, .
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+  """Reads ``folder/config.json``.
+
+  Raises:
+    CheckpointError: no such folder, no or corrupt ``config.json``, or no ``_class_name``.
+  """
   folder = Path(folder)
   if not folder.is_dir():
     raise CheckpointError(f"{folder}: no such checkpoint folder")
   cfg = folder / CONFIG_NAME
-  if not cfg.exists():
+  if not cfg.is_file():
     raise CheckpointError(f"{folder}: missing {CONFIG_NAME}")
   try:
     config = json.loads(cfg.read_text())
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{cfg}: corrupt JSON: {e}") from None
-  if "_class_name" not in config:
+  if not isinstance(config, dict) or "_class_name" not in config:
     raise CheckpointError(f"{cfg}: no _class_name")
   return config
+
+
+def check_shapes(layout: dict[str, tuple[tuple, Any, Any]], flat: dict[tuple, Any],
+                 shapes: dict[str, tuple[int, ...]]) -> None:
+  """Compares the torch keys/shapes ``layout`` expects with ``shapes`` (key -> torch shape).
+
+  Raises:
+    CheckpointMismatchError: listing every missing, unexpected and misshapen key.
+  """
+  missing = sorted(k for k in layout if k not in shapes)
+  unexpected = sorted(k for k in shapes if k not in layout)
+  mismatched = []
+  for key, (path, _, to_torch) in layout.items():
+    if key in shapes:
+      want = _expected_torch_shape(tuple(flat[path].get_value().shape), to_torch)
+      if tuple(shapes[key]) != want:
+        mismatched.append((key, tuple(shapes[key]), want))
+  if missing or unexpected or mismatched:
+    raise CheckpointMismatchError(missing, unexpected, sorted(mismatched))
+
+
+def _fill(model: nnx.Module, shapes: dict[str, tuple[int, ...]], read: Callable[[str], Any], *,
+          dtype, progress: bool, desc: str) -> nnx.Module:
+  """Checks every key and shape first, then sets each param from ``read(key)``, one at a time.
+
+  Float tensors become ``dtype`` (``None``: keep the tensor's dtype); others keep theirs.
+  """
+  layout = torch_layout(model)
+  graphdef, state = nnx.split(model)
+  flat = dict(nnx.to_flat_state(state))
+  check_shapes(layout, flat, shapes)
+  for key in tqdm(sorted(layout), desc=desc, disable=not progress):
+    path, to_flax, _ = layout[key]
+    t = np.asarray(read(key))
+    if to_flax is not None:
+      t = to_flax(t)
+    to = dtype if dtype is not None and jnp.issubdtype(t.dtype, jnp.floating) else t.dtype
+    flat[path].set_value(jnp.asarray(t, dtype=to))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def load_into(abstract: nnx.Module, folder: str | os.PathLike, *, dtype,
               progress: bool | None = None) -> nnx.Module:
   """Fills ``abstract`` (from ``nnx.eval_shape``) with the checkpoint's tensors.
 
+  At most one tensor is held on the host besides the model's own arrays.
+
   Raises:
+    CheckpointError: missing/corrupt/truncated weights files or index.
     CheckpointMismatchError: listing every missing, unexpected and misshapen key; raised from the
       headers alone, before any tensor is read.
   """
   folder = Path(folder)
   files = open_weights(folder)
-  layout = torch_layout(abstract)
-  graphdef, state = nnx.split(abstract)
-  flat = dict(nnx.to_flat_state(state))
-  missing = sorted(k for k in layout if k not in files)
-  unexpected = sorted(k for k in files if k not in layout)
-  mismatched = []
-  for key, (path, _, to_torch) in layout.items():
-    if key in files:
-      want = _expected_torch_shape(tuple(flat[path].value.shape), to_torch)
-      got = files[key].shape(key)
-      if got != want:
-        mismatched.append((key, got, want))
-  if missing or unexpected or mismatched:
-    raise CheckpointMismatchError(missing, unexpected, sorted(mismatched))
-  if progress is None:
-    progress = len(layout) > 200
-  for key in tqdm(sorted(layout), desc=f"loading {folder.name}", disable=not progress):
-    path, to_flax, _ = layout[key]
-    t = files[key].read(key)
-    if to_flax is not None:
-      t = to_flax(t)
-    var = flat[path]
-    var.value = jnp.asarray(t, dtype=dtype if jnp.issubdtype(t.dtype, jnp.floating) else t.dtype)
-  for f in set(files.values()):
-    f.close()
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  try:
+    shapes = {k: f.shape(k) for k, f in files.items()}
+    if progress is None:
+      progress = len(shapes) > 200
+    return _fill(abstract, shapes, lambda k: files[k].read(k), dtype=dtype, progress=progress,
+                 desc=f"loading {folder.name}")
+  finally:
+    for f in set(files.values()):
+      f.close()
+
+
+def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, dtype=None
+                    ) -> nnx.Module:
+  """Returns ``model`` (concrete or from ``nnx.eval_shape``) filled from a torch-named mapping.
+
+  ``state_dict`` maps torch keys to arrays (NumPy, or anything ``np.asarray`` reads, e.g. a
+  CPU float32 torch tensor); ``dtype=None`` keeps each tensor's dtype.
+
+  Raises:
+    CheckpointMismatchError: listing every missing, unexpected and misshapen key.
+  """
+  shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+  return _fill(model, shapes, state_dict.__getitem__, dtype=dtype, progress=False,
+               desc="loading")
 
 
 def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> Iterator[dict[str, np.ndarray]]:
@@ -282,7 +368,7 @@ def save_folder(model: nnx.Module, config: dict[str, Any], folder: str | os.Path
     flat = dict(nnx.to_flat_state(state))
     tensors = {}
     for key, (path, _, to_torch) in torch_layout(model).items():
-      t = np.asarray(jax.device_get(flat[path].value))
+      t = np.asarray(jax.device_get(flat[path].get_value()))
       if dtype is not None and jnp.issubdtype(t.dtype, jnp.floating):
         t = t.astype(dtype)
       tensors[key] = to_torch(t) if to_torch is not None else t

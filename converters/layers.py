@@ -35,6 +35,11 @@ def _conv_to_torch(t: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(t.transpose(3, 2, 0, 1))
 
 
+def _lead(v: Array, ndim: int) -> Array:
+  """``v`` with leading unit axes up to ``ndim`` (explicit broadcasting, rank-promotion safe)."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 def _init(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> nnx.Param:
   std = 1.0 / np.sqrt(max(fan_in, 1))
   return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
@@ -59,7 +64,7 @@ class Linear(nnx.Module):
     kernel = self.kernel[...]
     y = jnp.dot(x.astype(kernel.dtype), kernel)
     if self.bias is not None:
-      y = y + self.bias[...]
+      y = y + _lead(self.bias[...], y.ndim)
     return y
 
 
@@ -103,14 +108,15 @@ def norm_reference(x: Array, *, kind: str, eps: float, weight: Array | None = No
     xf = xf - mean
   var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
   y = xf * jax.lax.rsqrt(var + eps)
+  n = y.ndim
   if weight is not None:
-    y = y * weight.astype(jnp.float32)
+    y = y * _lead(weight.astype(jnp.float32), n)
   if bias is not None:
-    y = y + bias.astype(jnp.float32)
+    y = y + _lead(bias.astype(jnp.float32), n)
   if scale is not None:
-    y = y * (1.0 + scale.astype(jnp.float32))
+    y = y * (1.0 + _lead(scale.astype(jnp.float32), n))
   if shift is not None:
-    y = y + shift.astype(jnp.float32)
+    y = y + _lead(shift.astype(jnp.float32), n)
   return y.astype(x.dtype)
 
 
@@ -140,7 +146,7 @@ class Conv2d(nnx.Module):
         padding=[(self.padding, self.padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=self.groups)
     if self.bias is not None:
-      y = y + self.bias[...]
+      y = y + _lead(self.bias[...], y.ndim)
     return y
 
 
@@ -155,6 +161,13 @@ class Embedding(nnx.Module):
 
   def __call__(self, ids: Array) -> Array:
     return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class Identity(nnx.Module):
+  """A param-less placeholder keeping diffusers' ``ModuleList`` indices (e.g. Dropout at eval)."""
+
+  def __call__(self, x: Array) -> Array:
+    return x
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, std: float = 0.02) -> nnx.Param:

@@ -1,0 +1,186 @@
+"""The one place the quantized model calls a matmul or a gathered norm.
+
+Backends:
+* ``"reference"``: plain jnp (``pqjax.qmatmul.reference_matmul``, ``pqjax_kernels.norm``);
+  the CPU default and the oracle.
+* ``"mosaic"``: Hopper (compute capability 9.x): the Pallas Mosaic GPU kernel
+  ``pqjax_kernels.fp4_matmul`` (W4A16; W4A4 with NVFP4 activations). Shapes or formats it
+  does not take (K or N not a multiple of 128, activation formats other than NVFP4) fall
+  back to the reference.
+* ``"scaled_matmul"``: Blackwell (10.x and later): ``jax.nn.scaled_matmul`` for NVFP4 x
+  NVFP4; everything else falls back to the reference.
+
+The backend is picked from ``jax.devices()[0]``; ``use_backend(name)`` (a context manager)
+or the ``backend=`` argument overrides it. The gathered norm is plain jnp on every backend
+(XLA fuses it; see ``pqjax_kernels/norm.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pqjax import hadamard, qmatmul
+from pqjax.formats import QTensor
+import pqjax_kernels
+from pqjax_kernels import matmul_fp4, norm
+
+Backend = Literal["reference", "mosaic", "scaled_matmul"]
+BACKENDS = ("reference", "mosaic", "scaled_matmul")
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("pqjax_backend",
+                                                                      default=None)
+_KERNEL_FORMATS = {"nvfp4": "nvfp4", "mxfp4": "mxfp4", "int4": "int4", "int3": "int4"}
+
+
+def _check_backend(name: str) -> str:
+  if name not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+  return name
+
+
+def device_backend(device: jax.Device | None = None) -> str:
+  """The backend for ``device`` (default ``jax.devices()[0]``) from its compute capability."""
+  device = device or jax.devices()[0]
+  if device.platform != "gpu":
+    return "reference"
+  cc = str(getattr(device, "compute_capability", "") or "")
+  try:
+    major = int(cc.split(".")[0])
+  except ValueError:
+    return "reference"
+  if major == 9:
+    return "mosaic"
+  return "scaled_matmul" if major >= 10 else "reference"
+
+
+def current_backend() -> str:
+  """The backend in force: the innermost ``use_backend`` or else ``device_backend()``."""
+  return _OVERRIDE.get() or device_backend()
+
+
+@contextlib.contextmanager
+def use_backend(name: Backend):
+  """Context manager forcing a backend for the calls traced inside it."""
+  token = _OVERRIDE.set(_check_backend(name))
+  try:
+    yield
+  finally:
+    _OVERRIDE.reset(token)
+
+
+def _act_group(act_format: str | None, w: QTensor) -> int:
+  if act_format is None or act_format == w.fmt:
+    return w.group_size
+  return {"nvfp4": 16, "mxfp4": 32}.get(act_format, 64)
+
+
+def _prepare_input(x, w: QTensor, act_format, in_perm, rotate):
+  if in_perm is not None:
+    if jnp.dtype(in_perm.dtype) != jnp.int32 or in_perm.shape != (w.shape[1],):
+      raise ValueError(f"in_perm must be int32 of shape ({w.shape[1]},), got "
+                       f"{in_perm.dtype} {in_perm.shape}")
+    x = jnp.take(x, in_perm, axis=-1)
+  if rotate:
+    x = hadamard.block_hadamard(x, _act_group(act_format, w))
+  return x
+
+
+def _mosaic_ok(x, w: QTensor, act_format) -> bool:
+  n, k = w.shape
+  g = w.group_size
+  return (w.fmt in _KERNEL_FORMATS and act_format in (None, "nvfp4") and k % 128 == 0
+          and n % 128 == 0 and g % 16 == 0 and 128 % g == 0
+          and (act_format is None or _act_group(act_format, w) == 16))
+
+
+def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype):
+  fmt = _KERNEL_FORMATS[w.fmt]
+  pw = matmul_fp4.prepare_weights(w.codes, w.scales, w.tensor_scale, fmt=fmt)
+  if act_format is None:
+    return pqjax_kernels.fp4_matmul(x2, pw, fmt=fmt, bias=bias, out_dtype=out_dtype)
+  qa = norm.quantize_nvfp4(x2, act_tensor_scale)
+  return pqjax_kernels.fp4_matmul(qa.codes, pw, a_scales=qa.scales,
+                                  a_tensor_scale=qa.tensor_scale, fmt=fmt, bias=bias,
+                                  out_dtype=out_dtype)
+
+
+def _linear_scaled_matmul(x2, w: QTensor, bias, act_tensor_scale, out_dtype):
+  n, k = w.shape
+  qa = norm.quantize_nvfp4(x2, act_tensor_scale)
+  lhs = matmul_fp4._decode_values(qa.codes, "nvfp4").astype(jnp.float4_e2m1fn)
+  rhs = matmul_fp4._decode_values(w.codes, "nvfp4").astype(jnp.float4_e2m1fn)
+  y = jax.nn.scaled_matmul(lhs[None], rhs[None], qa.scales[None], w.scales[None],
+                           preferred_element_type=jnp.float32)[0]
+  y = y * (qa.tensor_scale * w.tensor_scale)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)[None, :]
+  return y.astype(out_dtype)
+
+
+def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
+           act_format: str | None, act_tensor_scale=None, in_perm=None, rotate: bool = False,
+           out_dtype=None, backend: Backend | None = None) -> jax.Array:
+  """``Q(x[..., in_perm] H) @ W + bias`` with ``w`` the quantized ``W.T`` ``(N, K)``.
+
+  Args:
+    x: ``(..., K)`` activations.
+    w: ``QTensor`` of ``W.T`` quantized along axis 1 (``pqjax.qmatmul.quantize_weight``).
+    bias: optional ``(N,)``.
+    act_format: activation format (None: W4A16).
+    act_tensor_scale: NVFP4 static activation tensor scale; None: dynamic per call.
+    in_perm: int32 ``(K,)`` gather of the input channels before quantizing, or None.
+    rotate: block Hadamard inside each activation quantization group (the weight rows were
+      rotated at quantize time).
+    out_dtype: output dtype; None keeps ``x.dtype``.
+    backend: overrides ``current_backend()``.
+
+  Returns:
+    ``(..., N)`` array.
+  """
+  backend = _check_backend(backend) if backend is not None else current_backend()
+  x = jnp.asarray(x)
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  if len(w.shape) != 2 or w.axis != 1 or x.shape[-1] != w.shape[1]:
+    raise ValueError(f"x of shape {x.shape} does not match w of shape (N, K) = {w.shape} "
+                     f"(axis {w.axis})")
+  x = _prepare_input(x, w, act_format, in_perm, rotate)
+  n, k = w.shape
+  x2 = x.reshape(-1, k)
+  if backend == "mosaic" and _mosaic_ok(x2, w, act_format):
+    y = _linear_mosaic(x2, w, bias, act_format, act_tensor_scale, out_dtype)
+  elif (backend == "scaled_matmul" and w.fmt == "nvfp4" and act_format == "nvfp4"
+        and w.group_size == 16):
+    y = _linear_scaled_matmul(x2, w, bias, act_tensor_scale, out_dtype)
+  else:
+    y = qmatmul.reference_matmul(x2, w, act_format=act_format,
+                                 act_tensor_scale=act_tensor_scale, bias=bias,
+                                 out_dtype=out_dtype)
+  return y.reshape(*x.shape[:-1], n)
+
+
+def gathered_norm(x: jax.Array, perm: jax.Array | None, *, kind: str, weight=None,
+                  bias=None, shift=None, scale=None, eps: float,
+                  backend: Backend | None = None) -> jax.Array:
+  """``norm(x) * (1 + scale) + shift`` gathered with ``perm`` on the last axis.
+
+  Args:
+    x: ``(M, D)`` or ``(B, T, D)``.
+    perm: int32 ``(D,)`` or None (plain norm).
+    kind: ``"layer"`` or ``"rms"``.
+    weight, bias: optional ``(D,)`` norm affine parameters (input channel order).
+    shift, scale: optional adaLN vectors ending in D, broadcastable against ``x`` (e.g.
+      ``(B, 1, D)``) or per-sample ``(B, D)`` (input channel order).
+    eps: variance epsilon.
+    backend: accepted for symmetry with ``linear``; every backend runs the fused jnp path.
+
+  Returns:
+    Array shaped like ``x`` in ``x.dtype``.
+  """
+  if backend is not None:
+    _check_backend(backend)
+  return norm.reference(x, perm, kind=kind, weight=weight, bias=bias, shift=shift,
+                        scale=scale, eps=eps, out="bf16", out_dtype=x.dtype)

@@ -1,0 +1,205 @@
+"""NNX modules a quantized model is made of; each calls ``pqjax.dispatch`` to compute.
+
+``QuantLinear`` replaces a consumer ``Linear`` (packed 4-bit weight, optional input gather and
+block Hadamard); ``GatheredNorm`` replaces a ``Norm`` whose output channels are permuted;
+``GatheredLinear`` is a float linear reading a gathered input (an ``"input"`` site folded
+without quantization). Each has ``spec()`` (JSON metadata) and ``from_spec`` (zeros of the
+right shapes, for ``nnx.eval_shape``) so a checkpoint can rebuild the structure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pqjax import dispatch
+from pqjax.formats import FORMATS, QTensor
+
+Array = jax.Array
+
+
+class QuantArray(nnx.Variable):
+  """Quantized weight data, static scales and permutations: state, but not trainable."""
+
+
+def _opt(var: nnx.Variable | None) -> Array | None:
+  return None if var is None else var.value
+
+
+class QuantLinear(nnx.Module):
+  """``y = Q(x[..., in_perm] H) @ Q(H W) + b`` through ``dispatch.linear``.
+
+  Attributes:
+    codes, scales, tensor_scale: the ``QTensor`` of ``W.T`` (``(N, K)``, quantized along K).
+    bias: float bias ``(N,)`` or None.
+    act_format: activation format (None: W4A16).
+    act_tensor_scale: static NVFP4 activation tensor scale, or None (dynamic).
+    in_perm: int32 ``(K,)`` input gather, or None.
+    rotate: block Hadamard inside each group (weights were rotated at quantize time).
+  """
+
+  def __init__(self, qweight: QTensor, bias: Array | None = None, *,
+               act_format: str | None = None, act_tensor_scale: Array | None = None,
+               in_perm: Array | None = None, rotate: bool = False, out_dtype=jnp.float32):
+    if len(qweight.shape) != 2 or qweight.axis != 1:
+      raise ValueError(f"QuantLinear needs a (N, K) QTensor quantized along axis 1, got shape "
+                       f"{qweight.shape} axis {qweight.axis}")
+    self.out_features, self.in_features = qweight.shape
+    self.fmt = qweight.fmt
+    self.group_size = qweight.group_size
+    self.weight_dtype = jnp.dtype(qweight.dtype).name
+    self.out_dtype = jnp.dtype(out_dtype).name
+    self.codes = QuantArray(qweight.codes)
+    self.scales = QuantArray(qweight.scales)
+    self.tensor_scale = QuantArray(qweight.tensor_scale)
+    self.bias = None if bias is None else nnx.Param(bias)
+    self.act_format = act_format
+    self.act_tensor_scale = (None if act_tensor_scale is None
+                             else QuantArray(jnp.asarray(act_tensor_scale, jnp.float32)))
+    self.in_perm = None if in_perm is None else QuantArray(jnp.asarray(in_perm, jnp.int32))
+    self.rotate = bool(rotate)
+
+  @property
+  def qweight(self) -> QTensor:
+    """The quantized ``W.T``."""
+    return QTensor(codes=self.codes.value, scales=self.scales.value,
+                   tensor_scale=self.tensor_scale.value, fmt=self.fmt,
+                   group_size=self.group_size, axis=1,
+                   shape=(self.out_features, self.in_features),
+                   dtype=jnp.dtype(self.weight_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    return dispatch.linear(x, self.qweight, _opt(self.bias), act_format=self.act_format,
+                           act_tensor_scale=_opt(self.act_tensor_scale),
+                           in_perm=_opt(self.in_perm), rotate=self.rotate,
+                           out_dtype=jnp.dtype(self.out_dtype))
+
+  def spec(self) -> dict[str, Any]:
+    return {"type": "QuantLinear", "in_features": self.in_features,
+            "out_features": self.out_features, "fmt": self.fmt, "group_size": self.group_size,
+            "weight_dtype": self.weight_dtype, "out_dtype": self.out_dtype,
+            "bias_dtype": None if self.bias is None else jnp.dtype(self.bias.value.dtype).name,
+            "act_format": self.act_format, "static_act_scale": self.act_tensor_scale is not None,
+            "in_perm": self.in_perm is not None, "rotate": self.rotate}
+
+  @classmethod
+  def from_spec(cls, s: dict[str, Any]) -> QuantLinear:
+    n, k, g = s["out_features"], s["in_features"], s["group_size"]
+    qt = QTensor(codes=jnp.zeros((n, k // 2), jnp.uint8),
+                 scales=jnp.zeros((n, k // g), FORMATS[s["fmt"]].scale_dtype),
+                 tensor_scale=jnp.ones((), jnp.float32), fmt=s["fmt"], group_size=g, axis=1,
+                 shape=(n, k), dtype=jnp.dtype(s["weight_dtype"]))
+    bias = None if s["bias_dtype"] is None else jnp.zeros((n,), s["bias_dtype"])
+    return cls(qt, bias, act_format=s["act_format"],
+               act_tensor_scale=jnp.ones((), jnp.float32) if s["static_act_scale"] else None,
+               in_perm=jnp.arange(k, dtype=jnp.int32) if s["in_perm"] else None,
+               rotate=s["rotate"], out_dtype=s["out_dtype"])
+
+
+class GatheredNorm(nnx.Module):
+  """A ``Norm`` whose output reads channels in the order ``perm``.
+
+  ``out[..., j] = norm(x, shift, scale)[..., perm[j]]``; ``weight``/``bias`` are kept in the
+  input channel order and gathered by ``dispatch.gathered_norm`` with shift and scale.
+  """
+
+  def __init__(self, perm: Array, *, dim: int, kind: str, eps: float,
+               weight: Array | None = None, bias: Array | None = None):
+    self.dim = dim
+    self.kind = kind
+    self.eps = float(eps)
+    self.perm = QuantArray(jnp.asarray(perm, jnp.int32))
+    self.weight = None if weight is None else nnx.Param(weight)
+    self.bias = None if bias is None else nnx.Param(bias)
+
+  @classmethod
+  def from_norm(cls, norm, perm: Array) -> GatheredNorm:
+    """Wraps a ``converters.layers.Norm`` (or another GatheredNorm: permutations compose)."""
+    weight = None if norm.weight is None else norm.weight.value
+    bias = None if norm.bias is None else norm.bias.value
+    perm = jnp.asarray(perm, jnp.int32)
+    if isinstance(norm, GatheredNorm):
+      perm = jnp.take(norm.perm.value, perm)
+    return cls(perm, dim=norm.dim, kind=norm.kind, eps=norm.eps, weight=weight, bias=bias)
+
+  def __call__(self, x: Array, shift: Array | None = None, scale: Array | None = None) -> Array:
+    return dispatch.gathered_norm(x, self.perm.value, kind=self.kind, weight=_opt(self.weight),
+                                  bias=_opt(self.bias), shift=shift, scale=scale, eps=self.eps)
+
+  def spec(self) -> dict[str, Any]:
+    return {"type": "GatheredNorm", "dim": self.dim, "kind": self.kind, "eps": self.eps,
+            "weight_dtype": None if self.weight is None else self.weight.value.dtype.name,
+            "bias_dtype": None if self.bias is None else self.bias.value.dtype.name}
+
+  @classmethod
+  def from_spec(cls, s: dict[str, Any]) -> GatheredNorm:
+    d = s["dim"]
+    return cls(jnp.arange(d, dtype=jnp.int32), dim=d, kind=s["kind"], eps=s["eps"],
+               weight=None if s["weight_dtype"] is None else jnp.zeros((d,), s["weight_dtype"]),
+               bias=None if s["bias_dtype"] is None else jnp.zeros((d,), s["bias_dtype"]))
+
+
+class GatheredLinear(nnx.Module):
+  """Float ``y = x[..., in_perm] @ kernel + bias`` (kernel rows already permuted)."""
+
+  def __init__(self, kernel: Array, bias: Array | None, in_perm: Array):
+    self.in_features, self.out_features = kernel.shape
+    self.kernel = nnx.Param(kernel)
+    self.bias = None if bias is None else nnx.Param(bias)
+    self.in_perm = QuantArray(jnp.asarray(in_perm, jnp.int32))
+
+  @classmethod
+  def from_linear(cls, linear, in_perm: Array) -> GatheredLinear:
+    """Wraps a ``converters.layers.Linear`` (its kernel rows must already be permuted)."""
+    return cls(linear.kernel.value, _opt(linear.bias), in_perm)
+
+  def __call__(self, x: Array) -> Array:
+    kernel = self.kernel.value
+    y = jnp.dot(jnp.take(x, self.in_perm.value, axis=-1).astype(kernel.dtype), kernel)
+    if self.bias is not None:
+      y = y + self.bias.value
+    return y
+
+  def spec(self) -> dict[str, Any]:
+    return {"type": "GatheredLinear", "in_features": self.in_features,
+            "out_features": self.out_features, "dtype": self.kernel.value.dtype.name,
+            "bias_dtype": None if self.bias is None else self.bias.value.dtype.name}
+
+  @classmethod
+  def from_spec(cls, s: dict[str, Any]) -> GatheredLinear:
+    k, n = s["in_features"], s["out_features"]
+    bias = None if s["bias_dtype"] is None else jnp.zeros((n,), s["bias_dtype"])
+    return cls(jnp.zeros((k, n), s["dtype"]), bias, jnp.arange(k, dtype=jnp.int32))
+
+
+class QuantInfo(nnx.Module):
+  """What ``pqjax.quantize`` did, attached to the quantized model as ``pqjax_info``.
+
+  Attributes:
+    config: the ``QuantConfig``.
+    sites: the model's permutation sites.
+    decisions: one ``SiteDecision`` per site, in the same order.
+    perms: the sites' int32 permutations, concatenated (widths from ``decisions``).
+  """
+
+  def __init__(self, config, sites: tuple, decisions: tuple, perms: Array):
+    self.config = config
+    self.sites = tuple(sites)
+    self.decisions = tuple(decisions)
+    self.perms = QuantArray(jnp.asarray(perms, jnp.int32))
+
+  def perm(self, name: str) -> Array:
+    """The permutation of site ``name``."""
+    offset = 0
+    for d in self.decisions:
+      if d.name == name:
+        return self.perms.value[offset:offset + d.width]
+      offset += d.width
+    raise KeyError(f"no site named {name!r}")
+
+
+SWAP_TYPES = {"QuantLinear": QuantLinear, "GatheredNorm": GatheredNorm,
+              "GatheredLinear": GatheredLinear}

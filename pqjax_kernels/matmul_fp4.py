@@ -1,0 +1,411 @@
+"""Group-quantized 4-bit matmul on Hopper (Pallas Mosaic GPU): W4A16 and W4A4 NVFP4.
+
+``fp4_matmul(a, w_codes, w_scales, w_tensor_scale, ...)`` computes ``a @ W.T`` where ``W``
+``(N, K)`` is stored like ``pqjax.formats.QTensor`` of ``W.T`` quantized along K: codes
+``(N, K/2)`` uint8 (element ``2i`` in the low nibble), block scales ``(N, K/G)`` (nvfp4:
+float8_e4m3fn, G=16; mxfp4: uint8 E8M0 biased exponents, G=32; int4: float32) and a float32
+tensor scale.
+
+How the kernel computes (swap-AB, one warpgroup per CTA, grid ``(N/tile_n, M/tile_m,
+k_splits)``): the TMA pipeline brings per K step a ``(tile_n, tile_k)`` tile of the codes
+(viewed as int4, a free bitcast of the uint8 bytes), its ``(tile_k/G, tile_n)`` bf16 scales
+and a ``(tile_k, tile_m)`` tile of the transposed activations. The codes are upcast to bf16
+in registers (int4 -> bf16, then an exact E2M1 decode with clamps and FMAs: no float4 types
+on Hopper), multiplied by the block scale broadcast along each 16-wide column slice, stored to
+shared memory, and fed to ``wgmma`` as the A operand with the activations as B; the
+accumulator is ``(tile_n, tile_m)`` float32. E2M1 x E4M3 (and E2M1 x E8M0) products are exact
+in bf16, so the bf16 tensor-core product with float32 accumulation is exact per product and
+only the accumulation order differs from the float32 reference. The kernel writes float32
+partial sums ``(k_splits, N, M)``; one XLA fusion sums the splits, transposes, applies the
+tensor scales, the bias and the epilogue (tanh-GELU, gated residual) and casts.
+
+W4A4 on Hopper: there are no FP4 tensor cores, so packed NVFP4 activations are decoded to
+bf16 (``q * s_b``, exact) before the kernel and their tensor scale is folded into the
+output scale; the result equals the NVFP4 x NVFP4 product up to accumulation order.
+
+``prepare_weights`` does the one-time re-layout (int4 view of the codes, bf16 scales
+transposed to ``(K/G, N)``); call it once at quantize time and pass the result as
+``w_codes`` (then ``w_scales`` and ``w_tensor_scale`` come from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+Fmt = Literal["nvfp4", "mxfp4", "int4"]
+Epilogue = Literal["gelu_tanh"] | None
+
+GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
+SCALE_DTYPES = {"nvfp4": jnp.dtype(jnp.float8_e4m3fn), "mxfp4": jnp.dtype(jnp.uint8),
+                "int4": jnp.dtype(jnp.float32)}
+_E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+_SWIZZLE = 32  # bytes: 16 bf16 per swizzle row, so each 16-wide column slice is tile aligned
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+  """Tiling of the kernel.
+
+  Attributes:
+    tile_n: weight rows per CTA (wgmma M side), a multiple of 64.
+    tile_m: activation rows per CTA (wgmma N side), a multiple of 8 (at most 256).
+    tile_k: reduction depth per pipeline step, a multiple of 128 and of the group size.
+    k_splits: number of CTAs sharing one output tile along K (split-K, partials in float32).
+    max_concurrent_steps: TMA pipeline depth.
+  """
+
+  tile_n: int = 64
+  tile_m: int = 16
+  tile_k: int = 128
+  k_splits: int = 1
+  max_concurrent_steps: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedWeights:
+  """Weights re-laid out for the kernel (see ``prepare_weights``).
+
+  Attributes:
+    codes: int4 ``(N, K)``, the same bytes as the uint8 codes.
+    scales_t: bf16 ``(K/G, N)`` block scales (exact for nvfp4 and mxfp4, rounded for int4).
+    tensor_scale: float32 scalar.
+    fmt: format name.
+    group_size: elements per block scale along K.
+  """
+
+  codes: jax.Array
+  scales_t: jax.Array
+  tensor_scale: jax.Array
+  fmt: str
+  group_size: int
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.codes.shape)
+
+
+jax.tree_util.register_dataclass(
+    PreparedWeights, data_fields=["codes", "scales_t", "tensor_scale"],
+    meta_fields=["fmt", "group_size"])
+
+
+def _check_fmt(fmt: str) -> None:
+  if fmt not in SCALE_DTYPES:
+    raise ValueError(f"fmt must be one of {sorted(SCALE_DTYPES)}, got {fmt!r}")
+
+
+def _check_weights(w_codes, w_scales, fmt: str) -> tuple[int, int, int]:
+  """Validates raw weights; returns (N, K, group size)."""
+  _check_fmt(fmt)
+  if w_codes.dtype != jnp.uint8 or w_codes.ndim != 2:
+    raise ValueError(f"w_codes must be a 2-D uint8 array (N, K/2), got {w_codes.dtype} "
+                     f"{w_codes.shape}")
+  n, k = w_codes.shape[0], 2 * w_codes.shape[1]
+  if w_scales.ndim != 2 or w_scales.shape[0] != n or w_scales.shape[1] == 0 or \
+     k % w_scales.shape[1]:
+    raise ValueError(f"w_scales shape {w_scales.shape} does not match w_codes {w_codes.shape}")
+  if jnp.dtype(w_scales.dtype) != SCALE_DTYPES[fmt]:
+    raise ValueError(f"w_scales must be {SCALE_DTYPES[fmt]} for fmt={fmt!r}, got "
+                     f"{w_scales.dtype}")
+  g = k // w_scales.shape[1]
+  if fmt in GROUP_SIZES and g != GROUP_SIZES[fmt]:
+    raise ValueError(f"fmt={fmt!r} needs group size {GROUP_SIZES[fmt]}, w_scales imply {g}")
+  return n, k, g
+
+
+def _scales_to_f32(scales, fmt: str):
+  if fmt == "mxfp4":
+    b = scales.astype(jnp.int32)
+    # 2**(b-127) from its float32 bits; byte 0 (2**-127) is a subnormal, built as 2**-126/2.
+    pow2 = lax.bitcast_convert_type(jnp.maximum(b, 1) << 23, jnp.float32)
+    return jnp.where(b == 0, pow2 * 0.5, pow2)
+  return scales.astype(jnp.float32)
+
+
+def prepare_weights(w_codes: jax.Array, w_scales: jax.Array, w_tensor_scale, *,
+                    fmt: Fmt = "nvfp4") -> PreparedWeights:
+  """One-time re-layout of ``QTensor``-style weights for the kernel.
+
+  Args:
+    w_codes: uint8 ``(N, K/2)``.
+    w_scales: ``(N, K/G)`` block scales in the format's dtype.
+    w_tensor_scale: float32 scalar (1.0 for formats without one).
+    fmt: ``"nvfp4"``, ``"mxfp4"`` or ``"int4"``.
+
+  Returns:
+    ``PreparedWeights``.
+  """
+  n, k, g = _check_weights(w_codes, w_scales, fmt)
+  codes = lax.bitcast_convert_type(w_codes, jnp.int4).reshape(n, k)
+  scales_t = _scales_to_f32(w_scales, fmt).astype(jnp.bfloat16).T
+  return PreparedWeights(codes, scales_t, jnp.asarray(w_tensor_scale, jnp.float32), fmt, g)
+
+
+def _decode_values(codes_u8, fmt: str):
+  """Float32 element values of packed nibbles ``(..., K/2)`` -> ``(..., K)``."""
+  nib = jnp.stack([codes_u8 & 15, codes_u8 >> 4], axis=-1).reshape(
+      *codes_u8.shape[:-1], 2 * codes_u8.shape[-1])
+  if fmt == "int4":
+    return jnp.where(nib >= 8, nib.astype(jnp.int32) - 16, nib.astype(jnp.int32)).astype(
+        jnp.float32)
+  mag = jnp.asarray(_E2M1_GRID)[nib & 7]
+  return jnp.where(nib >= 8, -mag, mag)
+
+
+def dequantize(codes_u8, scales, tensor_scale, fmt: str):
+  """Plain-jnp float32 dequantization of ``(R, K/2)`` codes with ``(R, K/G)`` scales."""
+  vals = _decode_values(codes_u8, fmt)
+  g = vals.shape[-1] // scales.shape[-1]
+  s = jnp.repeat(_scales_to_f32(scales, fmt), g, axis=-1)
+  return vals * s * jnp.asarray(tensor_scale, jnp.float32)
+
+
+def _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype):
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)[None, :]
+  if epilogue == "gelu_tanh":
+    y = jax.nn.gelu(y, approximate=True)
+  if gate is not None:
+    y = y * _rows(gate, y)
+  if residual is not None:
+    y = y + residual.astype(jnp.float32)
+  return y.astype(out_dtype)
+
+
+def _rows(gate, y):
+  """``gate`` (N,), (M, N) or per-sample (B, N) with M = B * T, as an (M, N) broadcast."""
+  gate = gate.astype(jnp.float32)
+  if gate.ndim == 1:
+    return gate[None, :]
+  if gate.ndim == 2 and gate.shape[0] != y.shape[0]:
+    gate = jnp.repeat(gate, y.shape[0] // gate.shape[0], axis=0)
+  return gate
+
+
+def _check_common(a, k, n, a_scales, a_tensor_scale, bias, epilogue, residual, gate):
+  if a.ndim != 2:
+    raise ValueError(f"a must be 2-D (M, K), got shape {a.shape}")
+  m = a.shape[0]
+  if a.dtype == jnp.uint8:
+    if a.shape[1] * 2 != k:
+      raise ValueError(f"packed a {a.shape} does not match K={k}")
+    if a_scales is None or a_scales.dtype != jnp.float8_e4m3fn or a_scales.shape != (m, k // 16):
+      raise ValueError(f"packed (W4A4 NVFP4) a needs a_scales float8_e4m3fn of shape "
+                       f"{(m, k // 16)}, got {None if a_scales is None else (a_scales.dtype, a_scales.shape)}")
+    if a_tensor_scale is None:
+      raise ValueError("packed (W4A4 NVFP4) a needs a_tensor_scale")
+  elif a.dtype in (jnp.bfloat16, jnp.float32, jnp.float16):
+    if a.shape[1] != k:
+      raise ValueError(f"a {a.shape} does not match K={k}")
+    if a_scales is not None:
+      raise ValueError("a_scales given with unpacked (float) a")
+  else:
+    raise ValueError(f"a must be bf16/f16/f32 (W4A16) or packed uint8 (W4A4), got {a.dtype}")
+  if bias is not None and bias.shape != (n,):
+    raise ValueError(f"bias must have shape ({n},), got {bias.shape}")
+  if epilogue not in (None, "gelu_tanh"):
+    raise ValueError(f"epilogue must be None or 'gelu_tanh', got {epilogue!r}")
+  if residual is not None and residual.shape != (m, n):
+    raise ValueError(f"residual must have shape {(m, n)}, got {residual.shape}")
+  if gate is not None:
+    ok = gate.shape == (n,) or (gate.ndim == 2 and gate.shape[1] == n and gate.shape[0] > 0
+                                 and m % gate.shape[0] == 0)
+    if not ok:
+      raise ValueError(f"gate must be (N,), (M, N) or per-sample (B, N) with M % B == 0; "
+                       f"got {gate.shape} for M={m}, N={n}")
+  return m
+
+
+def reference(a, w_codes, w_scales, w_tensor_scale, *, a_scales=None, a_tensor_scale=None,
+              fmt: Fmt = "nvfp4", bias=None, epilogue: Epilogue = None, residual=None,
+              gate=None, out_dtype=jnp.bfloat16) -> jax.Array:
+  """Plain-jnp definition of ``fp4_matmul`` (float32 dequantize, HIGHEST-precision product).
+
+  Same arguments as ``fp4_matmul`` with raw (unprepared) weights.
+  """
+  n, k, _ = _check_weights(w_codes, w_scales, fmt)
+  _check_common(a, k, n, a_scales, a_tensor_scale, bias, epilogue, residual, gate)
+  w = dequantize(w_codes, w_scales, w_tensor_scale, fmt)
+  if a.dtype == jnp.uint8:
+    x = dequantize(a, a_scales, a_tensor_scale, "nvfp4")
+  else:
+    x = a.astype(jnp.float32)
+  y = jnp.dot(x, w.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
+
+
+def default_config(m: int, n: int, k: int, num_sms: int = 132) -> MatmulConfig:
+  """A tiling for ``(M, K) x (K, N)``: tile_m from M, split-K until the SMs are filled."""
+  tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+  tile_n = 64
+  ctas = (n // tile_n) * (-(-m // tile_m))
+  k_steps = k // 128
+  splits = 1
+  for s in range(1, k_steps + 1):
+    if k_steps % s == 0 and k_steps // s >= 2:
+      splits = s
+      if ctas * s >= num_sms:
+        break
+  return MatmulConfig(tile_n=tile_n, tile_m=tile_m, tile_k=128, k_splits=splits)
+
+
+def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
+  """Runs the Mosaic GPU kernel: ``at (K, Mp)`` bf16 -> float32 partials ``(splits, N, Mp)``."""
+  k, mp = at.shape
+  n = w.codes.shape[0]
+  g = w.group_size
+  tn, tm, tk, splits = config.tile_n, config.tile_m, config.tile_k, config.k_splits
+  k_steps = k // tk // splits
+  lc = (lambda x, _: x) if interpret else plgpu.layout_cast
+  is_e2m1 = w.fmt != "int4"
+
+  def swz(bytes_):
+    return (plgpu.TilingTransform((8, bytes_ // 2)), plgpu.SwizzleTransform(bytes_))
+
+  def decode(codes_smem):
+    v = lc(lc(codes_smem[...], plgpu.Layout.WGMMA_UPCAST_4X), plgpu.Layout.WGMMA)
+    v = v.astype(jnp.bfloat16)
+    if not is_e2m1:
+      return v
+    # Nibble s|e|m as signed int v: magnitude index u in [-7, 7] (sign carried), then the
+    # E2M1 value 2u - clamp(u, 4)/2 - clamp(u, 6) (piecewise linear through the grid; exact).
+    u = jnp.where(v < 0, -8.0 - v, v).astype(jnp.bfloat16)
+    return (2.0 * u - 0.5 * jnp.clip(u, -4.0, 4.0) - jnp.clip(u, -6.0, 6.0)).astype(
+        jnp.bfloat16)
+
+  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, out_smem, wdec_smem):
+    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+    n_sl, m_sl = pl.ds(ni * tn, tn), pl.ds(mi * tm, tm)
+    k_sl = pl.ds(si * k_steps * tk, k_steps * tk)
+    g_sl = pl.ds(si * k_steps * (tk // g), k_steps * (tk // g))
+
+    def scoped(acc_ref):
+      def body(_, at_smem, wq_smem, ws_smem):
+        vals = decode(wq_smem)
+        for j in range(tk // 16):
+          s = lc(ws_smem[(16 * j) // g], plgpu.Layout.WGMMA.reduce(1))
+          wj = vals[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (tn, 16), (0,))
+          wdec_smem.at[:, pl.ds(16 * j, 16)][...] = wj.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        plgpu.wgmma(acc_ref, wdec_smem, at_smem)
+        plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(
+          body, grid=(k_steps,), max_concurrent_steps=config.max_concurrent_steps,
+          in_specs=[
+              plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=swz(_SWIZZLE)),
+              plgpu.BlockSpec((tn, tk), lambda kk: (0, kk),
+                              transforms=(plgpu.TilingTransform((8, 128)),
+                                          plgpu.SwizzleTransform(64))),
+              plgpu.BlockSpec((tk // g, tn), lambda kk: (kk, 0)),
+          ])(at_gmem.at[k_sl, m_sl], wq_gmem.at[n_sl, k_sl], ws_gmem.at[g_sl, n_sl])
+      out_smem[...] = acc_ref[...]
+
+    pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, n_sl, m_sl])
+    plgpu.wait_smem_to_gmem(0)
+
+  out_sw = min(128, tm * 4)
+  call = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
+      grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"),
+      scratch_types=[
+          plgpu.SMEM((tn, tm), jnp.float32,
+                     transforms=(plgpu.TilingTransform((8, out_sw // 4)),
+                                 plgpu.SwizzleTransform(out_sw))),
+          plgpu.SMEM((tn, tk), jnp.bfloat16, transforms=swz(_SWIZZLE)),
+      ])
+  return call(at, w.codes, w.scales_t)
+
+
+def _check_config(config: MatmulConfig, n: int, k: int, g: int) -> None:
+  tn, tm, tk, s = config.tile_n, config.tile_m, config.tile_k, config.k_splits
+  if tn % 64 or n % tn:
+    raise ValueError(f"N={n} must be a multiple of tile_n={tn} (itself a multiple of 64)")
+  if tm % 8 or not 8 <= tm <= 256:
+    raise ValueError(f"tile_m={tm} must be a multiple of 8 in [8, 256]")
+  if tk % 128 or tk % g or k % tk:
+    raise ValueError(f"K={k} must be a multiple of tile_k={tk} (a multiple of 128 and of the "
+                     f"group size {g})")
+  if s < 1 or (k // tk) % s:
+    raise ValueError(f"k_splits={s} must divide the {k // tk} K steps")
+
+
+def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
+               a_tensor_scale=None, fmt: Fmt = "nvfp4", bias=None,
+               epilogue: Epilogue = None, residual=None, gate=None,
+               out_dtype=jnp.bfloat16, config: MatmulConfig | None = None,
+               interpret: bool = False) -> jax.Array:
+  """``epilogue(a @ W.T * scales + bias)`` with 4-bit weights, on a Hopper GPU.
+
+  Args:
+    a: ``(M, K)`` bf16/f16/f32 activations (W4A16), or packed NVFP4 uint8 ``(M, K/2)`` (W4A4).
+    w_codes: uint8 ``(N, K/2)`` weight codes, or a ``PreparedWeights`` (then ``w_scales``,
+      ``w_tensor_scale`` and ``fmt`` are taken from it and must be None / match).
+    w_scales: ``(N, K/G)`` block scales (float8_e4m3fn / uint8 E8M0 / float32).
+    w_tensor_scale: float32 scalar weight tensor scale.
+    a_scales: W4A4: float8_e4m3fn ``(M, K/16)`` activation block scales.
+    a_tensor_scale: W4A4: float32 scalar activation tensor scale.
+    fmt: weight format, ``"nvfp4"``, ``"mxfp4"`` or ``"int4"``.
+    bias: optional ``(N,)``.
+    epilogue: None or ``"gelu_tanh"`` (applied after the bias).
+    residual: optional ``(M, N)``: ``out = residual + gate * f(a @ W.T + bias)``.
+    gate: optional ``(N,)``, ``(M, N)`` or per-sample ``(B, N)`` (rows ``b*T .. b*T+T-1``).
+    out_dtype: output dtype.
+    config: ``MatmulConfig``; None picks ``default_config``.
+    interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
+
+  Returns:
+    ``(M, N)`` array of ``out_dtype``.
+
+  Raises:
+    ValueError: shapes off the tiling (K, N multiples of 128), wrong dtypes, bad epilogue
+      arguments; raised before anything is launched.
+  """
+  if isinstance(w_codes, PreparedWeights):
+    if w_scales is not None or w_tensor_scale is not None or fmt != w_codes.fmt:
+      raise ValueError("with PreparedWeights pass neither w_scales nor w_tensor_scale, and "
+                       f"fmt must equal its fmt {w_codes.fmt!r} (got {fmt!r})")
+    w = w_codes
+  else:
+    if w_scales is None or w_tensor_scale is None:
+      raise ValueError("w_scales and w_tensor_scale are required with raw w_codes")
+    w = prepare_weights(w_codes, w_scales, w_tensor_scale, fmt=fmt)
+  n, k = w.shape
+  if k % 128 or n % 128:
+    raise ValueError(f"K={k} and N={n} must be multiples of 128")
+  m = _check_common(a, k, n, a_scales, a_tensor_scale, bias, epilogue, residual, gate)
+  config = config or default_config(m, n, k)
+  _check_config(config, n, k, w.group_size)
+  out_scale = w.tensor_scale
+  if a.dtype == jnp.uint8:
+    # q * s_b is exact in bf16; the activation tensor scale goes to the output.
+    x = dequantize(a, a_scales, 1.0, "nvfp4").astype(jnp.bfloat16)
+    out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)
+  else:
+    x = a.astype(jnp.bfloat16)
+  mp = -(-m // config.tile_m) * config.tile_m
+  at = jnp.pad(x, ((0, mp - m), (0, 0))).T
+  partials = _kernel_call(at, w, config, interpret)
+  y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
+  return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
+
+
+def weight_bytes(n: int, k: int, fmt: str = "nvfp4") -> int:
+  """Bytes the kernel reads for the weights: 4-bit codes plus bf16 scales."""
+  g = GROUP_SIZES.get(fmt, 64)
+  return n * k // 2 + 2 * n * k // g
+
+
+__all__ = ["MatmulConfig", "PreparedWeights", "default_config", "dequantize", "fp4_matmul",
+           "prepare_weights", "reference", "weight_bytes"]
+

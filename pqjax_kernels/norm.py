@@ -1,0 +1,247 @@
+"""Gathered LayerNorm / RMSNorm with adaLN shift/scale and optional NVFP4 output.
+
+``gathered_norm(x, perm, ...)`` computes ``norm(x) * (1 + scale) + shift`` read in the channel
+order ``perm`` (``out[..., j] = f(x)[..., perm[j]]``), and optionally quantizes the result to
+NVFP4 along the last axis (16-wide groups, E4M3 block scales, float32 tensor scale) after an
+optional orthonormal 16x16 block Hadamard rotation inside each group.
+``gathered_quantize`` is the same without the norm.
+
+This module is plain ``jax.numpy``: XLA fuses the gather, the statistics and the quantization
+into a couple of fusions. A Mosaic GPU kernel is not provided (see
+``benchmarks/NOTES_kernels.md``): Hopper has no in-register gather along the lane axis, so
+the column gather would go through shared memory with per-thread dynamic indices, which the
+Pallas Mosaic GPU lowering does not expose.
+
+The NVFP4 arithmetic matches ``pqjax.formats.quantize`` bit for bit (the tests check it):
+``s_t = max(fl(amax * fl(1/2688)), 2**-117)`` (1 for an all-zero tensor),
+``s_b = e4m3(clip(fl(amax_b * fl(1 / fl(6 * s_t))), 2**-9, 448))`` (1 for an all-zero
+group), ``q = e2m1(clip(fl(x * fl(1 / fl(s_b * s_t))), -6, 6))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NormKind = Literal["layer", "rms"]
+OutKind = Literal["bf16", "nvfp4"]
+
+GROUP = 16
+_E2M1_MAX = 6.0
+_E4M3_MAX = 448.0
+_E4M3_MIN = 2.0**-9
+_TENSOR_SCALE_FLOOR = 2.0**-117
+# E2M1 rounding boundaries; True: a tie rounds up (to the even code above).
+_E2M1_BOUNDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
+                (3.5, True), (5.0, False))
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4Activation:
+  """Packed NVFP4 activations: codes ``(..., D/2)`` uint8 (low nibble first), scales
+  ``(..., D/16)`` float8_e4m3fn, float32 scalar tensor scale."""
+
+  codes: jax.Array
+  scales: jax.Array
+  tensor_scale: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    NVFP4Activation, data_fields=["codes", "scales", "tensor_scale"], meta_fields=[])
+
+
+def hadamard_16() -> np.ndarray:
+  """Orthonormal 16x16 Sylvester Hadamard matrix (symmetric, its own inverse)."""
+  h = np.array([[1.0]], np.float32)
+  for _ in range(4):
+    h = np.block([[h, h], [h, -h]])
+  return (h / 4.0).astype(np.float32)
+
+
+def _check_perm(perm, d: int) -> None:
+  if perm is None:
+    return
+  if not hasattr(perm, "dtype") or jnp.dtype(perm.dtype) != jnp.int32:
+    raise ValueError(f"perm must be an int32 array, got dtype {getattr(perm, 'dtype', type(perm))}")
+  if tuple(perm.shape) != (d,):
+    raise ValueError(f"perm must have shape ({d},) to match the last axis of x, got {perm.shape}")
+
+
+def _check_vec(name: str, v, x_shape: tuple[int, ...], per_sample: bool) -> None:
+  """``v`` must end in D and broadcast against x; adaLN vectors may be ``(B, D)`` per sample."""
+  if v is None:
+    return
+  d = x_shape[-1]
+  shape = tuple(v.shape)
+  if per_sample and len(shape) == 2 and len(x_shape) == 3 and shape == (x_shape[0], d):
+    return
+  ok = len(shape) >= 1 and shape[-1] == d and len(shape) <= len(x_shape) and all(
+      s in (1, xs) for s, xs in zip(shape[::-1], x_shape[::-1]))
+  if not ok or (not per_sample and len(shape) != 1):
+    want = f"({d},)" + (f", ({x_shape[0]}, {d}) or broadcastable to {x_shape}" if per_sample
+                        else "")
+    raise ValueError(f"{name} must have shape {want} for x of shape {x_shape}, got {shape}")
+
+
+def check_inputs(x, perm, *, kind: str = "layer", weight=None, bias=None, shift=None,
+                 scale=None, out: str = "bf16", hadamard: bool = False) -> None:
+  """Raises ``ValueError`` naming the argument for bad shapes, dtypes or options."""
+  if not hasattr(x, "dtype") or jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32),
+                                                            jnp.dtype(jnp.bfloat16),
+                                                            jnp.dtype(jnp.float16)):
+    raise ValueError(f"x must be float32/bfloat16/float16, got {getattr(x, 'dtype', type(x))}")
+  if x.ndim not in (2, 3):
+    raise ValueError(f"x must be (M, D) or (B, T, D), got shape {x.shape}")
+  if kind not in ("layer", "rms"):
+    raise ValueError(f"kind must be 'layer' or 'rms', got {kind!r}")
+  if out not in ("bf16", "nvfp4"):
+    raise ValueError(f"out must be 'bf16' or 'nvfp4', got {out!r}")
+  if hadamard and out != "nvfp4":
+    raise ValueError("hadamard=True needs out='nvfp4' (the rotation precedes quantization)")
+  if out == "nvfp4" and x.shape[-1] % GROUP:
+    raise ValueError(f"out='nvfp4' needs the last axis of x ({x.shape[-1]}) to be a multiple "
+                     f"of {GROUP}")
+  _check_perm(perm, x.shape[-1])
+  _check_vec("weight", weight, x.shape, False)
+  _check_vec("bias", bias, x.shape, False)
+  _check_vec("shift", shift, x.shape, x.ndim == 3)
+  _check_vec("scale", scale, x.shape, x.ndim == 3)
+
+
+def _gather(v, perm):
+  return v if perm is None else jnp.take(v, perm, axis=-1)
+
+
+def _per_sample(v, x):
+  """Broadcasts a ``(D,)`` or per-sample ``(B, D)`` vector against ``x``."""
+  v = v.astype(jnp.float32)
+  if v.ndim == 2 and x.ndim == 3 and v.shape[0] == x.shape[0]:
+    return v[:, None, :]
+  return v.reshape((1,) * (x.ndim - v.ndim) + v.shape)
+
+
+def e2m1_encode(y: jax.Array) -> jax.Array:
+  """Round-to-nearest-even E2M1 codes (uint8, ``s<<3|e<<1|m``) of float32 ``y``, saturating."""
+  mag = jnp.abs(y)
+  code = jnp.zeros(y.shape, jnp.uint8)
+  for bound, tie_up in _E2M1_BOUNDS:
+    code = code + (mag >= bound if tie_up else mag > bound).astype(jnp.uint8)
+  return code | (jnp.signbit(y).astype(jnp.uint8) << 3)
+
+
+def nvfp4_tensor_scale(y: jax.Array) -> jax.Array:
+  """Dynamic NVFP4 tensor scale ``max(amax / 2688, 2**-117)`` (1 for all-zero ``y``)."""
+  amax = jnp.max(jnp.abs(y.astype(jnp.float32)))
+  s_t = jnp.maximum(amax * jnp.float32(1.0 / (_E2M1_MAX * _E4M3_MAX)),
+                    jnp.float32(_TENSOR_SCALE_FLOOR))
+  return jnp.where(amax == 0, jnp.float32(1.0), s_t)
+
+
+def quantize_nvfp4(y: jax.Array, tensor_scale=None) -> NVFP4Activation:
+  """NVFP4-quantizes ``y (..., D)`` along the last axis (static or dynamic tensor scale)."""
+  y = y.astype(jnp.float32)
+  if tensor_scale is None:
+    s_t = nvfp4_tensor_scale(y)
+  else:
+    s_t = jnp.maximum(jnp.asarray(tensor_scale, jnp.float32), jnp.float32(_TENSOR_SCALE_FLOOR))
+  yg = y.reshape(*y.shape[:-1], y.shape[-1] // GROUP, GROUP)
+  amax = jnp.max(jnp.abs(yg), axis=-1)
+  inv_6st = jnp.float32(1.0) / (jnp.float32(_E2M1_MAX) * s_t)
+  s_b = jnp.clip(amax * inv_6st, _E4M3_MIN, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+  s_b = jnp.where(amax == 0, jnp.float32(1.0), s_b.astype(jnp.float32))
+  ratio = yg * (jnp.float32(1.0) / (s_b * s_t))[..., None]
+  codes = e2m1_encode(jnp.clip(ratio, -_E2M1_MAX, _E2M1_MAX)).reshape(y.shape)
+  codes = codes.reshape(*y.shape[:-1], y.shape[-1] // 2, 2)
+  packed = codes[..., 0] | (codes[..., 1] << 4)
+  return NVFP4Activation(packed, s_b.astype(jnp.float8_e4m3fn), s_t)
+
+
+def block_hadamard(y: jax.Array) -> jax.Array:
+  """Applies the orthonormal 16x16 Hadamard inside each 16-wide group of the last axis."""
+  yg = y.reshape(*y.shape[:-1], y.shape[-1] // GROUP, GROUP)
+  out = jnp.einsum("...gi,ij->...gj", yg, jnp.asarray(hadamard_16()),
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(y.shape)
+
+
+def _finish(y, out: str, tensor_scale, hadamard: bool, out_dtype):
+  if out == "bf16":
+    return y.astype(out_dtype)
+  if hadamard:
+    y = block_hadamard(y)
+  return quantize_nvfp4(y, tensor_scale)
+
+
+def reference(x: jax.Array, perm: jax.Array | None, *, kind: NormKind = "layer",
+              weight=None, bias=None, shift=None, scale=None, eps: float = 1e-6,
+              out: OutKind = "bf16", tensor_scale=None, hadamard: bool = False,
+              out_dtype=jnp.bfloat16):
+  """Plain-jnp gathered norm (+ quantize); the definition the fast paths are tested against.
+
+  Args:
+    x: ``(M, D)`` or ``(B, T, D)`` activations.
+    perm: int32 ``(D,)`` channel order of the output, or None.
+    kind: ``"layer"`` (mean and variance) or ``"rms"``.
+    weight, bias: optional ``(D,)`` affine parameters of the norm, in input channel order.
+    shift, scale: optional adaLN vectors ``(D,)`` or per-sample ``(B, D)`` (x 3-D), in input
+      channel order.
+    eps: variance epsilon.
+    out: ``"bf16"`` (array in ``out_dtype``) or ``"nvfp4"`` (``NVFP4Activation``).
+    tensor_scale: NVFP4 static tensor scale; None computes it from the result (dynamic).
+    hadamard: rotate each 16-group with ``hadamard_16()`` before quantizing.
+    out_dtype: dtype of the ``"bf16"`` output.
+
+  Returns:
+    The normalized, gathered array, or its ``NVFP4Activation``.
+  """
+  check_inputs(x, perm, kind=kind, weight=weight, bias=bias, shift=shift, scale=scale,
+               out=out, hadamard=hadamard)
+  xf = x.astype(jnp.float32)
+  if kind == "layer":
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    xc = xf - mean
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+  else:
+    xc = xf
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+  y = xc * jax.lax.rsqrt(var + jnp.float32(eps))
+  if weight is not None:
+    y = y * _per_sample(weight, y)
+  if bias is not None:
+    y = y + _per_sample(bias, y)
+  if scale is not None:
+    y = y * (1.0 + _per_sample(scale, xf))
+  if shift is not None:
+    y = y + _per_sample(shift, xf)
+  return _finish(_gather(y, perm), out, tensor_scale, hadamard, out_dtype)
+
+
+def gathered_norm(x, perm, **kwargs):
+  """Gathered norm (+ NVFP4 quantize); runs ``reference`` under XLA (see module docstring)."""
+  return reference(x, perm, **kwargs)
+
+
+def gathered_quantize(x: jax.Array, perm: jax.Array | None, *, tensor_scale=None,
+                      hadamard: bool = False) -> NVFP4Activation:
+  """Plain gathered NVFP4 quantize of ``x[..., perm]`` (no norm), optional block Hadamard.
+
+  Args:
+    x: ``(..., D)`` float activations, D a multiple of 16.
+    perm: int32 ``(D,)`` or None.
+    tensor_scale: static tensor scale or None (dynamic).
+    hadamard: rotate each 16-group before quantizing.
+
+  Returns:
+    ``NVFP4Activation`` of ``x[..., perm]``.
+  """
+  if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be a float array, got {getattr(x, 'dtype', type(x))}")
+  if x.ndim < 1 or x.shape[-1] % GROUP:
+    raise ValueError(f"the last axis of x (shape {x.shape}) must be a multiple of {GROUP}")
+  _check_perm(perm, x.shape[-1])
+  y = _gather(x.astype(jnp.float32), perm)
+  return _finish(y, "nvfp4", tensor_scale, hadamard, None)

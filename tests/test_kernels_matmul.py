@@ -1,0 +1,132 @@
+"""fp4_matmul (Pallas Mosaic GPU) against its plain-jnp reference and pqjax's oracle.
+
+Tolerance: every product of a decoded weight (E2M1 x E4M3, or E2M1 x 2**e) and a bf16
+activation is exact in float32, so kernel and reference differ only in the float32
+summation order: |err| <= (K + 2) * 2**-24 * sum_k |a_k w_k| per output (a standard
+recursive-summation bound, K terms plus the tensor-scale multiply and the split-K add).
+For int4 the kernel rounds the float32 scales to bf16 (relative 2**-9 per weight), adding
+2**-9 * sum_k |a_k w_k|.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pqjax import formats, qmatmul
+from pqjax_kernels import matmul_fp4 as fm
+from pqjax_kernels import norm as gn
+from tests import interpret
+
+
+def _bound(a, w_codes, w_scales, ts, fmt, extra=0.0):
+  x = jnp.abs(a.astype(jnp.float32))
+  wa = jnp.abs(fm.dequantize(w_codes, w_scales, ts, fmt))
+  mag = np.asarray(x @ wa.T)
+  k = a.shape[-1]
+  return mag * ((k + 2) * 2.0**-24 + extra) + 1e-30
+
+
+def _case(seed, m, n, k, fmt):
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal((n, k)).astype(np.float32) * 0.1
+  qt = formats.quantize(w, "int4" if fmt == "int4" else fmt, group_size=64 if fmt == "int4" else None)
+  a = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  return a, qt
+
+
+class KernelCases:
+  """The kernel checks; subclasses choose where they run (GPU or CPU interpreter)."""
+
+  interpret = False
+
+  def run(self, fn):
+    return fn()
+
+  @pytest.mark.parametrize("fmt,m,splits", [("nvfp4", 5, 2), ("mxfp4", 20, 1), ("int4", 3, 1)])
+  def test_w4a16_matches_reference(self, fmt, m, splits):
+    a, qt = _case(m, m, 128, 256, fmt)
+    cfg = fm.MatmulConfig(tile_m=16, k_splits=splits)
+    out = self.run(lambda: fm.fp4_matmul(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt,
+                                         out_dtype=jnp.float32, config=cfg,
+                                         interpret=self.interpret))
+    ref = fm.reference(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32)
+    extra = 2.0**-9 if fmt == "int4" else 0.0
+    err = np.abs(np.asarray(out) - np.asarray(ref))
+    assert np.isfinite(np.asarray(out)).all()
+    assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt, extra)).all()
+
+  def test_w4a4_nvfp4_epilogue(self):
+    m, n, k = 9, 128, 256
+    a, qt = _case(7, m, n, k, "nvfp4")
+    qa = gn.quantize_nvfp4(a)
+    rng = np.random.default_rng(1)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    gate = jnp.asarray(rng.standard_normal((3, n)), jnp.float32)
+    res = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias,
+              epilogue="gelu_tanh", gate=gate, residual=res, out_dtype=jnp.float32)
+    out = self.run(lambda: fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
+                                         config=fm.MatmulConfig(tile_m=16), **kw,
+                                         interpret=self.interpret))
+    ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
+    # gelu and the gate are 1-Lipschitz up to max|gate|; the matmul bound carries through.
+    ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+    bound = _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4") * float(
+        jnp.abs(gate).max()) * 1.13 + 1e-6
+    assert (np.abs(np.asarray(out) - np.asarray(ref)) <= bound).all()
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+class TestKernelsGPU(KernelCases):
+  pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+class TestKernelsInterpreter(KernelCases):
+  interpret = True
+
+  def run(self, fn):
+    with interpret.gpu_interpreter():
+      return fn()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "int4"])
+def test_reference_matches_pqjax_oracle(fmt):
+  a, qt = _case(3, 6, 128, 256, fmt)
+  ref = fm.reference(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32)
+  oracle = qmatmul.reference_matmul(a, qt, out_dtype=jnp.float32)
+  err = np.abs(np.asarray(ref) - np.asarray(oracle))
+  assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt)).all()
+
+
+def test_w4a4_reference_matches_oracle():
+  a, qt = _case(4, 6, 128, 256, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
+                     a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
+  oracle = qmatmul.reference_matmul(a, qt, act_format="nvfp4", out_dtype=jnp.float32)
+  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+  err = np.abs(np.asarray(ref) - np.asarray(oracle))
+  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k=192), "K=192"),
+    (dict(n=96), "N=96"),
+    (dict(codes_dtype=jnp.int8), "w_codes"),
+    (dict(scales_dtype=jnp.float32), "w_scales"),
+    (dict(a_dtype=jnp.int32), "a must be"),
+    (dict(bias_n=7), "bias"),
+    (dict(epilogue="relu"), "epilogue"),
+])
+def test_bad_input_raises(kwargs, match):
+  n, k = kwargs.get("n", 128), kwargs.get("k", 256)
+  codes = jnp.zeros((n, k // 2), kwargs.get("codes_dtype", jnp.uint8))
+  scales = jnp.ones((n, k // 16), kwargs.get("scales_dtype", jnp.float8_e4m3fn))
+  a = jnp.ones((4, k), kwargs.get("a_dtype", jnp.bfloat16))
+  bias = jnp.ones((kwargs["bias_n"],)) if "bias_n" in kwargs else None
+  with pytest.raises(ValueError, match=match):
+    fm.fp4_matmul(a, codes, scales, jnp.float32(1), bias=bias,
+                  epilogue=kwargs.get("epilogue"))

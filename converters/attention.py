@@ -82,7 +82,8 @@ def prepare_attention_mask(mask: Array, batch: int, heads: int, kv_len: int) -> 
   """Reshapes a diffusers attention mask to broadcast against ``(B, H, T, S)`` logits.
 
   Accepts what diffusers' processor accepts: ``(B, S)``, ``(B, 1|T, S)`` or
-  ``(B * H, 1|T, S)``; a mask shared by all heads keeps a head axis of 1.
+  ``(B * H, 1|T, S)``; a mask shared by all heads keeps a head axis of 1. A 4-D mask is
+  taken to be ``(B, 1|H, 1|T, S)`` already.
 
   Raises:
     ValueError: the last axis is not ``kv_len`` (diffusers would silently pad it) or the
@@ -90,6 +91,8 @@ def prepare_attention_mask(mask: Array, batch: int, heads: int, kv_len: int) -> 
   """
   if mask.shape[-1] != kv_len:
     raise ValueError(f"attention mask of shape {mask.shape} does not cover {kv_len} keys")
+  if mask.ndim == 4:
+    return mask
   if mask.ndim == 2:
     mask = mask[:, None, :]
   lead = mask.shape[0]

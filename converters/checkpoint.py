@@ -8,6 +8,7 @@ so a bad checkpoint raises with the full list of offending keys and loads nothin
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -233,7 +234,9 @@ def torch_layout(model: nnx.Module) -> dict[str, tuple[tuple, Any, Any]]:
   return out
 
 
+@functools.lru_cache(maxsize=None)
 def _expected_torch_shape(flax_shape: tuple[int, ...], to_torch) -> tuple[int, ...]:
+  # Cached: blocks repeat a handful of shapes, and each probe allocates a (bool) tensor.
   if to_torch is None:
     return flax_shape
   return to_torch(np.empty(flax_shape, np.bool_)).shape

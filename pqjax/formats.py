@@ -233,6 +233,19 @@ def _recip(s: jax.Array) -> jax.Array:
   return jnp.float32(1.0) / s
 
 
+def _round_to_e4m3(v: jax.Array) -> jax.Array:
+  """Rounds float32 ``v`` in ``[2**-9, 448]`` to float8_e4m3fn (ties to even), in float32.
+
+  Done with integer ops because XLA may fold a float32 -> float8 -> float32 convert pair
+  away (seen on GPU), which would leave the codes computed with an unrounded scale.
+  """
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+  odd = (bits >> 20) & 1  # lowest of the 3 mantissa bits kept
+  normal = jax.lax.bitcast_convert_type((bits + 0x7FFFF + odd) & ~0xFFFFF, jnp.float32)
+  subnormal = jnp.round(v * jnp.float32(2.0**9)) * jnp.float32(2.0**-9)
+  return jnp.where(v < 2.0**-6, subnormal, normal)
+
+
 def _divide_by_scale(xg: jax.Array, s: jax.Array) -> jax.Array:
   """``fl(x * fl(1 / s))`` for groups ``(..., n, G)`` and scales ``(..., n)``.
 
@@ -312,8 +325,7 @@ def _quantize_groups(xg: jax.Array, spec: FormatSpec, tensor_scale: jax.Array | 
     s_t = nvfp4_tensor_scale(xg) if tensor_scale is None else tensor_scale
     ok = finite & jnp.isfinite(s_t)
     inv_6st = _recip(jnp.float32(E2M1_MAX) * s_t)
-    s_b = jnp.clip(amax * inv_6st, E4M3_MIN_SUBNORMAL, E4M3_MAX)
-    s_b = s_b.astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    s_b = _round_to_e4m3(jnp.clip(amax * inv_6st, E4M3_MIN_SUBNORMAL, E4M3_MAX))
     s_b = jnp.where(zero, one, s_b)
     ratio = _divide_by_scale(xg, s_b * s_t)
     scales = jnp.where(ok, s_b, jnp.float32(jnp.nan)).astype(jnp.float8_e4m3fn)

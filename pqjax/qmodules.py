@@ -160,7 +160,7 @@ class GatheredLinear(nnx.Module):
     kernel = self.kernel.value
     y = jnp.dot(jnp.take(x, self.in_perm.value, axis=-1).astype(kernel.dtype), kernel)
     if self.bias is not None:
-      y = y + self.bias.value
+      y = y + self.bias.value.reshape((1,) * (y.ndim - 1) + (-1,))
     return y
 
   def spec(self) -> dict[str, Any]:

@@ -242,7 +242,8 @@ def decide(name: str, kind: str, data: SiteData, cfg: QuantConfig, *, head_dim: 
   perms = jnp.concatenate([jnp.asarray(identity)[None], sorted_p])
   # rows: rotate option; columns: identity, then one per alpha
   errs = np.stack([site_errors(data, perms, cfg, r) for r in rotate_options])
-  err_identity = float(errs[0, 0]) if not rotate_options[0] else float("nan")
+  err_identity = (float(errs[0, 0]) if not rotate_options[0] else
+                  float(site_errors(data, perms[:1], cfg, False)[0]))
   r_best, c_best = np.unravel_index(int(np.argmin(errs)), errs.shape)
   base_r = 0  # the method's baseline: identity order, first rotate option
   gain = _rel_gain(float(errs[base_r, 0]), float(errs[r_best, c_best]))

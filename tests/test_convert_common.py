@@ -187,6 +187,21 @@ def test_corrupt_safetensors_header(ckpt):
     converters.from_diffusers(ckpt)
 
 
+@pytest.mark.parametrize("torch_dtype", [torch.float16, torch.bfloat16])
+def test_half_checkpoint_loads_exactly(tmp_path, torch_dtype):
+  model = dm.build("DiTTransformer2DModel", TINY_DIT).to(torch_dtype)
+  path = dm.save(model, tmp_path / "half")
+  loaded = converters.from_diffusers(path, dtype=jnp.float32)
+  _, state = nnx.split(loaded, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  want = model.state_dict()
+  layout = checkpoint.torch_layout(loaded)
+  assert sorted(layout) == sorted(want)
+  for key, (p, _, to_torch) in layout.items():
+    got = np.asarray(flat[p].get_value())
+    np.testing.assert_array_equal(to_torch(got) if to_torch else got, want[key].float().numpy())
+
+
 def test_sharded_loads(sharded):
   assert len(list(sharded.glob("*.safetensors"))) > 1
   model = converters.from_diffusers(sharded, dtype=jnp.float32)

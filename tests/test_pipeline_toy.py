@@ -59,7 +59,7 @@ class ToyBlock(nnx.Module):
     w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd), axis=-1)
     a = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, t, d)
     g, u = jnp.split(self.proj_mlp(h), 2, axis=-1)
-    m = jax.nn.silu(g) * u * self.mlp_scale[...]
+    m = jax.nn.silu(g) * u * self.mlp_scale[...][None, None]
     x = x + gate * self.proj_out(jnp.concatenate([a, m], axis=-1))
     return x + self.ff2(jax.nn.gelu(self.ff1(self.norm2(x))))
 
@@ -138,7 +138,7 @@ def toy_batch(seed: int, batch: int = 4, tokens: int = 32, ctx_tokens: int = 8,
   ctx_scale = jnp.exp(jnp.linspace(0.0, 3.0, CONFIG["ctx_dim"]))[::-1]
   return {
       "hidden_states": jax.random.normal(k1, (batch, tokens, CONFIG["in_channels"]), dtype),
-      "context": (jax.random.normal(k2, (batch, ctx_tokens, CONFIG["ctx_dim"])) * ctx_scale
+      "context": (jax.random.normal(k2, (batch, ctx_tokens, CONFIG["ctx_dim"])) * ctx_scale[None, None]
                   ).astype(dtype),
       "cond": jax.random.normal(k3, (batch, CONFIG["cond_dim"]), dtype),
   }

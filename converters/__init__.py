@@ -89,14 +89,10 @@ def to_diffusers(model: nnx.Module, path: str | os.PathLike, *, dtype=None,
 
 
 def _import_families() -> None:
-  # Importing a family module registers it.
+  # Importing a family module registers it; done lazily so `import converters` stays light.
   import importlib
   for name in ("dit", "pixart", "flux", "sana", "zimage"):
-    try:
-      importlib.import_module(f"converters.{name}")
-    except ModuleNotFoundError as e:
-      if e.name != f"converters.{name}":
-        raise
+    importlib.import_module(f"converters.{name}")
 
 
 __all__ = ["MODELS", "CheckpointError", "CheckpointMismatchError", "UnsupportedModelError",

@@ -4,16 +4,22 @@ Definitions follow ``shared/notes/formats.md``; this module fixes the float32 ar
 that codes are reproducible bit for bit (a kernel doing the same float32 operations gets
 the same codes):
 
-* Dividing by a scale is multiplying by its float32 reciprocal, ``x * fl(1 / s)``. XLA
-  rewrites ``x / broadcast(s)`` into exactly that, so it is the only portable choice.
-* NVFP4: ``s_t = fl(amax * fl(1/2688))`` floored at ``2**-117``;
-  ``s_b = e4m3(clip(fl(amax_b * fl(1 / fl(6 * s_t))), 2**-9, 448))`` (round to nearest even);
-  ``q = e2m1(clip(fl(x * fl(1 / fl(s_b * s_t))), -6, 6))``; ``x_hat = fl(fl(q * s_b) * s_t)``.
-  The floor keeps ``s_b * s_t >= 2**-126`` a normal float32: XLA:CPU flushes subnormals.
+* No division: XLA's float32 division is not correctly rounded on GPU (and XLA:CPU turns
+  ``x / broadcast(s)`` into ``x * (1 / s)``), so every rounding decision "nearest grid point
+  of ``v / S``" compares ``|v|`` with the float32 products ``fl(boundary * S)`` of the grid's
+  midpoints (ties to the even code, as ``ml_dtypes`` casts do). Multiplication and
+  comparison are exact IEEE operations on every backend, so codes and scales are bit-identical
+  on CPU, GPU and in a kernel doing the same. They equal rounding the exact quotient except
+  when ``v / S`` lies within float32 rounding (``2**-24`` relative) of a boundary.
+* NVFP4: ``s_t = fl(amax * fl(1/2688))`` floored at ``2**-117``; ``s_b`` = the
+  float8_e4m3fn value in ``[2**-9, 448]`` nearest ``amax_b / fl(6 * s_t)``;
+  ``q`` = the E2M1 value nearest ``x / fl(s_b * s_t)``, saturating at 6;
+  ``x_hat = fl(fl(q * s_b) * s_t)``. The floor keeps ``s_b * s_t >= 2**-126`` a normal
+  float32 (XLA:CPU flushes subnormals).
 * MXFP4: ``e = clip(floor(log2(amax_b)) - 2, -127, 127)`` read from the float32 exponent bits;
   ``q = e2m1(x * 2**-e)`` (exact), stored ``e + 127`` as an E8M0 byte.
-* INT4/INT3: ``s = max(fl(amax_b * fl(1/qmax)), 2**-126)``; ``q = clip(round_half_even(
-  fl(x * fl(1/s))), -qmax - 1, qmax)`` stored as 4-bit two's complement.
+* INT4/INT3: ``s = max(fl(amax_b * fl(1/qmax)), 2**-126)``; ``q`` = the integer nearest
+  ``x / s`` (ties to even), clipped to ``[-qmax, qmax]``, stored as 4-bit two's complement.
 * Every format gives an all-zero group the scale 1 (codes 0); an all-zero tensor gets
   ``s_t = 1``.
 
@@ -45,7 +51,6 @@ FormatName = Literal["nvfp4", "mxfp4", "int4", "int3"]
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
-E4M3_MIN_SUBNORMAL = 2.0**-9
 NVFP4_TENSOR_SCALE_FLOOR = 2.0**-117
 INT_SCALE_FLOOR = 2.0**-126
 E8M0_BIAS = 127
@@ -53,6 +58,11 @@ E8M0_NAN = 255
 _E2M1_EMAX = 2
 _INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
+# Positive finite float8_e4m3fn values (codes 1..126, ascending) and their midpoints; a
+# midpoint tie goes up when the upper neighbour's code is even.
+_E4M3_VALUES = np.arange(1, 127, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
+_E4M3_MIDPOINTS = (_E4M3_VALUES[1:] + _E4M3_VALUES[:-1]) / np.float32(2)
+_E4M3_TIE_UP = np.arange(_E4M3_MIDPOINTS.size) % 2 == 0
 # Magnitudes of E2M1 codes 0..7 (code = e << 1 | m); bit 3 is the sign.
 _E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 # Rounding boundaries between consecutive grid points, with the comparison that sends a tie
@@ -142,6 +152,20 @@ def format_spec(fmt: str) -> FormatSpec:
     raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}") from None
 
 
+def _nearest_e2m1(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """E2M1 codes of ``x / scale`` by comparing ``|x|`` with ``fl(boundary * scale)``."""
+  mag = jnp.abs(x)
+  code = jnp.zeros(x.shape, jnp.uint8)
+  for bound, tie_up in _E2M1_BOUNDS:
+    threshold = jnp.float32(bound) * scale
+    above = mag >= threshold if tie_up else mag > threshold
+    code = code + above.astype(jnp.uint8)
+  # A threshold flushed to zero must not lift an exact zero.
+  code = jnp.where(mag == 0, jnp.uint8(0), code)
+  sign = jnp.signbit(x) & ~jnp.isnan(x)
+  return code | (sign.astype(jnp.uint8) << 3)
+
+
 @jax.jit
 def e2m1_encode(x: ArrayLike) -> jax.Array:
   """Rounds to the nearest E2M1 value and returns its 4-bit code as uint8.
@@ -156,14 +180,7 @@ def e2m1_encode(x: ArrayLike) -> jax.Array:
   Returns:
     uint8 array of codes ``s << 3 | e << 1 | m`` with the shape of ``x``.
   """
-  x = jnp.asarray(x)
-  mag = jnp.abs(x)
-  code = jnp.zeros(x.shape, jnp.uint8)
-  for bound, tie_up in _E2M1_BOUNDS:
-    above = mag >= bound if tie_up else mag > bound
-    code = code + above.astype(jnp.uint8)
-  sign = jnp.signbit(x) & ~jnp.isnan(x)
-  return code | (sign.astype(jnp.uint8) << 3)
+  return _nearest_e2m1(jnp.asarray(x).astype(jnp.float32), jnp.float32(1.0))
 
 
 @jax.jit
@@ -229,31 +246,31 @@ def _unpack_core(packed: jax.Array, *, axis: int) -> jax.Array:
   return jnp.moveaxis(codes, -1, axis)
 
 
-def _recip(s: jax.Array) -> jax.Array:
-  return jnp.float32(1.0) / s
+def _nearest_e4m3(v: jax.Array, d: jax.Array) -> jax.Array:
+  """The float8_e4m3fn value in ``[2**-9, 448]`` nearest ``v / d``, as float32.
 
-
-def _round_to_e4m3(v: jax.Array) -> jax.Array:
-  """Rounds float32 ``v`` in ``[2**-9, 448]`` to float8_e4m3fn (ties to even), in float32.
-
-  Done with integer ops because XLA may fold a float32 -> float8 -> float32 convert pair
-  away (seen on GPU), which would leave the codes computed with an unrounded scale.
+  Binary search over the 125 midpoints, comparing ``v`` with ``fl(midpoint * d)``.
   """
-  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
-  odd = (bits >> 20) & 1  # lowest of the 3 mantissa bits kept
-  normal = jax.lax.bitcast_convert_type((bits + 0x7FFFF + odd) & ~0xFFFFF, jnp.float32)
-  subnormal = jnp.round(v * jnp.float32(2.0**9)) * jnp.float32(2.0**-9)
-  return jnp.where(v < 2.0**-6, subnormal, normal)
+  mids, tie_up = jnp.asarray(_E4M3_MIDPOINTS), jnp.asarray(_E4M3_TIE_UP)
+  idx = jnp.zeros(v.shape, jnp.int32)
+  for step in (64, 32, 16, 8, 4, 2, 1):
+    j = jnp.minimum(idx + step - 1, mids.size - 1)
+    threshold = mids[j] * d
+    passed = jnp.where(tie_up[j], v >= threshold, v > threshold) & (idx + step <= mids.size)
+    idx = jnp.where(passed, idx + step, idx)
+  return jnp.asarray(_E4M3_VALUES)[idx]
 
 
-def _divide_by_scale(xg: jax.Array, s: jax.Array) -> jax.Array:
-  """``fl(x * fl(1 / s))`` for groups ``(..., n, G)`` and scales ``(..., n)``.
-
-  For ``s >= 2**64`` both factors are shifted by ``2**-64`` (exact for normal values) so that
-  the reciprocal of a huge scale (INT3 near float32 max) does not underflow.
-  """
-  shift = jnp.where(s >= 2.0**64, jnp.float32(2.0**-64), jnp.float32(1.0))
-  return (xg * shift[..., None]) * _recip(s * shift)[..., None]
+def _nearest_int(x: jax.Array, scale: jax.Array, qmax: int) -> jax.Array:
+  """Integers nearest ``x / scale`` (ties to even) clipped to ``[-qmax, qmax]``, as int32."""
+  mag = jnp.abs(x)
+  q = jnp.zeros(x.shape, jnp.int32)
+  for k in range(qmax):
+    threshold = jnp.float32(k + 0.5) * scale
+    above = mag >= threshold if k % 2 else mag > threshold
+    q = q + above.astype(jnp.int32)
+  q = jnp.where(mag == 0, 0, q)  # as in _nearest_e2m1
+  return jnp.where(x < 0, -q, q)
 
 
 def nvfp4_tensor_scale(x: ArrayLike) -> jax.Array:
@@ -324,10 +341,9 @@ def _quantize_groups(xg: jax.Array, spec: FormatSpec, tensor_scale: jax.Array | 
   if spec.name == "nvfp4":
     s_t = nvfp4_tensor_scale(xg) if tensor_scale is None else tensor_scale
     ok = finite & jnp.isfinite(s_t)
-    inv_6st = _recip(jnp.float32(E2M1_MAX) * s_t)
-    s_b = _round_to_e4m3(jnp.clip(amax * inv_6st, E4M3_MIN_SUBNORMAL, E4M3_MAX))
+    s_b = _nearest_e4m3(amax, jnp.float32(E2M1_MAX) * s_t)
     s_b = jnp.where(zero, one, s_b)
-    ratio = _divide_by_scale(xg, s_b * s_t)
+    codes = _nearest_e2m1(xg, (s_b * s_t)[..., None])
     scales = jnp.where(ok, s_b, jnp.float32(jnp.nan)).astype(jnp.float8_e4m3fn)
   elif spec.name == "mxfp4":
     s_t = one
@@ -335,21 +351,16 @@ def _quantize_groups(xg: jax.Array, spec: FormatSpec, tensor_scale: jax.Array | 
     biased = (jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF
     e = jnp.clip(biased - E8M0_BIAS - _E2M1_EMAX, -E8M0_BIAS, E8M0_BIAS)
     e = jnp.where(zero, 0, e)
-    ratio = xg * _pow2(-e)[..., None]
+    codes = _nearest_e2m1(xg * _pow2(-e)[..., None], one)
     scales = jnp.where(ok, e + E8M0_BIAS, E8M0_NAN).astype(jnp.uint8)
   else:
     s_t = one
     ok = finite
     s = jnp.maximum(amax * jnp.float32(1.0 / spec.elem_max), jnp.float32(INT_SCALE_FLOOR))
     s = jnp.where(zero, one, s)
-    ratio = _divide_by_scale(xg, s)
+    codes = (_nearest_int(xg, s[..., None], int(spec.elem_max)) & 15).astype(jnp.uint8)
     scales = jnp.where(ok, s, jnp.float32(jnp.nan))
-  ratio = jnp.where(ok[..., None], ratio, jnp.float32(0.0))
-  if spec.kind == "e2m1":
-    codes = e2m1_encode(jnp.clip(ratio, -E2M1_MAX, E2M1_MAX))
-  else:
-    q = jnp.clip(jnp.round(ratio), spec.elem_min, spec.elem_max).astype(jnp.int32)
-    codes = (q & 15).astype(jnp.uint8)
+  codes = jnp.where(ok[..., None], codes, jnp.uint8(0))
   return codes, scales, jnp.asarray(s_t, jnp.float32)
 
 

@@ -28,10 +28,19 @@ def _strict_promotion():
 
 
 # ---------------------------------------------------------------- NumPy references
-# Each float32 operation of the format definition is done in float64 on float32 operands and
-# rounded once to float32. For +, *, / that equals the float32 operation: products of two
-# float32 values are exact in float64, and double rounding of a quotient through 53 bits is
-# innocuous (53 >= 2 * 24 + 2).
+# The format rounds "v / S to the nearest grid point" by comparing |v| with the float32
+# products fl(boundary * S) (see pqjax.formats). The references below do that in float64 on
+# float32 operands, rounding each product once to float32 (a product of two float32 values is
+# exact in float64, so this is the float32 product). Each reference also checks itself
+# against the exact quotient rounded by ml_dtypes / np.round wherever the quotient is farther
+# than the float32 product's rounding (2**-24 relative) from a rounding boundary.
+
+NEAR = 2.0**-24 + 2.0**-50  # fl(b * S) error, plus float64 rounding of the exact quotient
+E2M1_BOUNDS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+E2M1_TIE_UP = np.array([False, True, False, True, False, True, False])  # tie -> even code
+E4M3 = np.arange(1, 127, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+E4M3_MIDS = (E4M3[1:] + E4M3[:-1]) / 2
+E4M3_TIE_UP = np.arange(E4M3_MIDS.size) % 2 == 0
 
 
 def f32(v):
@@ -53,6 +62,29 @@ def np_unpack(packed, axis):
   return np.moveaxis(out.reshape(*p.shape[:-1], 2 * p.shape[-1]), -1, axis)
 
 
+def boundaries_passed(v, scale, bounds, tie_up):
+  """Number of boundaries b with |v| above fl(b * scale) (at or above where ties go up)."""
+  mag = np.abs(v)[..., None]
+  thr = f32(bounds * np.asarray(scale)[..., None])
+  return np.where(tie_up, mag >= thr, mag > thr).sum(-1)
+
+
+def near_boundary(ratio, bounds):
+  r = np.abs(ratio)[..., None]
+  return np.any(np.abs(r - bounds) <= NEAR * bounds, axis=-1)
+
+
+def e2m1_codes(xg, scale):
+  """Codes of xg / scale (scale broadcast per group), checked against ml_dtypes."""
+  mag = boundaries_passed(xg, scale, E2M1_BOUNDS, E2M1_TIE_UP)
+  codes = (mag | (np.signbit(xg) << 3)).astype(np.uint8)
+  ratio = xg / scale
+  exact = np_e2m1(np.clip(ratio, -6, 6).astype(np.float32))
+  far = ~near_boundary(ratio, E2M1_BOUNDS) & (np.abs(ratio) < 2.0**100)
+  np.testing.assert_array_equal(codes[far], exact[far])
+  return codes
+
+
 def ref_nvfp4(xg, tensor_scale=None):
   if tensor_scale is None:
     amax = np.max(np.abs(xg))
@@ -60,30 +92,36 @@ def ref_nvfp4(xg, tensor_scale=None):
   else:
     s_t = max(f32(tensor_scale), 2.0**-117)
   amax_b = np.max(np.abs(xg), axis=-1)
-  inv_6st = f32(1 / f32(6 * s_t))
-  s_b = np.clip(f32(amax_b * inv_6st), 2.0**-9, 448.0).astype(np.float32)
-  s_b = s_b.astype(ml_dtypes.float8_e4m3fn)
-  s_b = np.where(amax_b == 0, np.float32(1).astype(ml_dtypes.float8_e4m3fn), s_b)
-  recip = f32(1 / f32(s_b.astype(np.float64) * s_t))
-  codes = np_e2m1(np.clip(f32(xg * recip[..., None]), -6, 6))
-  return codes, s_b, s_t
+  d = f32(6 * s_t)
+  s_b = E4M3[boundaries_passed(amax_b, d, E4M3_MIDS, E4M3_TIE_UP)]
+  exact = np.clip(amax_b / d, 2.0**-9, 448.0).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  far = ~near_boundary(amax_b / d, E4M3_MIDS)
+  np.testing.assert_array_equal(s_b[far], exact[far])
+  s_b = np.where(amax_b == 0, 1.0, s_b)
+  codes = e2m1_codes(xg, f32(s_b * s_t)[..., None])
+  return codes, s_b.astype(np.float32).astype(ml_dtypes.float8_e4m3fn), s_t
 
 
 def ref_mxfp4(xg):
   amax_b = np.max(np.abs(xg), axis=-1)
   _, exp = np.frexp(amax_b)  # amax = m * 2**exp, m in [0.5, 1): floor(log2(amax)) = exp - 1
   e = np.where(amax_b == 0, 0, np.clip(exp - 1 - 2, -127, 127))
-  codes = np_e2m1(np.clip(np.ldexp(xg, -e[..., None]), -6, 6))
+  codes = e2m1_codes(np.ldexp(xg, -e[..., None]), np.ones(e.shape + (1,)))
   return codes, (e + 127).astype(np.uint8), 1.0
 
 
 def ref_int(xg, qmax):
   amax_b = np.max(np.abs(xg), axis=-1)
   s = np.maximum(f32(amax_b * f32(1 / qmax)), 2.0**-126)
-  s = np.where(amax_b == 0, 1.0, s)
-  ratio = f32(xg * f32(1 / s)[..., None])
-  q = np.clip(np.round(ratio), -qmax - 1, qmax).astype(np.int64)
-  return (q & 15).astype(np.uint8), s.astype(np.float32), 1.0
+  s = np.where(amax_b == 0, 1.0, s)[..., None]
+  halves = np.arange(qmax) + 0.5
+  q = boundaries_passed(xg, s, halves, np.arange(qmax) % 2 == 1)  # tie -> even integer
+  q = np.where(xg < 0, -q, q)
+  ratio = xg / s
+  exact = np.clip(np.round(ratio), -qmax - 1, qmax)
+  far = ~near_boundary(ratio, halves)
+  np.testing.assert_array_equal(q[far], exact[far])
+  return (q & 15).astype(np.uint8), s[..., 0].astype(np.float32), 1.0
 
 
 def reference(x, fmt, axis, g, tensor_scale=None):
@@ -179,6 +217,22 @@ def test_e2m1_decode_matches_ml_dtypes():
   np.testing.assert_array_equal(np.signbit(out), np.signbit(expected))
 
 
+@pytest.mark.parametrize("d", [1.0, 2.0**-20, 2.0**40])
+def test_e4m3_rounding_matches_ml_dtypes(d):
+  """NVFP4 block-scale rounding v / d -> e4m3 (d a power of two, so thresholds are exact) on
+  every value, midpoint, float32 neighbour of each midpoint and random values, clamped to
+  [2**-9, 448]."""
+  e4m3 = E4M3.astype(np.float32)
+  mids = E4M3_MIDS.astype(np.float32)
+  rand = np.random.default_rng(8).uniform(0, 500, 20000).astype(np.float32)
+  v = np.concatenate([e4m3, mids, np.nextafter(mids, np.float32(0)),
+                      np.nextafter(mids, np.float32(500)), rand, [0.0, 2.0**-11, 600.0]])
+  v = v.astype(np.float32)
+  out = np.asarray(jax.jit(formats._nearest_e4m3)(v * np.float32(d), jnp.float32(d)))
+  expected = np.clip(v, 2.0**-9, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  np.testing.assert_array_equal(out, expected)
+
+
 # ---------------------------------------------------------------- reference formulas
 
 
@@ -238,6 +292,62 @@ def tie_heavy_arrays(draw, fmt):
 def test_ties_match_numpy(fmt, data):
   x, g = data.draw(tie_heavy_arrays(fmt))
   assert_matches_reference(x, fmt, -1, g)
+
+
+E2M1_POINTS = np.concatenate([[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], E2M1_BOUNDS])
+
+
+@st.composite
+def exact_tie_groups(draw, fmt):
+  """Groups built on a chosen scale S so that every element is exactly a grid point or a
+  rounding midpoint times S, with one element at the top of the grid (so that quantize
+  recovers S exactly); returns x, group size, the NVFP4 tensor scale and S per group."""
+  g = GROUP_SIZES[fmt][0]
+  n = draw(st.integers(1, 3))
+  pow2 = draw(hnp.arrays(np.int64, (n, 1), elements=st.integers(-20, 20)))
+  if fmt == "nvfp4":
+    s_t = 2.0 ** draw(st.integers(-10, 10))
+    s_b = E4M3[draw(hnp.arrays(np.int64, (n, 1), elements=st.integers(0, E4M3.size - 1)))]
+    scale, top, points, tensor_scale = s_b * s_t, 6.0, E2M1_POINTS, np.float32(s_t)
+  else:
+    # mxfp4: the E8M0 scale; int: s = fl(amax * fl(1/qmax)) is exactly 2**k for amax = qmax 2**k.
+    scale, tensor_scale = np.ldexp(1.0, pow2), None
+    top = 6.0 if fmt == "mxfp4" else INT_QMAX[fmt]
+    points = E2M1_POINTS if fmt == "mxfp4" else np.arange(0, 2 * top + 1) / 2
+  idx = draw(hnp.arrays(np.int64, (n, g), elements=st.integers(0, points.size - 1)))
+  signs = draw(hnp.arrays(np.bool_, (n, g)))
+  mags = points[idx]
+  mags[:, 0] = top
+  x = np.where(signs, -mags, mags) * scale
+  return x.reshape(1, n * g).astype(np.float32), g, tensor_scale, scale[:, 0]
+
+
+@pytest.mark.parametrize("fmt", list(formats.FORMATS))
+@HYP
+@given(data=st.data())
+def test_exact_ties_round_to_even(fmt, data):
+  """At exact midpoints the codes equal ml_dtypes' E2M1 cast / np.round (ties to even)."""
+  x, g, tensor_scale, scale = data.draw(exact_tie_groups(fmt))
+  assert_matches_reference(x, fmt, -1, g, tensor_scale)
+  qt = formats.quantize(x, fmt, group_size=g, tensor_scale=tensor_scale)
+  np.testing.assert_array_equal(np_decode_scales(qt)[0], scale)
+  ratio = np_groups(x, -1, g)[0] / scale[:, None]
+  codes = np_groups(np_unpack(qt.codes, 1), 1, g)[0]
+  if fmt in ("nvfp4", "mxfp4"):
+    np.testing.assert_array_equal(codes, np_e2m1(ratio))
+  else:
+    np.testing.assert_array_equal(codes, np.round(ratio).astype(np.int64) & 15)
+
+
+def test_zeros_stay_zero_beside_tiny_values():
+  """NVFP4 scales of a tiny tensor meet the floors, where some thresholds fl(b * S) are
+  float32 subnormals (flushed to zero on CPU); exact zeros must still get code 0."""
+  x = np.zeros((1, 32), np.float32)
+  x[0, 0] = x[0, 16] = 2e-38  # s_t and s_b meet their floors: S = 2**-126
+  qt = formats.quantize(x, "nvfp4")
+  assert float(qt.tensor_scale) == 2.0**-117
+  np.testing.assert_array_equal(np.asarray(qt.scales).astype(np.float32), 2.0**-9)
+  np.testing.assert_array_equal(np_unpack(qt.codes, 1)[x == 0], 0)
 
 
 # ---------------------------------------------------------------- properties

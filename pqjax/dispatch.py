@@ -10,6 +10,11 @@ Backends:
 * ``"scaled_matmul"``: Blackwell (10.x and later): ``jax.nn.scaled_matmul`` for NVFP4 x
   NVFP4; everything else falls back to the reference.
 
+On ``"mosaic"`` the kernel reads weights re-laid out once by ``prepare(w)``
+(``PreparedWeights``: int4 view of the codes, bf16 block scales transposed to (K/G, N));
+store that beside the ``QTensor`` and pass it as ``linear(..., prepared=...)``, otherwise
+every call re-lays the weights out (an extra XLA pass over the scales per call).
+
 The backend is picked from ``jax.devices()[0]``; ``use_backend(name)`` (a context manager)
 or the ``backend=`` argument overrides it. The gathered norm is plain jnp on every backend
 (XLA fuses it; see ``pqjax_kernels/norm.py``).
@@ -89,17 +94,43 @@ def _prepare_input(x, w: QTensor, act_format, in_perm, rotate):
   return x
 
 
-def _mosaic_ok(x, w: QTensor, act_format) -> bool:
+def _kernel_takes(w: QTensor) -> bool:
   n, k = w.shape
   g = w.group_size
-  return (w.fmt in _KERNEL_FORMATS and act_format in (None, "nvfp4") and k % 128 == 0
-          and n % 128 == 0 and g % 16 == 0 and 128 % g == 0
+  return (w.fmt in _KERNEL_FORMATS and w.axis == 1 and k % 128 == 0 and n % 128 == 0
+          and g % 16 == 0 and 128 % g == 0)
+
+
+def _mosaic_ok(x, w: QTensor, act_format) -> bool:
+  return (_kernel_takes(w) and act_format in (None, "nvfp4")
           and (act_format is None or _act_group(act_format, w) == 16))
 
 
-def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype):
+def prepare(w: QTensor) -> matmul_fp4.PreparedWeights | None:
+  """The kernel layout of ``w`` for ``linear(..., prepared=)``; None where no kernel takes it.
+
+  Call once at quantize/load time (a jnp re-layout: int4 view of the codes, bf16 scales
+  transposed); the result is a pytree of arrays, storable beside ``w``.
+  """
+  if len(w.shape) != 2 or not _kernel_takes(w):
+    return None
+  return matmul_fp4.prepare_weights(w.codes, w.scales, w.tensor_scale,
+                                    fmt=_KERNEL_FORMATS[w.fmt])
+
+
+def _check_prepared(prepared, w: QTensor) -> None:
+  if prepared is None:
+    return
+  if not isinstance(prepared, matmul_fp4.PreparedWeights) or prepared.shape != tuple(w.shape) \
+     or prepared.fmt != _KERNEL_FORMATS.get(w.fmt) or prepared.group_size != w.group_size:
+    raise ValueError(f"prepared must be dispatch.prepare(w) for w {w.fmt} {w.shape} "
+                     f"(group {w.group_size}), got {type(prepared).__name__} "
+                     f"{getattr(prepared, 'fmt', None)} {getattr(prepared, 'shape', None)}")
+
+
+def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype, prepared):
   fmt = _KERNEL_FORMATS[w.fmt]
-  pw = matmul_fp4.prepare_weights(w.codes, w.scales, w.tensor_scale, fmt=fmt)
+  pw = prepared if prepared is not None else prepare(w)
   if act_format is None:
     return pqjax_kernels.fp4_matmul(x2, pw, fmt=fmt, bias=bias, out_dtype=out_dtype)
   qa = norm.quantize_nvfp4(x2, act_tensor_scale)
@@ -123,7 +154,8 @@ def _linear_scaled_matmul(x2, w: QTensor, bias, act_tensor_scale, out_dtype):
 
 def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
            act_format: str | None, act_tensor_scale=None, in_perm=None, rotate: bool = False,
-           out_dtype=None, backend: Backend | None = None) -> jax.Array:
+           out_dtype=None, backend: Backend | None = None,
+           prepared: matmul_fp4.PreparedWeights | None = None) -> jax.Array:
   """``Q(x[..., in_perm] H) @ W + bias`` with ``w`` the quantized ``W.T`` ``(N, K)``.
 
   Args:
@@ -137,6 +169,8 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
       rotated at quantize time).
     out_dtype: output dtype; None keeps ``x.dtype``.
     backend: overrides ``current_backend()``.
+    prepared: ``prepare(w)``, computed once; used by the ``"mosaic"`` backend (None: it
+      re-lays ``w`` out inside this call).
 
   Returns:
     ``(..., N)`` array.
@@ -147,11 +181,12 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
   if len(w.shape) != 2 or w.axis != 1 or x.shape[-1] != w.shape[1]:
     raise ValueError(f"x of shape {x.shape} does not match w of shape (N, K) = {w.shape} "
                      f"(axis {w.axis})")
+  _check_prepared(prepared, w)
   x = _prepare_input(x, w, act_format, in_perm, rotate)
   n, k = w.shape
   x2 = x.reshape(-1, k)
   if backend == "mosaic" and _mosaic_ok(x2, w, act_format):
-    y = _linear_mosaic(x2, w, bias, act_format, act_tensor_scale, out_dtype)
+    y = _linear_mosaic(x2, w, bias, act_format, act_tensor_scale, out_dtype, prepared)
   elif (backend == "scaled_matmul" and w.fmt == "nvfp4" and act_format == "nvfp4"
         and w.group_size == 16):
     y = _linear_scaled_matmul(x2, w, bias, act_tensor_scale, out_dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -186,8 +187,8 @@ def _quantize_layer(model: nnx.Module, path: str, stats: calib.LayerStats, row_p
 
 
 def quantize(params: nnx.Module, calib_batch: Mapping[str, Any] | Iterable[Mapping[str, Any]],
-             config: QuantConfig = QuantConfig(), *, progress: bool | None = None
-             ) -> nnx.Module:
+             config: QuantConfig = QuantConfig(), *, progress: bool | None = None,
+             timings: dict[str, float] | None = None) -> nnx.Module:
   """Quantizes a converted DiT with PermuQuant.
 
   Args:
@@ -196,6 +197,8 @@ def quantize(params: nnx.Module, calib_batch: Mapping[str, Any] | Iterable[Mappi
       iterable of such dicts (streamed once; kept in memory for ``"sequential"``).
     config: the ``QuantConfig``.
     progress: tqdm progress bars (None: only on a terminal).
+    timings: if given, filled with seconds spent per stage ("calibration", "search",
+      "fold_quantize"), summed over blocks.
 
   Returns:
     A model of the same class and call signature whose block linears are ``QuantLinear`` and
@@ -218,6 +221,7 @@ def quantize(params: nnx.Module, calib_batch: Mapping[str, Any] | Iterable[Mappi
     groups = block_groups(sites)
     batches = list(batches)
   qmodel = nnx.clone(model)
+  clock = _Clock(timings)
   decisions: dict[str, tuple[SiteDecision, np.ndarray]] = {}
   rotate: dict[str, bool] = {}
   for group in tqdm(groups, desc="blocks", disable=_disabled(progress) or len(groups) == 1,
@@ -226,9 +230,11 @@ def quantize(params: nnx.Module, calib_batch: Mapping[str, Any] | Iterable[Mappi
     _check_producers(qmodel, group)
     stats = calib.calibrate(qmodel, gpaths, batches, error_tokens=config.error_tokens,
                             seed=config.seed, progress=progress)
+    clock.lap("calibration")
     for site in tqdm(group, desc="sites", disable=_disabled(progress), leave=False):
       index = sites.index(site)
       decisions[site.name] = _decide(model, site, stats, gpaths, config, index, rotate)
+    clock.lap("search")
     for site in group:
       dec, perm = decisions[site.name]
       if dec.permuted:
@@ -242,6 +248,8 @@ def quantize(params: nnx.Module, calib_batch: Mapping[str, Any] | Iterable[Mappi
           if c.path == path and dec.permuted:
             row_perm = jnp.take(row_perm, embed_permutation(perm, c.offset, row_perm.shape[0]))
       _quantize_layer(qmodel, path, stats[path], row_perm, rotate.get(path, False), config)
+    jax.block_until_ready(nnx.state(qmodel))
+    clock.lap("fold_quantize")
   ordered = [decisions[s.name] for s in sites]
   qmodel.pqjax_info = QuantInfo(config, sites, tuple(d for d, _ in ordered),
                                 np.concatenate([p for _, p in ordered]))
@@ -272,6 +280,20 @@ def _check_producers(model: nnx.Module, group: tuple[Site, ...]) -> None:
       if isinstance(get_module(model, p.path), QuantLinear):
         raise FoldError(f"site {site.name}: producer {p.path} was quantized with an earlier "
                         f"block; sequential calibration needs producers inside the block")
+
+
+class _Clock:
+  """Accumulates wall time per stage into ``timings`` (no-op when it is None)."""
+
+  def __init__(self, timings: dict[str, float] | None):
+    self.timings = timings
+    self.last = time.perf_counter()
+
+  def lap(self, stage: str) -> None:
+    now = time.perf_counter()
+    if self.timings is not None:
+      self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+    self.last = now
 
 
 def _disabled(progress: bool | None) -> bool | None:

@@ -57,7 +57,7 @@ def check_structure(toy, qmodel) -> None:
       if dec.permuted:
         assert isinstance(norm, GatheredNorm)
         assert np.array_equal(np.asarray(norm.perm.value), perm)
-    if np.isfinite(dec.err_identity) and dec.accepted:
+    if info.config.method in ("permuquant", "auto") and dec.accepted:
       assert dec.err_chosen < dec.err_identity, site.name  # the acceptance rule with tau=0
 
 
@@ -80,6 +80,7 @@ def test_model_and_original_untouched(toy):
   assert isinstance(toy.blocks[0].to_q, Linear)
 
 
+@pytest.mark.slow
 def test_deterministic(toy):
   cfg = pqjax.QuantConfig(error_tokens=128, method="auto")
   a = pqjax.quantize(toy, [toy_batch(s) for s in CAL], cfg)

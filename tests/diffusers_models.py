@@ -1,4 +1,5 @@
-"""Tiny random diffusers models for converter tests: build, randomize, save, compare; and
+"""Tiny random diffusers models for converter tests: build, randomize, save, compare; checks
+shared by every family (full-size layout, ``to_diffusers`` round trip, bf16 checkpoints); and
 checks that a model's permutation sites are complete and fold without changing its output.
 
 Every parameter is redrawn (including diffusers' zero-initialised adaLN linears, gates and
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 from flax import nnx
 
-from converters.checkpoint import module_at
-from converters.layers import Linear
+import converters
+from converters.checkpoint import module_at, torch_layout
+from converters.layers import Linear, Norm
 from pqjax.sites import Site
 
 
@@ -56,6 +58,19 @@ def save(model: torch.nn.Module, folder: Path, **kwargs) -> Path:
   """``save_pretrained`` (safetensors) into ``folder``; returns it."""
   model.save_pretrained(folder, safe_serialization=True, **kwargs)
   return folder
+
+
+def build_and_convert(class_name: str, config: dict[str, Any], folder: Path, seed: int = 0
+                      ) -> tuple[torch.nn.Module, nnx.Module]:
+  """``build`` a torch model, ``save`` it into ``folder`` and load it back as our fp32 model."""
+  torch_model = build(class_name, config, seed)
+  return torch_model, converters.from_diffusers(save(torch_model, folder), dtype=jnp.float32)
+
+
+def torch_sample(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+  """``model(**inputs).sample`` without autograd."""
+  with torch.no_grad():
+    return model(**inputs).sample
 
 
 def to_torch(x: Any) -> Any:
@@ -119,6 +134,91 @@ def param_count(class_name: str, config: dict[str, Any]) -> int:
   return sum(p.numel() for p in model.parameters())
 
 
+# ----------------------------------------------------------------------------- family checks
+
+
+def _torch_shape(shape: tuple[int, ...], to_torch: Any) -> tuple[int, ...]:
+  return shape if to_torch is None else tuple(to_torch(np.empty(shape, np.bool_)).shape)
+
+
+def assert_full_size_layout(class_name: str, config: dict[str, Any]) -> int:
+  """Builds ``class_name`` at real size, abstract (no allocation), in both libraries: the
+  torch state-dict keys, their torch-layout shapes and the parameter count must agree.
+
+  Returns:
+    The parameter count.
+  """
+  abstract = nnx.eval_shape(
+      lambda: converters.from_config({"_class_name": class_name, **config}, dtype=jnp.bfloat16))
+  assert abstract.config["_class_name"] == class_name
+  _, state = nnx.split(abstract, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  got = {key: _torch_shape(tuple(flat[path].value.shape), to_torch)
+         for key, (path, _, to_torch) in torch_layout(abstract).items()}
+  with torch.device("meta"):
+    torch_model = getattr(diffusers, class_name)(**config)
+  want = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+  assert sorted(got) == sorted(want)
+  for key, shape in got.items():
+    assert shape == want[key], (key, shape, want[key])
+  count = sum(math.prod(v.value.shape) for v in flat.values())
+  assert count == param_count(class_name, config)
+  return count
+
+
+def assert_round_trip(torch_model: torch.nn.Module, model: nnx.Module, folder: Path
+                      ) -> torch.nn.Module:
+  """``to_diffusers(model, folder)`` read back by diffusers holds ``torch_model``'s state dict
+  bit for bit (same keys, dtypes and values); returns the model read back, in eval mode."""
+  converters.to_diffusers(model, folder)
+  back = type(torch_model).from_pretrained(folder).eval()
+  want, got = torch_model.state_dict(), back.state_dict()
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+  return back
+
+
+def assert_bf16_checkpoint(class_name: str, config: dict[str, Any], folder: Path,
+                           inputs: dict[str, Any], bf16_inputs: tuple[str, ...], rtol: float
+                           ) -> nnx.Module:
+  """Saves a bf16 ``class_name`` model and checks what we load from it against diffusers.
+
+  Read into fp32, the stored bf16 values load exactly, so we compute the fp32 function of
+  them within the parity bound ``rtol``. Read in bf16 (with the ``bf16_inputs`` cast), our
+  error against that fp32 result is nonzero and no worse than diffusers' own bf16 error, up
+  to a factor 2 for rounding at different op boundaries.
+
+  Returns:
+    Our bf16 model.
+  """
+  path = save(build(class_name, config).to(torch.bfloat16), folder)
+  cls = getattr(diffusers, class_name)
+  ref = torch_sample(cls.from_pretrained(path, torch_dtype=torch.float32).eval(), inputs)
+  j32 = converters.from_diffusers(path, dtype=jnp.float32)
+  assert rel_err(j32(**to_jax(inputs)), ref) <= rtol
+  jbf = converters.from_diffusers(path)
+  tb_inputs = {**inputs, **{k: inputs[k].bfloat16() for k in bf16_inputs}}
+  torch_err = rel_err(torch_sample(cls.from_pretrained(path, torch_dtype=torch.bfloat16).eval(),
+                                   tb_inputs), ref)
+  ours = jbf(**to_jax(tb_inputs))
+  assert ours.dtype == jnp.bfloat16
+  assert 0 < rel_err(ours, ref) <= 2 * torch_err
+  return jbf
+
+
+def assert_sharded_checkpoint(class_name: str, config: dict[str, Any], folder: Path,
+                              max_shard_size: str, inputs: dict[str, Any], rtol: float) -> None:
+  """A ``class_name`` model saved in several safetensors shards (and their index) loads to
+  fp32 parity (``rtol``) with the torch model on ``inputs``."""
+  torch_model = build(class_name, config)
+  path = save(torch_model, folder, max_shard_size=max_shard_size)
+  assert len(list(path.glob("*.safetensors"))) > 1
+  assert (path / "diffusion_pytorch_model.safetensors.index.json").exists()
+  model = converters.from_diffusers(path, dtype=jnp.float32)
+  assert rel_err(model(**to_jax(inputs)), torch_sample(torch_model, inputs)) <= rtol
+
+
 # ----------------------------------------------------------------------------- sites
 
 
@@ -169,6 +269,21 @@ def random_site_permutation(site: Site, rng: np.random.Generator) -> np.ndarray:
   return np.concatenate([h * d + rng.permutation(d) for h in range(site.width // d)])
 
 
+def permute_site_params(model: nnx.Module, site: Site, perm: np.ndarray) -> None:
+  """Applies ``perm`` to the params of ``site`` in place: consumers' input rows, producers'
+  output columns and biases, channel-wise params (norm and input sites need wrappers too:
+  see ``fold_permutations``)."""
+  for c in site.consumers:
+    _permute_param(module_at(model, c.path).kernel, 0, c.offset, perm)
+  for pr in site.producers:
+    lin = module_at(model, pr.path)
+    _permute_param(lin.kernel, 1, pr.offset, perm)
+    if lin.bias is not None:
+      _permute_param(lin.bias, 0, pr.offset, perm)
+  for cp in site.channelwise:
+    _permute_param(getattr(module_at(model, cp.module), cp.name), cp.axis, cp.offset, perm)
+
+
 def fold_permutations(model: nnx.Module, perms: dict[str, np.ndarray]) -> nnx.Module:
   """A copy of ``model`` with each site's permutation applied as ``pqjax/sites.py`` defines it.
 
@@ -182,16 +297,7 @@ def fold_permutations(model: nnx.Module, perms: dict[str, np.ndarray]) -> nnx.Mo
   # Params first, wrappers last: one linear may be a consumer of one site and a producer of
   # another (cross-attention ``to_v``).
   for name, perm in perms.items():
-    site = sites[name]
-    for c in site.consumers:
-      _permute_param(module_at(model, c.path).kernel, 0, c.offset, perm)
-    for pr in site.producers:
-      lin = module_at(model, pr.path)
-      _permute_param(lin.kernel, 1, pr.offset, perm)
-      if lin.bias is not None:
-        _permute_param(lin.bias, 0, pr.offset, perm)
-    for cp in site.channelwise:
-      _permute_param(getattr(module_at(model, cp.module), cp.name), cp.axis, cp.offset, perm)
+    permute_site_params(model, sites[name], perm)
   for name, perm in perms.items():
     site = sites[name]
     if site.kind == "norm":
@@ -211,14 +317,36 @@ def linear_paths(model: nnx.Module) -> list[str]:
                 if isinstance(node, Linear))
 
 
-def check_site_coverage(model: nnx.Module, block_linears: list[str]) -> None:
-  """Asserts every path in ``block_linears`` consumes exactly one site and nothing else does,
-  and that each site's width fits its consumers' rows and producers' columns."""
-  consumed = [c.path for s in model.permutation_sites() for c in s.consumers]
-  assert sorted(consumed) == sorted(block_linears), (
-      sorted(set(block_linears) ^ set(consumed)), len(consumed), len(set(consumed)))
-  for s in model.permutation_sites():
+def check_site_coverage(model: nnx.Module, block_linears: list[str], *,
+                        split_consumers: bool = False) -> dict[str, list[tuple[int, int]]]:
+  """Asserts the sites describe exactly the linears in ``block_linears``.
+
+  Site names are unique; the consumers are exactly ``block_linears``, each consuming one site
+  (or, with ``split_consumers``, several) whose row ranges tile its ``[0, in_features)``
+  without gaps or overlaps; producers' columns and channel-wise params fit the site's width;
+  a norm site names a ``Norm`` of the site's width.
+
+  Returns:
+    Consumer path -> its sorted ``(first, end)`` row ranges.
+  """
+  sites = model.permutation_sites()
+  assert len({s.name for s in sites}) == len(sites)
+  rows: dict[str, list[tuple[int, int]]] = {}
+  for s in sites:
     for c in s.consumers:
-      assert c.offset + s.width <= module_at(model, c.path).in_features, (s.name, c.path)
+      rows.setdefault(c.path, []).append((c.offset, c.offset + s.width))
     for p in s.producers:
       assert p.offset + s.width <= module_at(model, p.path).out_features, (s.name, p.path)
+    for cp in s.channelwise:
+      shape = getattr(module_at(model, cp.module), cp.name).shape
+      assert cp.offset + s.width <= shape[cp.axis], (s.name, cp)
+    if s.kind == "norm":
+      norm = module_at(model, s.norm)
+      assert isinstance(norm, Norm) and norm.dim == s.width, s.name
+  assert sorted(rows) == sorted(block_linears), sorted(set(block_linears) ^ set(rows))
+  for path, ranges in rows.items():
+    ranges.sort()
+    assert split_consumers or len(ranges) == 1, (path, ranges)
+    assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]], (path, ranges)
+    assert ranges[-1][1] == module_at(model, path).in_features, (path, ranges)
+  return rows

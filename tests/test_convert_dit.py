@@ -3,14 +3,12 @@ checkpoints, the round trip through ``to_diffusers``, and the permutation sites.
 
 from __future__ import annotations
 
-import diffusers
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
-import converters
 from tests import diffusers_models as dm
 
 # fp32 parity bound of issue 3: summation order and transcendental rounding differ
@@ -41,23 +39,17 @@ def make_inputs(cfg: dict, seed: int = 1) -> dict[str, torch.Tensor]:
   }
 
 
-def run_torch(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-  with torch.no_grad():
-    return model(**inputs).sample
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def case(request, tmp_path_factory):
   cfg = CONFIGS[request.param]
-  model = dm.build("DiTTransformer2DModel", cfg)
-  path = dm.save(model, tmp_path_factory.mktemp(request.param))
-  return cfg, model, converters.from_diffusers(path, dtype=jnp.float32)
+  folder = tmp_path_factory.mktemp(request.param)
+  return cfg, *dm.build_and_convert("DiTTransformer2DModel", cfg, folder)
 
 
 def test_model_parity(case):
   cfg, model, jmodel = case
   inputs = make_inputs(cfg)
-  assert dm.rel_err(jmodel(**dm.to_jax(inputs)), run_torch(model, inputs)) <= RTOL
+  assert dm.rel_err(jmodel(**dm.to_jax(inputs)), dm.torch_sample(model, inputs)) <= RTOL
 
 
 @pytest.mark.parametrize("case", ["p2_h2"], indirect=True)
@@ -101,43 +93,20 @@ def test_permutation_sites_cover_and_fold(case):
 
 def test_bf16_checkpoint(tmp_path):
   cfg = CONFIGS["p2_h2"]
-  path = dm.save(dm.build("DiTTransformer2DModel", cfg).to(torch.bfloat16), tmp_path / "bf16")
-  cls = diffusers.DiTTransformer2DModel
-  ref32 = cls.from_pretrained(path, torch_dtype=torch.float32).eval()
   inputs = make_inputs(cfg)
-  ref = run_torch(ref32, inputs)
-  # Stored bf16 values load exactly: in fp32 we compute the fp32 function of them.
-  j32 = converters.from_diffusers(path, dtype=jnp.float32)
-  assert dm.rel_err(j32(**dm.to_jax(inputs)), ref) <= RTOL
-  # In bf16 our error against that fp32 result must be no worse than diffusers' own bf16
-  # error, up to a factor 2 for rounding at different op boundaries.
-  jbf = converters.from_diffusers(path)
+  jbf = dm.assert_bf16_checkpoint("DiTTransformer2DModel", cfg, tmp_path / "bf16", inputs,
+                                 ("hidden_states",), RTOL)
   assert jbf.proj_out_2.kernel[...].dtype == jnp.bfloat16
-  tb_inputs = {**inputs, "hidden_states": inputs["hidden_states"].bfloat16()}
-  torch_err = dm.rel_err(run_torch(cls.from_pretrained(path, torch_dtype=torch.bfloat16).eval(),
-                                   tb_inputs), ref)
-  ours = jbf(**dm.to_jax(tb_inputs))
-  assert ours.dtype == jnp.bfloat16
-  assert 0 < dm.rel_err(ours, ref) <= 2 * torch_err
 
 
 def test_sharded_checkpoint(tmp_path):
   cfg = CONFIGS["p4_h4_affine_gelu"]
-  model = dm.build("DiTTransformer2DModel", cfg)
-  path = dm.save(model, tmp_path / "sharded", max_shard_size="20KB")
-  assert len(list(path.glob("*.safetensors"))) > 1
-  assert (path / "diffusion_pytorch_model.safetensors.index.json").exists()
-  jmodel = converters.from_diffusers(path, dtype=jnp.float32)
-  inputs = make_inputs(cfg)
-  assert dm.rel_err(jmodel(**dm.to_jax(inputs)), run_torch(model, inputs)) <= RTOL
+  dm.assert_sharded_checkpoint("DiTTransformer2DModel", cfg, tmp_path / "sharded", "20KB",
+                               make_inputs(cfg), RTOL)
 
 
 def test_to_diffusers_round_trip(case, tmp_path):
   cfg, model, jmodel = case
-  converters.to_diffusers(jmodel, tmp_path / "out")
-  back = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "out").eval()
-  want, got = model.state_dict(), back.state_dict()
-  assert sorted(got) == sorted(want)
-  assert all(torch.equal(got[k], want[k]) for k in want)
+  back = dm.assert_round_trip(model, jmodel, tmp_path / "out")
   inputs = make_inputs(cfg)
-  assert torch.equal(run_torch(back, inputs), run_torch(model, inputs))
+  assert torch.equal(dm.torch_sample(back, inputs), dm.torch_sample(model, inputs))

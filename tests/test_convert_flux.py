@@ -8,9 +8,7 @@ block (fed the inputs the torch block saw) must agree within the issue's relativ
 
 from __future__ import annotations
 
-import math
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +19,8 @@ from flax import nnx
 
 import converters
 from converters import flux
-from converters.checkpoint import torch_layout
-from converters.layers import Linear, Norm
-from pqjax.fold import fold_site, get_module
+from converters.checkpoint import module_at
+from pqjax.fold import fold_site
 from tests import diffusers_models as dm
 
 CLASS = "FluxTransformer2DModel"
@@ -145,80 +142,30 @@ def test_rope_matches_float64_diffusers_at_full_resolution():
 
 
 def test_to_diffusers_round_trip(saved, tmp_path):
-  torch_model = saved["schnell"][0]
-  converters.to_diffusers(_load(saved, "schnell"), tmp_path / "out")
-  back = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "out")
-  want = torch_model.state_dict()
-  got = back.state_dict()
-  assert sorted(got) == sorted(want)
-  for key, value in want.items():
-    assert torch.equal(got[key], value), key
+  dm.assert_round_trip(saved["schnell"][0], _load(saved, "schnell"), tmp_path / "out")
 
 
 def test_full_size_flux1_dev_from_config_matches_diffusers_layout():
   """FLUX.1-dev at real size, abstract (no allocation): same keys, shapes and param count."""
-  config = {"_class_name": CLASS, **FLUX1_DEV}
-  abstract = nnx.eval_shape(lambda: converters.from_config(config, dtype=jnp.bfloat16))
-  with torch.device("meta"):
-    torch_model = diffusers.FluxTransformer2DModel(**FLUX1_DEV)
-  want = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
-  _, state = nnx.split(abstract, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  got = {key: tuple(flat[path].value.shape) for key, (path, _, _) in torch_layout(abstract).items()}
-  assert sorted(got) == sorted(want)
-  for key, shape in got.items():
-    # Linear kernels are stored (in, out), torch weights (out, in).
-    assert shape in (want[key], want[key][::-1]), (key, shape, want[key])
-  count = sum(math.prod(s) for s in got.values())
-  assert count == dm.param_count(CLASS, FLUX1_DEV)
-  assert abstract.config["_class_name"] == CLASS
+  dm.assert_full_size_layout(CLASS, FLUX1_DEV)
 
 
 # ----------------------------------------------------------------------------- sites
 
 
-def _block_linears(model: nnx.Module) -> dict[str, Linear]:
-  out = {}
-  for path, node in nnx.iter_graph(model):
-    key = ".".join(str(p) for p in path)
-    if isinstance(node, Linear) and key.split(".")[0] in ("transformer_blocks",
-                                                           "single_transformer_blocks"):
-      out[key] = node
-  return out
-
-
 def test_sites_cover_every_block_linear_exactly_once():
   model = nnx.eval_shape(
       lambda: converters.from_config({"_class_name": CLASS, **TINY["dev"]}, dtype=jnp.float32))
-  sites = model.permutation_sites()
-  assert len({s.name for s in sites}) == len(sites)
-  rows: dict[str, list[tuple[int, int]]] = {}
-  for site in sites:
-    for c in site.consumers:
-      rows.setdefault(c.path, []).append((c.offset, c.offset + site.width))
-    for p in site.producers:
-      assert p.offset + site.width <= get_module(model, p.path).out_features, (site.name, p.path)
+  block_linears = [p for p in dm.linear_paths(model)
+                   if p.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")]
+  rows = dm.check_site_coverage(model, block_linears, split_consumers=True)
+  for site in model.permutation_sites():
     if site.kind == "norm":
-      norm = get_module(model, site.norm)
-      assert isinstance(norm, Norm), site.name
+      norm = module_at(model, site.norm)
       assert norm.weight is None and norm.bias is None, f"{site.norm} holds torch keys"
-  linears = _block_linears(model)
-  assert sorted(rows) == sorted(linears)
-  for path, ranges in rows.items():
-    ranges.sort()
-    # The consumers' row ranges tile [0, in_features) without gaps or overlaps.
-    assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]], path
-    assert ranges[-1][1] == linears[path].in_features, path
   # Single blocks: attention output rows [0, dim), MLP rows [dim, dim + mlp_dim) of proj_out.
   dim = TINY["dev"]["num_attention_heads"] * TINY["dev"]["attention_head_dim"]
   assert rows["single_transformer_blocks.0.proj_out"] == [(0, dim), (dim, 5 * dim)]
-
-
-def _random_perm(rng: np.random.Generator, width: int, head_dim: int | None) -> np.ndarray:
-  if head_dim is None:
-    return rng.permutation(width).astype(np.int32)
-  return np.concatenate([h + rng.permutation(head_dim)
-                         for h in range(0, width, head_dim)]).astype(np.int32)
 
 
 def test_folding_random_permutations_at_every_site_keeps_the_output(saved):
@@ -228,7 +175,7 @@ def test_folding_random_permutations_at_every_site_keeps_the_output(saved):
   want = _run(model, inputs)
   rng = np.random.default_rng(6)
   for site in model.permutation_sites():
-    fold_site(model, site, _random_perm(rng, site.width, site.head_dim))
+    fold_site(model, site, dm.random_site_permutation(site, rng).astype(np.int32))
   # Only the summation order inside the permuted matmuls changes, the same kind of float32
   # difference the parity bar admits.
   assert dm.rel_err(_run(model, inputs), want) <= PARITY_RTOL

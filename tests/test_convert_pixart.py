@@ -3,14 +3,12 @@ block; with and without masks), bf16 and sharded checkpoints, ``to_diffusers``, 
 
 from __future__ import annotations
 
-import diffusers
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
-import converters
 from tests import diffusers_models as dm
 
 # fp32 parity bound of issue 3 (torch and XLA differ in summation order and rounding only).
@@ -71,28 +69,22 @@ def make_inputs(cfg: dict, *, mask: str | None = None, height: int = 8, width: i
   return inputs
 
 
-def run_torch(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-  with torch.no_grad():
-    return model(**inputs).sample
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def case(request, tmp_path_factory):
   cfg = CONFIGS[request.param]
-  model = dm.build("PixArtTransformer2DModel", cfg)
-  path = dm.save(model, tmp_path_factory.mktemp(request.param))
-  return cfg, model, converters.from_diffusers(path, dtype=jnp.float32)
+  folder = tmp_path_factory.mktemp(request.param)
+  return cfg, *dm.build_and_convert("PixArtTransformer2DModel", cfg, folder)
 
 
 @pytest.mark.parametrize("mask", [None, "keep", "bias", "self"])
 def test_model_parity(case, mask):
   cfg, model, jmodel = case
   inputs = make_inputs(cfg, mask=mask)
-  want = run_torch(model, inputs)
+  want = dm.torch_sample(model, inputs)
   assert dm.rel_err(jmodel(**dm.to_jax(inputs)), want) <= RTOL
   if mask is not None:
     # the mask matters, so parity above is not vacuous about it
-    assert dm.rel_err(run_torch(model, make_inputs(cfg)), want) > 1e-3
+    assert dm.rel_err(dm.torch_sample(model, make_inputs(cfg)), want) > 1e-3
 
 
 @pytest.mark.parametrize("case", ["alpha_explicit"], indirect=True)
@@ -139,46 +131,23 @@ def test_permutation_sites_cover_and_fold(case):
 
 def test_bf16_checkpoint(tmp_path):
   cfg = CONFIGS["sigma"]
-  path = dm.save(dm.build("PixArtTransformer2DModel", cfg).to(torch.bfloat16),
-                 tmp_path / "bf16")
-  cls = diffusers.PixArtTransformer2DModel
   inputs = make_inputs(cfg, mask="keep")
-  ref = run_torch(cls.from_pretrained(path, torch_dtype=torch.float32).eval(), inputs)
-  # Stored bf16 values load exactly: in fp32 we compute the fp32 function of them.
-  j32 = converters.from_diffusers(path, dtype=jnp.float32)
-  assert dm.rel_err(j32(**dm.to_jax(inputs)), ref) <= RTOL
-  # In bf16 our error against that fp32 result must be no worse than diffusers' own bf16
-  # error, up to a factor 2 for rounding at different op boundaries.
-  jbf = converters.from_diffusers(path)
+  jbf = dm.assert_bf16_checkpoint("PixArtTransformer2DModel", cfg, tmp_path / "bf16", inputs,
+                                 ("hidden_states", "encoder_hidden_states"), RTOL)
   assert jbf.proj_out.kernel[...].dtype == jnp.bfloat16
-  tb_inputs = {**inputs, "hidden_states": inputs["hidden_states"].bfloat16(),
-               "encoder_hidden_states": inputs["encoder_hidden_states"].bfloat16()}
-  torch_err = dm.rel_err(run_torch(cls.from_pretrained(path, torch_dtype=torch.bfloat16).eval(),
-                                   tb_inputs), ref)
-  ours = jbf(**dm.to_jax(tb_inputs))
-  assert ours.dtype == jnp.bfloat16
-  assert 0 < dm.rel_err(ours, ref) <= 2 * torch_err
 
 
 def test_sharded_checkpoint(tmp_path):
   cfg = CONFIGS["alpha_explicit"]
-  model = dm.build("PixArtTransformer2DModel", cfg)
-  path = dm.save(model, tmp_path / "sharded", max_shard_size="30KB")
-  assert len(list(path.glob("*.safetensors"))) > 1
-  jmodel = converters.from_diffusers(path, dtype=jnp.float32)
-  inputs = make_inputs(cfg, mask="keep")
-  assert dm.rel_err(jmodel(**dm.to_jax(inputs)), run_torch(model, inputs)) <= RTOL
+  dm.assert_sharded_checkpoint("PixArtTransformer2DModel", cfg, tmp_path / "sharded", "30KB",
+                               make_inputs(cfg, mask="keep"), RTOL)
 
 
 def test_to_diffusers_round_trip(case, tmp_path):
   cfg, model, jmodel = case
-  converters.to_diffusers(jmodel, tmp_path / "out")
-  back = diffusers.PixArtTransformer2DModel.from_pretrained(tmp_path / "out").eval()
-  want, got = model.state_dict(), back.state_dict()
-  assert sorted(got) == sorted(want)
-  assert all(torch.equal(got[k], want[k]) for k in want)
+  back = dm.assert_round_trip(model, jmodel, tmp_path / "out")
   inputs = make_inputs(cfg, mask="keep")
-  assert torch.equal(run_torch(back, inputs), run_torch(model, inputs))
+  assert torch.equal(dm.torch_sample(back, inputs), dm.torch_sample(model, inputs))
 
 
 def test_missing_additional_conditions_raise(case):

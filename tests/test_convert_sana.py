@@ -12,8 +12,7 @@ import torch
 from flax import nnx
 
 import converters
-from converters import layers
-from converters.checkpoint import torch_layout
+from converters.checkpoint import module_at
 from converters.sana import DEFAULTS, PointwiseConv, SanaTransformer2DModel
 from tests import diffusers_models as dm
 
@@ -65,9 +64,8 @@ def _inputs(name: str, cfg: dict, seed: int = 1) -> dict[str, torch.Tensor]:
 def converted(request, tmp_path_factory):
   """(config name, torch model, our fp32 model loaded from its save_pretrained folder)."""
   name = request.param
-  ref = dm.build(NAME, CONFIGS[name], seed=len(name))
-  folder = dm.save(ref, tmp_path_factory.mktemp(name))
-  return name, ref, converters.from_diffusers(folder, dtype=jnp.float32)
+  return name, *dm.build_and_convert(NAME, CONFIGS[name], tmp_path_factory.mktemp(name),
+                                     seed=len(name))
 
 
 def test_whole_model_and_block_parity(converted):
@@ -91,83 +89,21 @@ def test_whole_model_and_block_parity(converted):
 
 def test_to_diffusers_round_trip(converted, tmp_path):
   _, ref, model = converted
-  converters.to_diffusers(model, tmp_path / "out")
-  back = diffusers.SanaTransformer2DModel.from_pretrained(tmp_path / "out")
-  want, got = ref.state_dict(), back.state_dict()
-  assert sorted(got) == sorted(want)
-  for key in want:
-    torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+  dm.assert_round_trip(ref, model, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- structure
-
-
-def _linear_paths(module: nnx.Module, prefix: str) -> set[str]:
-  return {prefix + ".".join(map(str, path)) for path, m in nnx.iter_graph(module)
-          if isinstance(m, layers.Linear)}
-
-
-def _at(model: nnx.Module, path: str):
-  node = model
-  for part in path.split("."):
-    node = node[int(part)] if part.isdigit() else getattr(node, part)
-  return node
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_permutation_sites_cover_every_block_linear_once(name):
   cfg = dict(CONFIGS[name], _class_name=NAME)
   model = nnx.eval_shape(lambda: converters.from_config(cfg, dtype=jnp.float32))
-  sites = model.permutation_sites()
-  assert len({s.name for s in sites}) == len(sites)
-  consumed = [c.path for s in sites for c in s.consumers]
-  block_linears = set()
-  for i, block in enumerate(model.transformer_blocks):
-    block_linears |= _linear_paths(block, f"transformer_blocks.{i}.")
-  assert sorted(consumed) == sorted(block_linears)  # each exactly once, nothing outside blocks
-  for s in sites:
-    for c in s.consumers:
-      assert _at(model, c.path).in_features == c.offset + s.width, (s.name, c.path)
-    for p in s.producers:
-      assert _at(model, p.path).out_features >= p.offset + s.width, (s.name, p.path)
-    for cp in s.channelwise:
-      shape = getattr(_at(model, cp.module), cp.name).shape
-      assert shape[cp.axis] >= cp.offset + s.width, (s.name, cp)
-    if s.kind == "norm":
-      norm = _at(model, s.norm)
-      assert isinstance(norm, layers.Norm) and norm.dim == s.width, s.name
+  block_linears = [p for p in dm.linear_paths(model) if p.startswith("transformer_blocks.")]
+  # each exactly once, nothing outside blocks
+  dm.check_site_coverage(model, block_linears)
   # the GLUMBConv 1x1 convs are linears for the pipeline
   assert isinstance(model.transformer_blocks[0].ff.conv_inverted, PointwiseConv)
-
-
-def _fold(model: nnx.Module, site, perm: np.ndarray) -> None:
-  """Applies ``perm`` at a producer site the way the pipeline folds it (in place)."""
-  w = site.width
-
-  def permute(var, axis, offset):
-    x = np.array(var[...])
-    idx = [slice(None)] * x.ndim
-    idx[axis] = slice(offset, offset + w)
-    block = x[tuple(idx)]
-    x[tuple(idx)] = np.take(block, perm, axis=axis)
-    var[...] = jnp.asarray(x)
-
-  for p in site.producers:
-    lin = _at(model, p.path)
-    permute(lin.kernel, 1, p.offset)
-    if lin.bias is not None:
-      permute(lin.bias, 0, p.offset)
-  for cp in site.channelwise:
-    permute(getattr(_at(model, cp.module), cp.name), cp.axis, cp.offset)
-  for c in site.consumers:
-    permute(_at(model, c.path).kernel, 0, c.offset)
-
-
-def _head_local_perm(rng: np.random.Generator, width: int, head_dim: int | None) -> np.ndarray:
-  if head_dim is None:
-    return rng.permutation(width)
-  return np.concatenate([h * head_dim + rng.permutation(head_dim)
-                         for h in range(width // head_dim)])
 
 
 @pytest.mark.parametrize("site_suffix", ["P4", "attn1.P2", "attn2.P2"])
@@ -181,14 +117,14 @@ def test_producer_sites_fold_exactly(converted, site_suffix):
               if s.name == f"transformer_blocks.0.{site_suffix}")
   before = model.transformer_blocks[0](*args)
   folded = nnx.clone(model)
-  _fold(folded, site, _head_local_perm(np.random.default_rng(0), site.width, site.head_dim))
+  dm.permute_site_params(folded, site, dm.random_site_permutation(site, np.random.default_rng(0)))
   after = folded.transformer_blocks[0](*args)
   # Only the consumer's K-term sums are reordered. Each ordering is within gamma_K ~ K*u of
   # the exact sum (u = eps/2, Higham), so the two differ by <= K*eps relative; 2*K*eps leaves
   # room for the norm-wise comparison.
   assert dm.rel_err(after, before) <= 2 * site.width * EPS32
-  assert not np.array_equal(np.asarray(_at(folded, site.consumers[0].path).kernel[...]),
-                            np.asarray(_at(model, site.consumers[0].path).kernel[...]))
+  assert not np.array_equal(np.asarray(module_at(folded, site.consumers[0].path).kernel[...]),
+                            np.asarray(module_at(model, site.consumers[0].path).kernel[...]))
 
 
 def test_p4_fold_needs_both_glu_halves(converted):
@@ -201,35 +137,20 @@ def test_p4_fold_needs_both_glu_halves(converted):
                     producers=site.producers[:1], channelwise=site.channelwise)
   before = model.transformer_blocks[0](*args)
   broken = nnx.clone(model)
-  _fold(broken, half, np.random.default_rng(0).permutation(site.width))
+  dm.permute_site_params(broken, half, np.random.default_rng(0).permutation(site.width))
   assert dm.rel_err(broken.transformer_blocks[0](*args), before) > 1e-3
 
 
 # ----------------------------------------------------------------------------- full size
 
 
-SANA_1600M = {"_class_name": NAME}  # diffusers' defaults are Sana_1600M's dimensions
-SANA15_1600M = {"_class_name": NAME, "qk_norm": "rms_norm_across_heads"}
-
-
-def _torch_shape(shape: tuple[int, ...], to_torch) -> tuple[int, ...]:
-  return shape if to_torch is None else to_torch(np.empty(shape, np.bool_)).shape
+SANA_1600M = {}  # diffusers' defaults are Sana_1600M's dimensions
+SANA15_1600M = {"qk_norm": "rms_norm_across_heads"}
 
 
 @pytest.mark.parametrize("config", [SANA_1600M, SANA15_1600M], ids=["1600M", "1.5-1600M"])
 def test_full_size_layout_matches_diffusers(config):
-  model = nnx.eval_shape(lambda: converters.from_config(config, dtype=jnp.bfloat16))
-  _, state = nnx.split(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  ours = {key: _torch_shape(tuple(flat[path].value.shape), to_torch)
-          for key, (path, _, to_torch) in torch_layout(model).items()}
-  kwargs = {k: v for k, v in config.items() if k != "_class_name"}
-  with torch.device("meta"):
-    ref = diffusers.SanaTransformer2DModel(**kwargs)
-  assert ours == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-  n = sum(int(np.prod(v.value.shape)) for v in flat.values())
-  assert n == dm.param_count(NAME, kwargs)
-  assert n > 1.5e9
+  assert dm.assert_full_size_layout(NAME, config) > 1.5e9
 
 
 def test_defaults_are_diffusers_defaults():

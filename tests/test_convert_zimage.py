@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +22,6 @@ from flax import nnx
 
 import converters
 from converters import zimage
-from converters.checkpoint import torch_layout
-from converters.layers import Linear, Norm
 from tests import diffusers_models as dm
 
 CLASS = "ZImageTransformer2DModel"
@@ -110,9 +107,8 @@ def zoo(tmp_path_factory):
 
   def get(name: str):
     if name not in cache:
-      torch_model = dm.build(CLASS, TINY[name], seed=1)
-      folder = dm.save(torch_model, tmp_path_factory.mktemp(f"zimage-{name}"))
-      cache[name] = (torch_model, converters.from_diffusers(folder, dtype=jnp.float32),
+      folder = tmp_path_factory.mktemp(f"zimage-{name}")
+      cache[name] = (*dm.build_and_convert(CLASS, TINY[name], folder, seed=1),
                      _inputs(name, seed=2))
     return cache[name]
 
@@ -223,163 +219,52 @@ def test_rope_matches_diffusers_at_full_size():
 
 
 def test_to_diffusers_round_trip(tmp_path):
-  torch_model = dm.build(CLASS, TINY["narrow_heads"], seed=8)
-  model = converters.from_diffusers(dm.save(torch_model, tmp_path / "in"), dtype=jnp.float32)
-  converters.to_diffusers(model, tmp_path / "out")
-  back = diffusers.ZImageTransformer2DModel.from_pretrained(tmp_path / "out")
-  want, got = torch_model.state_dict(), back.state_dict()
-  assert sorted(got) == sorted(want)
-  for key, value in want.items():
-    assert torch.equal(got[key], value), key
+  torch_model, model = dm.build_and_convert(CLASS, TINY["narrow_heads"], tmp_path / "in", seed=8)
+  dm.assert_round_trip(torch_model, model, tmp_path / "out")
 
 
 def test_full_size_z_image_turbo_from_config_matches_diffusers_layout():
   """Z-Image-Turbo at real size, abstract (no allocation): same keys, shapes, param count."""
-  config = {"_class_name": CLASS, **Z_IMAGE_TURBO}
-  abstract = nnx.eval_shape(lambda: converters.from_config(config, dtype=jnp.bfloat16))
-  with torch.device("meta"):
-    torch_model = diffusers.ZImageTransformer2DModel(**Z_IMAGE_TURBO)
-  want = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
-  _, state = nnx.split(abstract, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  got = {key: tuple(flat[path].value.shape) for key, (path, _, _) in torch_layout(abstract).items()}
-  assert sorted(got) == sorted(want)
-  for key, shape in got.items():
-    # Linear kernels are stored (in, out), torch weights (out, in).
-    assert shape in (want[key], want[key][::-1]), (key, shape, want[key])
-  count = sum(math.prod(s) for s in got.values())
-  assert count == dm.param_count(CLASS, Z_IMAGE_TURBO)
-  assert abstract.config["_class_name"] == CLASS
+  dm.assert_full_size_layout(CLASS, Z_IMAGE_TURBO)
 
 
 # ----------------------------------------------------------------------------- sites
 
 
-def _get(model: nnx.Module, path: str):
-  node = model
-  for part in path.split("."):
-    node = node[int(part)] if part.isdigit() else getattr(node, part)
-  return node
-
-
-def _set(model: nnx.Module, path: str, value) -> None:
-  parent_path, _, last = path.rpartition(".")
-  parent = _get(model, parent_path)
-  if last.isdigit():
-    parent[int(last)] = value
-  else:
-    setattr(parent, last, value)
-
-
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "siglip_refiner", "layers")
-
-
-def _linears(model: nnx.Module) -> dict[str, Linear]:
-  out = {}
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, Linear):
-      out[".".join(str(p) for p in path)] = node
-  return out
 
 
 def test_sites_cover_every_block_linear_exactly_once():
   config = {"_class_name": CLASS, **TINY["narrow_heads"], "n_refiner_layers": 1}
   model = nnx.eval_shape(lambda: converters.from_config(config, dtype=jnp.float32))
-  sites = model.permutation_sites()
-  assert len({s.name for s in sites}) == len(sites)
-  rows: dict[str, list[tuple[int, int]]] = {}
-  for site in sites:
-    for c in site.consumers:
-      rows.setdefault(c.path, []).append((c.offset, c.offset + site.width))
-    for p in site.producers:
-      assert p.offset + site.width <= _get(model, p.path).out_features, (site.name, p.path)
-    if site.kind == "norm":
-      norm = _get(model, site.norm)
-      assert isinstance(norm, Norm) and norm.dim == site.width, site.name
-  linears = _linears(model)
-  in_blocks = {k for k in linears if k.split(".")[0] in BLOCK_LISTS}
-  assert sorted(rows) == sorted(in_blocks)
+  linears = dm.linear_paths(model)
+  in_blocks = [k for k in linears if k.split(".")[0] in BLOCK_LISTS]
+  dm.check_site_coverage(model, in_blocks)
   # Embedders and the final layer stay in float.
-  assert {k.split(".")[0] for k in set(linears) - in_blocks} == {
+  assert {k.split(".")[0] for k in set(linears) - set(in_blocks)} == {
       "all_x_embedder", "all_final_layer", "t_embedder", "cap_embedder", "siglip_embedder"}
-  for path, ranges in rows.items():
-    assert ranges == [(0, linears[path].in_features)], path
+  sites = model.permutation_sites()
   kinds = [s.kind for s in sites if s.name.startswith("noise_refiner.0.")]
   assert kinds == ["norm", "producer", "norm", "producer", "input"]
   kinds = [s.kind for s in sites if s.name.startswith("siglip_refiner.0.")]
   assert kinds == ["norm", "producer", "norm", "producer"]  # unmodulated: no adaLN linear
 
 
-class _PermutedNorm(nnx.Module):
-  """What the pipeline's gathered norm computes: the norm's output channels in order ``perm``."""
-
-  def __init__(self, norm: Norm, perm: np.ndarray):
-    self.norm = norm
-    self.perm = tuple(int(i) for i in perm)
-
-  def __call__(self, x, shift=None, scale=None):
-    return self.norm(x, shift=shift, scale=scale)[..., jnp.asarray(self.perm)]
-
-
-class _GatheredInput(nnx.Module):
-  """A linear whose activation is gathered before the matmul (``dispatch.linear(in_perm=)``)."""
-
-  def __init__(self, linear: Linear, perm: np.ndarray):
-    self.linear = linear
-    self.perm = tuple(int(i) for i in perm)
-
-  def __call__(self, x):
-    return self.linear(x[..., jnp.asarray(self.perm)])
-
-
-def _permute(var: nnx.Param | None, perm: np.ndarray, offset: int, axis: int) -> None:
-  if var is None:
-    return
-  value = np.array(var.value)
-  idx = [slice(None)] * value.ndim
-  idx[axis] = slice(offset, offset + len(perm))
-  value[tuple(idx)] = np.take(value[tuple(idx)], perm, axis=axis)
-  var.value = jnp.asarray(value)
-
-
-def _fold(model: nnx.Module, site, perm: np.ndarray) -> None:
-  for c in site.consumers:
-    _permute(_get(model, c.path).kernel, perm, c.offset, axis=0)
-  if site.kind == "norm":
-    _set(model, site.norm, _PermutedNorm(_get(model, site.norm), perm))
-  elif site.kind == "producer":
-    for p in site.producers:
-      linear = _get(model, p.path)
-      _permute(linear.kernel, perm, p.offset, axis=1)
-      _permute(linear.bias, perm, p.offset, axis=0)
-  else:
-    for c in site.consumers:
-      _set(model, c.path, _GatheredInput(_get(model, c.path), perm))
-
-
-def _random_perm(rng: np.random.Generator, width: int, head_dim: int | None) -> np.ndarray:
-  if head_dim is None:
-    return rng.permutation(width)
-  return np.concatenate([h + rng.permutation(head_dim) for h in range(0, width, head_dim)])
-
-
 def test_folding_random_permutations_at_every_site_keeps_the_output(tmp_path):
   """Each site's description is complete: folding a permutation there changes nothing."""
-  folder = dm.save(dm.build(CLASS, TINY["base"], seed=9), tmp_path)
-  model = converters.from_diffusers(folder, dtype=jnp.float32)
+  _, model = dm.build_and_convert(CLASS, TINY["base"], tmp_path, seed=9)
   inputs = _inputs("base", seed=10)
   want = _forward(model, inputs)
   rng = np.random.default_rng(11)
-  for site in model.permutation_sites():
-    _fold(model, site, _random_perm(rng, site.width, site.head_dim))
+  perms = {s.name: dm.random_site_permutation(s, rng) for s in model.permutation_sites()}
   # Only the summation order inside the permuted matmuls changes, the same kind of float32
   # difference the parity bar admits.
-  for g, w in zip(_forward(model, inputs), want):
+  for g, w in zip(_forward(dm.fold_permutations(model, perms), inputs), want):
     assert dm.rel_err(g, w) <= PARITY_RTOL
   # A cross-head permutation at a P2 site is not foldable: the check above can fail.
-  site = next(s for s in model.permutation_sites() if s.name == "layers.0.P2")
-  _fold(model, site, rng.permutation(site.width))
-  assert max(dm.rel_err(g, w) for g, w in zip(_forward(model, inputs), want)) > PARITY_RTOL
+  across = {**perms, "layers.0.P2": rng.permutation(perms["layers.0.P2"].size)}
+  folded = dm.fold_permutations(model, across)
+  assert max(dm.rel_err(g, w) for g, w in zip(_forward(folded, inputs), want)) > PARITY_RTOL
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -41,3 +41,36 @@ def test_bad_in_perm_raises():
   with pytest.raises(ValueError, match="in_perm"):
     dispatch.linear(jnp.ones((2, 64)), w, act_format=None,
                     in_perm=jnp.arange(64, dtype=jnp.int16))
+
+
+def test_prepared_weights_used_by_mosaic_xla_path():
+  """M >= XLA_MIN_M takes the decode + XLA dot path, which runs on any backend."""
+  from pqjax_kernels import matmul_fp4 as fm
+  rng = np.random.default_rng(2)
+  w = qmatmul.quantize_weight(rng.standard_normal((128, 256)).astype(np.float32), "nvfp4")
+  x = jnp.asarray(rng.standard_normal((fm.XLA_MIN_M, 128)), jnp.float32)
+  pw = dispatch.prepare(w)
+  y = dispatch.linear(x, w, act_format="nvfp4", backend="mosaic", prepared=pw,
+                      out_dtype=jnp.float32)
+  ref = qmatmul.reference_matmul(x, w, act_format="nvfp4", out_dtype=jnp.float32)
+  # Exact products, float32 sums in another order: |err| <= (K + 2) 2**-24 sum |x_k w_k|.
+  xa = jnp.abs(fm.dequantize(*_act(x), "nvfp4"))
+  wa = jnp.abs(fm.dequantize(w.codes, w.scales, w.tensor_scale, "nvfp4"))
+  bound = np.asarray(xa @ wa.T) * (128 + 2) * 2.0**-24 + 1e-30
+  assert (np.abs(np.asarray(y) - np.asarray(ref)) <= bound).all()
+
+
+def _act(x):
+  from pqjax_kernels import norm
+  q = norm.quantize_nvfp4(x)
+  return q.codes, q.scales, q.tensor_scale
+
+
+def test_prepare_declines_and_checks():
+  rng = np.random.default_rng(3)
+  w = qmatmul.quantize_weight(rng.standard_normal((128, 256)).astype(np.float32), "nvfp4")
+  assert dispatch.prepare(qmatmul.quantize_weight(np.ones((64, 32), np.float32), "nvfp4")) \
+      is None
+  other = dispatch.prepare(qmatmul.quantize_weight(np.ones((256, 128), np.float32), "nvfp4"))
+  with pytest.raises(ValueError, match="prepared"):
+    dispatch.linear(jnp.ones((2, 128)), w, act_format=None, prepared=other)

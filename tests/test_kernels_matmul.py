@@ -36,20 +36,30 @@ def _case(seed, m, n, k, fmt):
 
 
 class KernelCases:
-  """The kernel checks; subclasses choose where they run (GPU or CPU interpreter)."""
+  """The kernel checks; subclasses choose the method and where they run (GPU, CPU
+  interpreter, or plain CPU for the XLA method)."""
 
   interpret = False
+  method = "kernel"
 
   def run(self, fn):
     return fn()
 
-  @pytest.mark.parametrize("fmt,m,splits", [("nvfp4", 5, 2), ("mxfp4", 20, 1), ("int4", 3, 1)])
-  def test_w4a16_matches_reference(self, fmt, m, splits):
-    a, qt = _case(m, m, 128, 256, fmt)
-    cfg = fm.MatmulConfig(tile_m=16, k_splits=splits)
+  def config(self, splits=1):
+    if self.method == "xla":
+      return None
+    if self.method == "ws":
+      return fm.MatmulConfig(tile_n=128, tile_m=16, k_splits=splits, max_concurrent_steps=2)
+    return fm.MatmulConfig(tile_m=16, k_splits=splits)
+
+  @pytest.mark.parametrize("fmt,m,k,splits", [("nvfp4", 5, 512, 2), ("mxfp4", 20, 256, 1),
+                                              ("int4", 3, 256, 1)])
+  def test_w4a16_matches_reference(self, fmt, m, k, splits):
+    a, qt = _case(m, m, 128, k, fmt)
+    cfg = self.config(splits)
     out = self.run(lambda: fm.fp4_matmul(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt,
                                          out_dtype=jnp.float32, config=cfg,
-                                         interpret=self.interpret))
+                                         method=self.method, interpret=self.interpret))
     ref = fm.reference(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32)
     extra = 2.0**-9 if fmt == "int4" else 0.0
     err = np.abs(np.asarray(out) - np.asarray(ref))
@@ -67,7 +77,7 @@ class KernelCases:
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias,
               epilogue="gelu_tanh", gate=gate, residual=res, out_dtype=jnp.float32)
     out = self.run(lambda: fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
-                                         config=fm.MatmulConfig(tile_m=16), **kw,
+                                         config=self.config(), method=self.method, **kw,
                                          interpret=self.interpret))
     ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
     # gelu and the gate are 1-Lipschitz up to max|gate|; the matmul bound carries through.
@@ -82,6 +92,17 @@ class TestKernelsGPU(KernelCases):
   pass
 
 
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+class TestKernelsWarpSpecializedGPU(KernelCases):
+  method = "ws"
+
+
+class TestMethodXLA(KernelCases):
+  """The decode + XLA dot path: plain XLA, so it runs on any backend."""
+
+  method = "xla"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
 class TestKernelsInterpreter(KernelCases):
@@ -90,6 +111,25 @@ class TestKernelsInterpreter(KernelCases):
   def run(self, fn):
     with interpret.gpu_interpreter():
       return fn()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+class TestKernelsWarpSpecializedInterpreter(TestKernelsInterpreter):
+  method = "ws"
+
+
+def test_decode_weights_bf16_is_exact():
+  _, qt = _case(11, 1, 128, 256, "nvfp4")
+  pw = fm.prepare_weights(qt.codes, qt.scales, qt.tensor_scale)
+  got = np.asarray(fm.decode_weights_bf16(pw), np.float32)
+  want = np.asarray(fm.dequantize(qt.codes, qt.scales, 1.0, "nvfp4"))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_pick_method_threshold():
+  assert fm.pick_method(fm.XLA_MIN_M) == "xla"
+  assert fm.pick_method(fm.XLA_MIN_M - 1) != "xla"
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "int4"])
@@ -120,6 +160,8 @@ def test_w4a4_reference_matches_oracle():
     (dict(a_dtype=jnp.int32), "a must be"),
     (dict(bias_n=7), "bias"),
     (dict(epilogue="relu"), "epilogue"),
+    (dict(method="cuda"), "method"),
+    (dict(method="ws", config=fm.MatmulConfig(tile_n=64)), "tile_n"),
 ])
 def test_bad_input_raises(kwargs, match):
   n, k = kwargs.get("n", 128), kwargs.get("k", 256)
@@ -129,4 +171,5 @@ def test_bad_input_raises(kwargs, match):
   bias = jnp.ones((kwargs["bias_n"],)) if "bias_n" in kwargs else None
   with pytest.raises(ValueError, match=match):
     fm.fp4_matmul(a, codes, scales, jnp.float32(1), bias=bias,
-                  epilogue=kwargs.get("epilogue"))
+                  epilogue=kwargs.get("epilogue"), method=kwargs.get("method", "auto"),
+                  config=kwargs.get("config"))

@@ -1,21 +1,28 @@
 """Correctness checks and side-by-side timings of the pqjax kernels on one GPU.
 
-    python benchmarks/bench_kernels.py --check --bench --out DIR
+    python benchmarks/bench_kernels.py --out DIR [--prev OLD.json] [--tiny]
 
-``--check``: for every DiT shape, fresh random inputs, ``fp4_matmul`` (W4A16 and W4A4 NVFP4)
-against a float32 reference computed on the same GPU; the relative Frobenius error must
-stay under 1e-5 (exact bf16 products, float32 accumulation) and nothing may be NaN.
-``--bench``: kernel time (CUPTI, summed over the kernels of one call, median) and wall time
-per call for XLA bf16 ``jnp.dot``, ``jax.nn.scaled_matmul`` NVFP4, and ``fp4_matmul``;
-each timed call runs R weight buffers (each its own array, R large enough to exceed L2) and
-the times are divided by R. Gathered norm: XLA's fusion of gather + LayerNorm + NVFP4
-quantize versus the same reading in order and versus a device copy.
-Writes ``kernels_<device>_<date>.json`` under ``--out`` and prints a table last.
+For every timed (shape, M): fresh random weights per shape and activations per M; each of our
+W4A4 NVFP4 candidates (``fp4_matmul`` with ``method`` "xla", "kernel", "ws" and tiling
+variants) is checked against a float32 HIGHEST reference computed on the same GPU from the
+same inputs: relative Frobenius error <= 2**-8 (bf16 unit roundoff of the output; products
+are exact and the float32 accumulation adds ~1e-6) and nothing NaN. Then kernel time (CUPTI,
+summed over the kernels of one call, median) and wall time per call beside XLA bf16
+``jnp.dot`` and ``jax.nn.scaled_matmul`` NVFP4 (skipped where ``--prev`` already holds it);
+each timed call runs R weight buffers (each its own array, R from the candidate's own weight
+bytes so that they exceed L2) and the times are divided by R. Gathered norm: XLA's fusion of
+gather + LayerNorm + NVFP4 quantize (the shipped path) versus the same reading in order,
+versus the bf16-output norm, versus a device copy.
+The JSON (``kernels_<device>_<date>.json`` under ``--out``) is rewritten after every row, so
+a run stopped at its time limit keeps what it measured. ``--tiny``: small shapes on the CPU,
+the XLA candidates only (wall time), to test this script; the kernels are tested on the CPU
+by ``tests/test_kernels_matmul.py`` under the GPU interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -32,9 +39,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
 from pqjax_kernels import norm as gn  # noqa: E402
 
-SHAPES_KN = [(3072, 3072), (3072, 12288), (12288, 3072), (1152, 4608)]
-MS = [1, 16, 64, 256, 1024, 4096, 4608]
-L2_DEFEAT_BYTES = 256 << 20
+SHAPES_KN = [(3072, 12288), (12288, 3072), (3072, 3072), (1152, 4608)]
+MS = [16, 4096, 1024, 256]
+L2_DEFEAT_BYTES = 128 << 20
+MAX_REPS = 8
+REL_TOL = 2.0**-8 + 1e-5
 
 
 def _rand_weights(key, n, k):
@@ -50,109 +59,8 @@ def _rand_act(key, m, k):
   return jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)
 
 
-def _quant_act(a):
-  q = gn.quantize_nvfp4(a)
-  return q.codes, q.scales, q.tensor_scale
-
-
-def _ref_gpu(a_f32, codes, scales, ts):
-  w = fm.dequantize(codes, scales, ts, "nvfp4")
-  return jnp.dot(a_f32, w.T, precision=jax.lax.Precision.HIGHEST,
-                 preferred_element_type=jnp.float32)
-
-
-def check(results, log):
-  key = jax.random.key(0)
-  ok_all = True
-  for k, n in SHAPES_KN:
-    for m in MS:
-      key, k1, k2 = jax.random.split(key, 3)
-      codes, scales, ts = _rand_weights(k1, n, k)
-      a = _rand_act(k2, m, k)
-      pw = fm.prepare_weights(codes, scales, ts)
-      for mode in ("w4a16", "w4a4"):
-        try:
-          if mode == "w4a16":
-            out = jax.jit(lambda a, pw: fm.fp4_matmul(a, pw, out_dtype=jnp.float32))(a, pw)
-            ref = _ref_gpu(a.astype(jnp.float32), codes, scales, ts)
-          else:
-            ac, asc, ats = _quant_act(a)
-            out = jax.jit(lambda ac, asc, ats, pw: fm.fp4_matmul(
-                ac, pw, a_scales=asc, a_tensor_scale=ats, out_dtype=jnp.float32))(
-                    ac, asc, ats, pw)
-            ref = _ref_gpu(fm.dequantize(ac, asc, ats, "nvfp4"), codes, scales, ts)
-          out = np.asarray(out, np.float64)
-          ref = np.asarray(ref, np.float64)
-          rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-          finite = bool(np.isfinite(out).all())
-          ok = finite and rel < 1e-5
-        except Exception as e:  # keep going: report every failing shape
-          rel, finite, ok = float("nan"), False, False
-          log(f"check {mode} M={m} K={k} N={n} raised {type(e).__name__}: {str(e)[:400]}")
-        ok_all &= ok
-        results["check"].append(dict(mode=mode, m=m, k=k, n=n, rel_err=rel, finite=finite,
-                                     ok=ok))
-        log(f"check {mode:5s} M={m:5d} K={k:5d} N={n:5d} rel={rel:.2e} ok={ok}")
-  return ok_all
-
-
-def _time(fn, args, reps, iters=20):
-  """(median kernel us per op from CUPTI, median wall us per op)."""
-  from jax.experimental.mosaic.gpu import profiler
-  out = jax.block_until_ready(fn(*args))
-  _, kt = profiler.measure(fn, iterations=iters)(*args)
-  kern = statistics.median(kt) * 1e3 / reps if kt else float("nan")
-  walls = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    for _ in range(10):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    walls.append((time.perf_counter() - t0) / 10 * 1e6 / reps)
-  return kern, statistics.median(walls)
-
-
 def _reps(bytes_per_weight):
-  return int(min(16, max(2, -(-L2_DEFEAT_BYTES // bytes_per_weight))))
-
-
-def bench_matmul(results, log):
-  key = jax.random.key(1)
-  for k, n in SHAPES_KN:
-    key, kw = jax.random.split(key)
-    wb_bf16 = n * k * 2
-    r = _reps(wb_bf16)
-    ws = [jax.random.normal(jax.random.fold_in(kw, i), (k, n), jnp.bfloat16) for i in range(r)]
-    q = [_rand_weights(jax.random.fold_in(kw, 100 + i), n, k) for i in range(r)]
-    pws = [fm.prepare_weights(*qi) for qi in q]
-    f4 = [(_f4(qi[0], n, k), qi[1]) for qi in q]
-    for m in MS:
-      key, ka = jax.random.split(key)
-      a = _rand_act(ka, m, k)
-      ac, asc, ats = _quant_act(a)
-      row = dict(m=m, k=k, n=n, reps=r)
-      cands = {
-          "xla_bf16": (jax.jit(lambda a, ws: [a @ w for w in ws]), (a, ws)),
-          "scaled_matmul_nvfp4": (jax.jit(lambda af, asc, f4: [
-              jax.nn.scaled_matmul(af[None], c[None], asc[None], sc[None],
-                                   preferred_element_type=jnp.bfloat16)[0] for c, sc in f4]),
-              (_f4(ac, m, k), asc, f4)),
-          "ours_w4a16": (jax.jit(lambda a, pws: [fm.fp4_matmul(a, p) for p in pws]), (a, pws)),
-          "ours_w4a4": (jax.jit(lambda ac, asc, ats, pws: [
-              fm.fp4_matmul(ac, p, a_scales=asc, a_tensor_scale=ats) for p in pws]),
-              (ac, asc, ats, pws)),
-      }
-      for name, (fn, args) in cands.items():
-        try:
-          kern, wall = _time(fn, args, r)
-        except Exception as e:
-          kern, wall = float("nan"), float("nan")
-          log(f"bench {name} M={m} K={k} N={n} raised {type(e).__name__}: {str(e)[:300]}")
-        row[name + "_kernel_us"] = kern
-        row[name + "_wall_us"] = wall
-      results["matmul"].append(row)
-      log("bench M={m:5d} K={k:5d} N={n:5d} ".format(**row) + " ".join(
-          f"{c}={row[c + '_kernel_us']:.1f}/{row[c + '_wall_us']:.1f}" for c in cands))
+  return int(min(MAX_REPS, max(min(2, MAX_REPS), -(-L2_DEFEAT_BYTES // bytes_per_weight))))
 
 
 def _f4(codes_u8, rows, k):
@@ -161,9 +69,112 @@ def _f4(codes_u8, rows, k):
   return vals.astype(jnp.float4_e2m1fn).reshape(rows, k)
 
 
-def bench_norm(results, log):
+class Timer:
+  """Kernel time from CUPTI on a GPU; wall time only (kernel = NaN) under ``--tiny``."""
+
+  def __init__(self, tiny: bool):
+    self.tiny = tiny
+
+  def __call__(self, fn, args, reps):
+    """(median kernel us per op, median wall us per op, first output)."""
+    out = jax.block_until_ready(fn(*args))
+    kern = float("nan")
+    if not self.tiny:
+      from jax.experimental.mosaic.gpu import profiler
+      _, kt = profiler.measure(fn, iterations=20)(*args)
+      kern = statistics.median(kt) * 1e3 / reps if kt else float("nan")
+    walls = []
+    for _ in range(1 if self.tiny else 3):
+      t0 = time.perf_counter()
+      for _ in range(1 if self.tiny else 5):
+        o = fn(*args)
+      jax.block_until_ready(o)
+      walls.append((time.perf_counter() - t0) / (1 if self.tiny else 5) * 1e6 / reps)
+    return kern, statistics.median(walls), out
+
+
+def _ours(method, config=None, interpret=False):
+  def f(ac, asc, ats, pws):
+    return [fm.fp4_matmul(ac, p, a_scales=asc, a_tensor_scale=ats, method=method,
+                          config=config, interpret=interpret) for p in pws]
+  return jax.jit(f)
+
+
+def _candidates(m, n, k, interpret):
+  """Our W4A4 candidates for this M: name -> (method, config)."""
+  c = {"ours_w4a4_xla": ("xla", None)}
+  if m <= 256:
+    c["ours_w4a4_kernel"] = ("kernel", None)
+    c["ours_w4a4_ws"] = ("ws", fm.default_config(m, n, k, method="ws"))
+  if m <= 16:
+    c["ours_w4a4_kernel_occ4"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=4))
+    c["ours_w4a4_ws_occ2"] = ("ws", fm.default_config(m, n, k, ctas_per_sm=2, method="ws"))
+  if interpret:  # kernels under the interpreter inside jit hang on the CPU: XLA path only
+    c = {"ours_w4a4_xla": c["ours_w4a4_xla"]}
+  return c
+
+
+def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
+  key = jax.random.key(1)
+  ctx = _interp_ctx(interpret)
+  for k, n in shapes:
+    key, kw = jax.random.split(key)
+    r16 = _reps(n * k * 2)
+    r4 = _reps(fm.weight_bytes(n, k))
+    ws = [jax.random.normal(jax.random.fold_in(kw, i), (k, n), jnp.bfloat16)
+          for i in range(r16)]
+    q = [_rand_weights(jax.random.fold_in(kw, 100 + i), n, k) for i in range(max(r4, r16))]
+    pws = [fm.prepare_weights(*qi) for qi in q[:r4]]
+    wref = fm.dequantize(*q[0], "nvfp4")
+    for m in ms:
+      key, ka = jax.random.split(key)
+      a = _rand_act(ka, m, k)
+      qa = gn.quantize_nvfp4(a)
+      ac, asc, ats = qa.codes, qa.scales, qa.tensor_scale
+      ref = np.asarray(jnp.dot(fm.dequantize(ac, asc, ats, "nvfp4"), wref.T,
+                               precision=jax.lax.Precision.HIGHEST), np.float64)
+      row = dict(m=m, k=k, n=n, reps_bf16=r16, reps_4bit=r4)
+      cands = {"xla_bf16": (jax.jit(lambda a, ws: [a @ w for w in ws]), (a, ws), r16)}
+      if (m, k, n) not in prev and not interpret:
+        f4 = [(_f4(qi[0], n, k), qi[1]) for qi in q[:r16]]
+        cands["scaled_matmul_nvfp4"] = (jax.jit(lambda af, asc, f4: [
+            jax.nn.scaled_matmul(af[None], c[None], asc[None], sc[None],
+                                 preferred_element_type=jnp.bfloat16)[0] for c, sc in f4]),
+            (_f4(ac, m, k), asc, f4), r16)
+      for name, (method, cfg) in _candidates(m, n, k, interpret).items():
+        cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
+        if cfg is not None:
+          row[name + "_config"] = [cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.k_splits]
+      for name, (fn, args, reps) in cands.items():
+        try:
+          with ctx():
+            kern, wall, out = timer(fn, args, reps)
+          if name.startswith("ours"):
+            o = np.asarray(out[0], np.float64)
+            rel = float(np.linalg.norm(o - ref) / max(np.linalg.norm(ref), 1e-30))
+            ok = bool(np.isfinite(o).all()) and rel <= REL_TOL
+            row[name + "_rel_err"] = rel
+            row[name + "_ok"] = ok
+            results["check"].append(dict(mode=name, m=m, k=k, n=n, rel_err=rel, ok=ok))
+        except Exception as e:  # keep going: report every failing candidate
+          kern, wall = float("nan"), float("nan")
+          row[name + "_ok"] = False
+          results["check"].append(dict(mode=name, m=m, k=k, n=n, ok=False,
+                                       error=f"{type(e).__name__}: {str(e)[:300]}"))
+          log(f"  {name} M={m} K={k} N={n} raised {type(e).__name__}: {str(e)[:300]}")
+        row[name + "_kernel_us"] = kern
+        row[name + "_wall_us"] = wall
+      results["matmul"].append(row)
+      save()
+      log(f"M={m:5d} K={k:5d} N={n:5d} " + " ".join(
+          f"{c}={row[c + '_kernel_us']:.1f}/{row[c + '_wall_us']:.1f}"
+          + ("" if c + "_ok" not in row else ("" if row[c + "_ok"] else "(BAD)"))
+          for c in cands))
+
+
+def bench_norm(results, log, save, shapes, timer):
   key = jax.random.key(2)
-  for (b, t, d) in [(1, 4096, 3072), (2, 4608, 3072), (4, 1024, 1152)]:
+  for (b, t, d) in shapes:
     k1, k2, k3 = jax.random.split(jax.random.fold_in(key, d * t), 3)
     x = jax.random.normal(k1, (b, t, d), jnp.bfloat16)
     perm = jax.random.permutation(k2, d).astype(jnp.int32)
@@ -173,35 +184,61 @@ def bench_norm(results, log):
     r = _reps(nbytes)
     xs = [x + i for i in range(r)]
     copy = jax.jit(lambda xs: [xi + 1 for xi in xs])
-    norm = jax.jit(lambda xs, p: [gn.reference(xi, p, kind="layer", shift=shift, scale=scale,
-                                               out="nvfp4") for xi in xs])
+
+    def norm_fn(out, ts):
+      return jax.jit(lambda xs, p: [gn.gathered_norm(xi, p, kind="layer", shift=shift,
+                                                     scale=scale, out=out, tensor_scale=ts)
+                                    for xi in xs])
+    q_bytes = nbytes + nbytes // 4 + nbytes // 16  # read bf16, write 4-bit codes + scales
     row = dict(b=b, t=t, d=d, reps=r)
     for name, fn, args, moved in [
         ("copy", copy, (xs,), 2 * nbytes),
-        ("xla_gathered_norm_nvfp4", norm, (xs, perm), nbytes + nbytes // 4 + nbytes // 16),
-        ("xla_inorder_norm_nvfp4", norm, (xs, ident), nbytes + nbytes // 4 + nbytes // 16)]:
-      kern, wall = _time(fn, args, r)
+        ("gathered_norm_nvfp4_static", norm_fn("nvfp4", jnp.float32(0.01)), (xs, perm),
+         q_bytes),
+        ("inorder_norm_nvfp4_static", norm_fn("nvfp4", jnp.float32(0.01)), (xs, ident),
+         q_bytes),
+        ("plain_norm_nvfp4_static", norm_fn("nvfp4", jnp.float32(0.01)), (xs, None), q_bytes),
+        ("gathered_norm_nvfp4_dynamic", norm_fn("nvfp4", None), (xs, perm), q_bytes),
+        ("gathered_norm_bf16", norm_fn("bf16", None), (xs, perm), 2 * nbytes)]:
+      try:
+        kern, wall, _ = timer(fn, args, r)
+      except Exception as e:
+        kern, wall = float("nan"), float("nan")
+        log(f"  norm {name} raised {type(e).__name__}: {str(e)[:300]}")
       row[name + "_kernel_us"] = kern
       row[name + "_wall_us"] = wall
       row[name + "_TBps"] = moved / (kern * 1e-6) / 1e12
     results["norm"].append(row)
-    log(f"norm {b}x{t}x{d}: " + " ".join(f"{c}={row[c + '_kernel_us']:.1f}us/"
-                                          f"{row[c + '_TBps']:.2f}TB/s" for c in
-                                          ("copy", "xla_gathered_norm_nvfp4",
-                                           "xla_inorder_norm_nvfp4")))
+    save()
+    log(f"norm {b}x{t}x{d}: " + " ".join(
+        f"{c[:-10]}={row[c]:.1f}us" for c in row if c.endswith("_kernel_us")))
+
+
+@contextlib.contextmanager
+def _nothing():
+  yield
+
+
+def _interp_ctx(interpret):
+  if not interpret:
+    return _nothing
+  from tests import interpret as it
+  return it.gpu_interpreter
 
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--check", action="store_true")
-  p.add_argument("--bench", action="store_true")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
+  p.add_argument("--prev", default=None, help="earlier results JSON: skip its scaled_matmul")
+  p.add_argument("--tiny", action="store_true", help="CPU + GPU interpreter, small shapes")
+  p.add_argument("--skip-norm", action="store_true")
   args = p.parse_args()
   dev = jax.devices()[0]
   date = datetime.date.today().isoformat()
   name = dev.device_kind.replace(" ", "_")
   results = dict(device=dev.device_kind, jax_version=jax.__version__, date=date,
                  check=[], matmul=[], norm=[])
+  path = os.path.join(args.out, f"kernels_{name}_{date}.json")
   logf = open(os.path.join(args.out, "bench_log.txt"), "w")
 
   def log(s):
@@ -209,26 +246,35 @@ def main():
     logf.write(s + "\n")
     logf.flush()
 
+  def save():
+    results["check_ok"] = all(c["ok"] for c in results["check"])
+    with open(path, "w") as f:
+      json.dump(results, f, indent=1)
+
+  prev = set()
+  if args.prev:
+    with open(args.prev) as f:
+      prev = {(r["m"], r["k"], r["n"]) for r in json.load(f)["matmul"]
+              if r.get("scaled_matmul_nvfp4_kernel_us") == r.get("scaled_matmul_nvfp4_kernel_us")}
   log(f"device {dev.device_kind} jax {jax.__version__}")
-  path = os.path.join(args.out, f"kernels_{name}_{date}.json")
+  timer = Timer(args.tiny)
+  if args.tiny:  # the interpreter runs each kernel call in seconds: one buffer per call
+    global MAX_REPS
+    MAX_REPS = 1
+  t0 = time.time()
   try:
-    if args.check:
-      results["check_ok"] = check(results, log)
-    if args.bench:
-      bench_matmul(results, log)
-      bench_norm(results, log)
+    if args.tiny:
+      bench_matmul(results, log, save, [(256, 128)], [5], prev, timer, True)
+      if not args.skip_norm:
+        bench_norm(results, log, save, [(2, 8, 64)], timer)
+    else:
+      if not args.skip_norm:
+        bench_norm(results, log, save, [(2, 4608, 3072), (4, 1024, 1152)], timer)
+      bench_matmul(results, log, save, SHAPES_KN, MS, prev, timer, False)
   except Exception:
     log(traceback.format_exc())
-  with open(path, "w") as f:
-    json.dump(results, f, indent=1)
-  log("\n| M | K | N | XLA bf16 us | scaled_matmul us | ours W4A16 us | ours W4A4 us | "
-      "speedup W4A4 vs bf16 |")
-  for r in results["matmul"]:
-    log(f"| {r['m']} | {r['k']} | {r['n']} | {r['xla_bf16_kernel_us']:.1f} | "
-        f"{r['scaled_matmul_nvfp4_kernel_us']:.1f} | {r['ours_w4a16_kernel_us']:.1f} | "
-        f"{r['ours_w4a4_kernel_us']:.1f} | "
-        f"{r['xla_bf16_kernel_us'] / r['ours_w4a4_kernel_us']:.2f} |")
-  log(f"check_ok={results.get('check_ok')}")
+  save()
+  log(f"done in {time.time() - t0:.0f} s; check_ok={results['check_ok']}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ W4A4 on Hopper: there are no FP4 tensor cores, so packed NVFP4 activations are d
 bf16 (``q * s_b``, exact) before the kernel and their tensor scale is folded into the
 output scale; the result equals the NVFP4 x NVFP4 product up to accumulation order.
 
+Three ways to run it (``method``), picked per M by ``pick_method`` unless given:
+``"xla"`` (large M, compute-bound): an elementwise decode of the weights (and W4A4
+activations) to exact bf16, fused by XLA, then XLA's bf16 dot with float32 accumulation:
+the decode pass is bandwidth-bound (~4.5 + 16 bits per weight) and the dot runs at cuBLAS
+speed. ``"kernel"``: the fused kernel above. ``"ws"``: the same arithmetic in a
+warp-specialized kernel (one TMA warpgroup, two decode + ``wgmma`` warpgroups with a
+double-buffered decoded tile and ``wgmma_wait(1)``), for small M (memory-bound).
+
 ``prepare_weights`` does the one-time re-layout (int4 view of the codes, bf16 scales
 transposed to ``(K/G, N)``); call it once at quantize time and pass the result as
 ``w_codes`` (then ``w_scales`` and ``w_tensor_scale`` come from it).
@@ -42,6 +50,11 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 Fmt = Literal["nvfp4", "mxfp4", "int4"]
 Epilogue = Literal["gelu_tanh"] | None
+Method = Literal["auto", "xla", "kernel", "ws"]
+METHODS = ("auto", "xla", "kernel", "ws")
+# M from which "auto" takes the decode + XLA dot path (measured: NOTES_kernels.md, v2).
+XLA_MIN_M = 64
+_WS_HALF = 64  # weight rows per consumer warpgroup in the warp-specialized kernel
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
 SCALE_DTYPES = {"nvfp4": jnp.dtype(jnp.float8_e4m3fn), "mxfp4": jnp.dtype(jnp.uint8),
@@ -168,6 +181,42 @@ def dequantize(codes_u8, scales, tensor_scale, fmt: str):
   return vals * s * jnp.asarray(tensor_scale, jnp.float32)
 
 
+def _e2m1_from_signed(v):
+  """E2M1 values of nibbles given as their signed int4 value ``v`` (any float dtype).
+
+  Nibble s|e|m read as int4 is ``v``; the magnitude index is ``u = v`` (v >= 0) or
+  ``-8 - v`` (v < 0, sign carried), and the E2M1 value is the piecewise-linear
+  ``2u - clip(u, -4, 4)/2 - clip(u, -6, 6)`` through the grid (exact in bf16).
+  """
+  u = jnp.where(v < 0, -8.0 - v, v).astype(v.dtype)
+  return (2.0 * u - 0.5 * jnp.clip(u, -4.0, 4.0) - jnp.clip(u, -6.0, 6.0)).astype(v.dtype)
+
+
+def decode_weights_bf16(w: PreparedWeights) -> jax.Array:
+  """Exact bf16 ``(N, K)`` weights ``q * s_b`` (no tensor scale) from ``PreparedWeights``.
+
+  Plain jnp, so XLA fuses it into one elementwise pass (or into the consuming dot).
+  E2M1 x E4M3 and E2M1 x 2**e products are exact in bf16; int4 uses the bf16 scales.
+  """
+  n, k = w.shape
+  v = w.codes.astype(jnp.bfloat16)
+  if w.fmt != "int4":
+    v = _e2m1_from_signed(v)
+  s = w.scales_t.T[:, :, None]
+  return (v.reshape(n, k // w.group_size, w.group_size) * s).reshape(n, k)
+
+
+def _xla_product(x_bf16, w: PreparedWeights):
+  """``x @ W.T`` in float32 through XLA: decoded bf16 weights, bf16 dot, f32 accumulation."""
+  return lax.dot_general(x_bf16, decode_weights_bf16(w), (((1,), (1,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def pick_method(m: int) -> str:
+  """The method ``"auto"`` uses for M rows (threshold measured on an H200, see NOTES)."""
+  return "xla" if m >= XLA_MIN_M else "kernel"
+
+
 def _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype):
   if bias is not None:
     y = y + bias.astype(jnp.float32)[None, :]
@@ -242,19 +291,65 @@ def reference(a, w_codes, w_scales, w_tensor_scale, *, a_scales=None, a_tensor_s
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 
 
-def default_config(m: int, n: int, k: int, num_sms: int = 132) -> MatmulConfig:
-  """A tiling for ``(M, K) x (K, N)``: tile_m from M, split-K until the SMs are filled."""
-  tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-  tile_n = 64
-  ctas = (n // tile_n) * (-(-m // tile_m))
-  k_steps = k // 128
+def _splits(ctas: int, k_steps: int, target: int, min_steps: int) -> int:
+  """Smallest split-K dividing ``k_steps`` with ``ctas * s >= target`` (at least
+  ``min_steps`` K steps per split; else the largest such split)."""
   splits = 1
   for s in range(1, k_steps + 1):
-    if k_steps % s == 0 and k_steps // s >= 2:
+    if k_steps % s == 0 and k_steps // s >= min_steps:
       splits = s
-      if ctas * s >= num_sms:
+      if ctas * s >= target:
         break
+  return splits
+
+
+def default_config(m: int, n: int, k: int, num_sms: int = 132, ctas_per_sm: int = 1,
+                   method: str = "kernel") -> MatmulConfig:
+  """A tiling for ``(M, K) x (K, N)``: tile_m from M, split-K until ``ctas_per_sm * num_sms``
+  CTAs exist. ``method="ws"``: 128 weight rows per CTA (64 per consumer warpgroup), M tile
+  at most 64 (shared memory)."""
+  if method == "ws":
+    tile_m, tile_n, min_steps = (16 if m <= 16 else 32 if m <= 32 else 64), 128, 4
+  else:
+    tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    tile_n, min_steps = 64, 2
+  ctas = (n // tile_n) * (-(-m // tile_m))
+  splits = _splits(ctas, k // 128, ctas_per_sm * num_sms, min_steps)
   return MatmulConfig(tile_n=tile_n, tile_m=tile_m, tile_k=128, k_splits=splits)
+
+
+def _layout_cast(interpret: bool):
+  # The 0.10.2 GPU interpreter has no layout_cast; layouts do not matter there.
+  return (lambda x, _: x) if interpret else plgpu.layout_cast
+
+
+def _swz(bytes_):
+  return (plgpu.TilingTransform((8, bytes_ // 2)), plgpu.SwizzleTransform(bytes_))
+
+
+_CODES_TRANSFORMS = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))
+
+
+def _out_smem(rows: int, tm: int, lead: tuple[int, ...] = ()):
+  sw = min(128, tm * 4)
+  return plgpu.SMEM((*lead, rows, tm), jnp.float32,
+                    transforms=(plgpu.TilingTransform((8, sw // 4)), plgpu.SwizzleTransform(sw)))
+
+
+def _decode_store(codes_ref, scale_row, dst_ref, rows: int, tk: int, g: int, fmt: str,
+                  interpret: bool) -> None:
+  """Decodes a ``(rows, tk)`` int4 SMEM tile, scales it and stores bf16 into ``dst_ref``.
+
+  ``scale_row(i)`` loads the ``(rows,)`` bf16 block scales of group ``i`` of the tile.
+  """
+  lc = _layout_cast(interpret)
+  v = lc(lc(codes_ref[...], plgpu.Layout.WGMMA_UPCAST_4X), plgpu.Layout.WGMMA)
+  v = v.astype(jnp.bfloat16)
+  vals = _e2m1_from_signed(v) if fmt != "int4" else v
+  for j in range(tk // 16):
+    s = lc(scale_row((16 * j) // g), plgpu.Layout.WGMMA.reduce(1))
+    wj = vals[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (rows, 16), (0,))
+    dst_ref.at[:, pl.ds(16 * j, 16)][...] = wj.astype(jnp.bfloat16)
 
 
 def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
@@ -264,22 +359,6 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
   g = w.group_size
   tn, tm, tk, splits = config.tile_n, config.tile_m, config.tile_k, config.k_splits
   k_steps = k // tk // splits
-  lc = (lambda x, _: x) if interpret else plgpu.layout_cast
-  is_e2m1 = w.fmt != "int4"
-
-  def swz(bytes_):
-    return (plgpu.TilingTransform((8, bytes_ // 2)), plgpu.SwizzleTransform(bytes_))
-
-  def decode(codes_smem):
-    v = lc(lc(codes_smem[...], plgpu.Layout.WGMMA_UPCAST_4X), plgpu.Layout.WGMMA)
-    v = v.astype(jnp.bfloat16)
-    if not is_e2m1:
-      return v
-    # Nibble s|e|m as signed int v: magnitude index u in [-7, 7] (sign carried), then the
-    # E2M1 value 2u - clamp(u, 4)/2 - clamp(u, 6) (piecewise linear through the grid; exact).
-    u = jnp.where(v < 0, -8.0 - v, v).astype(jnp.bfloat16)
-    return (2.0 * u - 0.5 * jnp.clip(u, -4.0, 4.0) - jnp.clip(u, -6.0, 6.0)).astype(
-        jnp.bfloat16)
 
   def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, out_smem, wdec_smem):
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
@@ -289,11 +368,7 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
 
     def scoped(acc_ref):
       def body(_, at_smem, wq_smem, ws_smem):
-        vals = decode(wq_smem)
-        for j in range(tk // 16):
-          s = lc(ws_smem[(16 * j) // g], plgpu.Layout.WGMMA.reduce(1))
-          wj = vals[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (tn, 16), (0,))
-          wdec_smem.at[:, pl.ds(16 * j, 16)][...] = wj.astype(jnp.bfloat16)
+        _decode_store(wq_smem, lambda i: ws_smem[i], wdec_smem, tn, tk, g, w.fmt, interpret)
         plgpu.commit_smem()
         plgpu.wgmma(acc_ref, wdec_smem, at_smem)
         plgpu.wgmma_wait(0)
@@ -301,10 +376,8 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
       plgpu.emit_pipeline(
           body, grid=(k_steps,), max_concurrent_steps=config.max_concurrent_steps,
           in_specs=[
-              plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=swz(_SWIZZLE)),
-              plgpu.BlockSpec((tn, tk), lambda kk: (0, kk),
-                              transforms=(plgpu.TilingTransform((8, 128)),
-                                          plgpu.SwizzleTransform(64))),
+              plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(_SWIZZLE)),
+              plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=_CODES_TRANSFORMS),
               plgpu.BlockSpec((tk // g, tn), lambda kk: (kk, 0)),
           ])(at_gmem.at[k_sl, m_sl], wq_gmem.at[n_sl, k_sl], ws_gmem.at[g_sl, n_sl])
       out_smem[...] = acc_ref[...]
@@ -314,21 +387,95 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
     plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, n_sl, m_sl])
     plgpu.wait_smem_to_gmem(0)
 
-  out_sw = min(128, tm * 4)
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
       grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"),
-      scratch_types=[
-          plgpu.SMEM((tn, tm), jnp.float32,
-                     transforms=(plgpu.TilingTransform((8, out_sw // 4)),
-                                 plgpu.SwizzleTransform(out_sw))),
-          plgpu.SMEM((tn, tk), jnp.bfloat16, transforms=swz(_SWIZZLE)),
-      ])
+      scratch_types=[_out_smem(tn, tm),
+                     plgpu.SMEM((tn, tk), jnp.bfloat16, transforms=_swz(_SWIZZLE))])
   return call(at, w.codes, w.scales_t)
 
 
-def _check_config(config: MatmulConfig, n: int, k: int, g: int) -> None:
+def _kernel_call_ws(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
+  """Warp-specialized variant of ``_kernel_call`` (same inputs and float32 partials).
+
+  Per CTA 128 weight rows: warpgroup 2 issues the TMA copies, warpgroups 0 and 1 each decode
+  their 64 rows into one of two decoded-tile buffers and issue ``wgmma`` asynchronously;
+  ``wgmma_wait(1)`` lets step k's decode overlap step k-1's ``wgmma``, and the pipeline
+  releases an input slot one step late (``delay_release=1``) because the in-flight
+  ``wgmma`` still reads the activation tile.
+  """
+  k, mp = at.shape
+  n = w.codes.shape[0]
+  g = w.group_size
+  h, tn = _WS_HALF, 2 * _WS_HALF
+  tm, tk, splits = config.tile_m, config.tile_k, config.k_splits
+  k_steps = k // tk // splits
+  # (K/G, N) -> (K/G, N/64, 64): a free reshape, so a warpgroup indexes its scales on a
+  # leading axis.
+  scales3 = w.scales_t.reshape(k // g, n // h, h)
+
+  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, out_smem, wdec_smem):
+    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+    m_sl = pl.ds(mi * tm, tm)
+    k_sl = pl.ds(si * k_steps * tk, k_steps * tk)
+    g_sl = pl.ds(si * k_steps * (tk // g), k_steps * (tk // g))
+
+    def compute_context(eval_pipeline):
+      wg = lax.axis_index("wg")
+
+      def scoped(acc_ref):
+        eval_pipeline(acc_ref)
+        plgpu.wgmma_wait(0)
+        out_smem[wg] = acc_ref[...]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                out_gmem.at[si, pl.ds(ni * tn + wg * h, h), m_sl])
+        plgpu.wait_smem_to_gmem(0)
+
+      pl.run_scoped(scoped, plgpu.ACC((h, tm), jnp.float32))
+
+    def body(idxs, at_smem, wq_smem, ws_smem, acc_ref):
+      wg = lax.axis_index("wg")
+      dst = wdec_smem.at[wg, lax.rem(idxs[0], 2)]
+      _decode_store(wq_smem.at[pl.ds(wg * h, h)], lambda i: ws_smem[i, wg], dst, h, tk, g,
+                    w.fmt, interpret)
+      plgpu.commit_smem()
+      plgpu.wgmma(acc_ref, dst, at_smem)
+      plgpu.wgmma_wait(1)
+      return acc_ref
+
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k_steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=config.max_concurrent_steps, compute_context=compute_context,
+        in_specs=[
+            plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(_SWIZZLE),
+                            delay_release=1),
+            plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=_CODES_TRANSFORMS,
+                            delay_release=1),
+            plgpu.BlockSpec((tk // g, 2, h), lambda kk: (kk, 0, 0), delay_release=1),
+        ])
+    pipeline(at_gmem.at[k_sl, m_sl], wq_gmem.at[pl.ds(ni * tn, tn), k_sl],
+             ws_gmem.at[g_sl, pl.ds(ni * 2, 2)])
+
+  call = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
+      grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"), num_threads=3,
+      thread_name="wg",
+      scratch_types=[_out_smem(h, tm, (2,)),
+                     plgpu.SMEM((2, 2, h, tk), jnp.bfloat16, transforms=_swz(_SWIZZLE))])
+  return call(at, w.codes, scales3)
+
+
+def _check_config(config: MatmulConfig, n: int, k: int, g: int, method: str) -> None:
   tn, tm, tk, s = config.tile_n, config.tile_m, config.tile_k, config.k_splits
+  if method == "ws" and (tn != 2 * _WS_HALF or tm > 64):
+    raise ValueError(f"method='ws' needs tile_n={2 * _WS_HALF} and tile_m <= 64, got "
+                     f"tile_n={tn}, tile_m={tm}")
+  if method == "ws" and (config.max_concurrent_steps < 2 or k // tk // max(s, 1) < 2):
+    raise ValueError(f"method='ws' needs max_concurrent_steps >= 2 and >= 2 K steps per "
+                     f"split (inputs are released one step late), got "
+                     f"max_concurrent_steps={config.max_concurrent_steps}, K={k}, "
+                     f"tile_k={tk}, k_splits={s}")
   if tn % 64 or n % tn:
     raise ValueError(f"N={n} must be a multiple of tile_n={tn} (itself a multiple of 64)")
   if tm % 8 or not 8 <= tm <= 256:
@@ -344,7 +491,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
                a_tensor_scale=None, fmt: Fmt = "nvfp4", bias=None,
                epilogue: Epilogue = None, residual=None, gate=None,
                out_dtype=jnp.bfloat16, config: MatmulConfig | None = None,
-               interpret: bool = False) -> jax.Array:
+               method: Method = "auto", interpret: bool = False) -> jax.Array:
   """``epilogue(a @ W.T * scales + bias)`` with 4-bit weights, on a Hopper GPU.
 
   Args:
@@ -361,7 +508,9 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     residual: optional ``(M, N)``: ``out = residual + gate * f(a @ W.T + bias)``.
     gate: optional ``(N,)``, ``(M, N)`` or per-sample ``(B, N)`` (rows ``b*T .. b*T+T-1``).
     out_dtype: output dtype.
-    config: ``MatmulConfig``; None picks ``default_config``.
+    config: ``MatmulConfig`` of the kernels; None picks ``default_config``.
+    method: ``"xla"`` (decode + XLA bf16 dot), ``"kernel"``, ``"ws"`` (warp-specialized
+      kernel) or ``"auto"`` (``pick_method(M)``).
     interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
 
   Returns:
@@ -384,8 +533,12 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   if k % 128 or n % 128:
     raise ValueError(f"K={k} and N={n} must be multiples of 128")
   m = _check_common(a, k, n, a_scales, a_tensor_scale, bias, epilogue, residual, gate)
-  config = config or default_config(m, n, k)
-  _check_config(config, n, k, w.group_size)
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  method = pick_method(m) if method == "auto" else method
+  if method != "xla":
+    config = config or default_config(m, n, k, method=method)
+    _check_config(config, n, k, w.group_size, method)
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:
     # q * s_b is exact in bf16; the activation tensor scale goes to the output.
@@ -393,10 +546,14 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)
   else:
     x = a.astype(jnp.bfloat16)
-  mp = -(-m // config.tile_m) * config.tile_m
-  at = jnp.pad(x, ((0, mp - m), (0, 0))).T
-  partials = _kernel_call(at, w, config, interpret)
-  y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
+  if method == "xla":
+    y = _xla_product(x, w) * out_scale
+  else:
+    mp = -(-m // config.tile_m) * config.tile_m
+    at = jnp.pad(x, ((0, mp - m), (0, 0))).T
+    call = _kernel_call_ws if method == "ws" else _kernel_call
+    partials = call(at, w, config, interpret)
+    y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 
 
@@ -406,6 +563,7 @@ def weight_bytes(n: int, k: int, fmt: str = "nvfp4") -> int:
   return n * k // 2 + 2 * n * k // g
 
 
-__all__ = ["MatmulConfig", "PreparedWeights", "default_config", "dequantize", "fp4_matmul",
-           "prepare_weights", "reference", "weight_bytes"]
+__all__ = ["METHODS", "MatmulConfig", "PreparedWeights", "decode_weights_bf16",
+           "default_config", "dequantize", "fp4_matmul", "pick_method", "prepare_weights",
+           "reference", "weight_bytes"]
 

@@ -107,7 +107,7 @@ def _candidates(m, n, k, interpret):
     c["ours_w4a4_kernel"] = ("kernel", None)
     c["ours_w4a4_ws"] = ("ws", fm.default_config(m, n, k, method="ws"))
   if m <= 16:
-    c["ours_w4a4_kernel_occ4"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=4))
+    c["ours_w4a4_kernel_occ1"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=1))
     c["ours_w4a4_ws_occ2"] = ("ws", fm.default_config(m, n, k, ctas_per_sm=2, method="ws"))
   if interpret:  # kernels under the interpreter inside jit hang on the CPU: XLA path only
     c = {"ours_w4a4_xla": c["ours_w4a4_xla"]}

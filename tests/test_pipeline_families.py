@@ -139,3 +139,15 @@ def _check_pq_vs_rtn(model, inputs):
                     jnp.concatenate([l.ravel() for l in jax.tree.leaves(y)]))
          for m, qm in q.items()}
     assert e["permuquant"] <= e["rtn"], (seed, e)
+
+
+def test_save_load_round_trip_bit_identical(family, tmp_path):
+  name, model, inputs = family
+  q = pqjax.quantize(model, [inputs(1)], pqjax.QuantConfig(method="permuquant",
+                                                             error_tokens=64))
+  restored = pqjax.load(pqjax.save(q, tmp_path / name))
+  assert type(restored) is type(q)
+  assert restored.pqjax_info.decisions == q.pqjax_info.decisions
+  batch = inputs(7)
+  for a, b in zip(jax.tree.leaves(_forward(q, batch)), jax.tree.leaves(_forward(restored, batch))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pqjax import formats
+from tests.bounds import U32
 
-U32 = 2.0**-24  # float32 unit roundoff
 FTZ = 2.0**-126  # smallest normal float32; anything smaller may be flushed to zero
 E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 INT_QMAX = {"int4": 7, "int3": 3}
@@ -21,10 +21,7 @@ GROUP_SIZES = {"nvfp4": (16,), "mxfp4": (32,), "int4": (8, 32, 64), "int3": (8, 
 HYP = settings(max_examples=20, deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def _strict_promotion():
-  with jax.numpy_dtype_promotion("strict"):
-    yield
+pytestmark = pytest.mark.usefixtures("strict_promotion")
 
 
 # ---------------------------------------------------------------- NumPy references

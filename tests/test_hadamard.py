@@ -6,19 +6,13 @@ import numpy as np
 import pytest
 
 from pqjax import hadamard
-
-U32 = 2.0**-24  # float32 unit roundoff
-
-
-@pytest.fixture(autouse=True)
-def _strict_promotion():
-  with jax.numpy_dtype_promotion("strict"):
-    yield
+from tests.bounds import U32, gamma
 
 
-def gamma(n):
-  """Higham's gamma_n = n u / (1 - n u): the relative bound of n float32 roundings."""
-  return n * U32 / (1 - n * U32)
+
+pytestmark = pytest.mark.usefixtures("strict_promotion")
+
+
 
 
 def sylvester(n):

@@ -9,20 +9,14 @@ import numpy as np
 import pytest
 
 from pqjax import formats, qmatmul
+from tests.bounds import U32, gamma
 
-U32 = 2.0**-24  # float32 unit roundoff
 GROUP = {"nvfp4": 16, "mxfp4": 32, "int4": 32, "int3": 32}
 
 
-@pytest.fixture(autouse=True)
-def _strict_promotion():
-  with jax.numpy_dtype_promotion("strict"):
-    yield
+pytestmark = pytest.mark.usefixtures("strict_promotion")
 
 
-def gamma(n):
-  """Higham's gamma_n = n u / (1 - n u): the relative bound of n float32 roundings."""
-  return n * U32 / (1 - n * U32)
 
 
 def operands(seed, m=(2, 3), k=128, n=24):

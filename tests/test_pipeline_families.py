@@ -112,19 +112,15 @@ def _quantize_pair(model, inputs):
   return {m: pqjax.quantize(model, cal, c) for m, c in cfgs.items()}
 
 
+@pytest.mark.parametrize("family", ["dit", "pixart"], indirect=True)
 def test_permuquant_no_worse_than_rtn(family):
-  name, model, inputs = family
-  if name not in ("dit", "pixart"):
-    pytest.skip("slow on the CPU; see test_permuquant_no_worse_than_rtn_slow")
-  _check_pq_vs_rtn(model, inputs)
+  _check_pq_vs_rtn(*family[1:])
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sana", "zimage"], indirect=True)
 def test_permuquant_no_worse_than_rtn_slow(family):
-  name, model, inputs = family
-  if name in ("dit", "pixart"):
-    pytest.skip("covered by the fast test")
-  _check_pq_vs_rtn(model, inputs)
+  _check_pq_vs_rtn(*family[1:])
 
 
 def _check_pq_vs_rtn(model, inputs):

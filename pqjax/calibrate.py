@@ -58,10 +58,6 @@ class LayerStats:
   count: Array
   sample: Array
 
-  @property
-  def second_moment(self) -> Array:
-    return self.sumsq / jnp.maximum(self.count, 1.0)
-
 
 class Tap(nnx.Module):
   """Wraps a linear: records input statistics, then calls it unchanged."""
@@ -81,18 +77,19 @@ class Tap(nnx.Module):
   def __call__(self, x: Array) -> Array:
     x2 = x.reshape(-1, x.shape[-1])
     xf = x2.astype(jnp.float32)
-    self.sumsq.value = self.sumsq.value + jnp.sum(jnp.square(xf), axis=0)
-    self.amax.value = jnp.maximum(self.amax.value, jnp.max(jnp.abs(xf), axis=0))
-    self.count.value = self.count.value + x2.shape[0]
+    self.sumsq.set_value(self.sumsq[...] + jnp.sum(jnp.square(xf), axis=0))
+    self.amax.set_value(jnp.maximum(self.amax[...], jnp.max(jnp.abs(xf), axis=0)))
+    self.count.set_value(self.count[...] + x2.shape[0])
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), self.index),
-                             self.step.value)
-    self.sample.value, self.priority.value = _reservoir(self.sample.value, self.priority.value,
-                                                        x2, key)
-    self.step.value = self.step.value + 1
+                             self.step[...])
+    sample, priority = _reservoir(self.sample[...], self.priority[...], x2, key)
+    self.sample.set_value(sample)
+    self.priority.set_value(priority)
+    self.step.set_value(self.step[...] + 1)
     return self.inner(x)
 
   def stats(self) -> LayerStats:
-    return LayerStats(self.sumsq.value, self.amax.value, self.count.value, self.sample.value)
+    return LayerStats(self.sumsq[...], self.amax[...], self.count[...], self.sample[...])
 
 
 def _reservoir(sample: Array, priority: Array, x: Array, key: Array) -> tuple[Array, Array]:
@@ -226,7 +223,7 @@ def calibrate(model: nnx.Module, paths: Sequence[str], batches: Iterable[Mapping
   tapped = nnx.clone(model)
   for i, path in enumerate(paths):
     lin = get_module(tapped, path)
-    kernel = lin.kernel.value
+    kernel = lin.kernel[...]
     set_module(tapped, path, Tap(lin, width=kernel.shape[0], dtype=kernel.dtype,
                                  error_tokens=error_tokens, index=i, seed=seed))
   graphdef, stats, rest = nnx.split(tapped, CalibStat, ...)
@@ -237,11 +234,11 @@ def calibrate(model: nnx.Module, paths: Sequence[str], batches: Iterable[Mapping
   n = 0
   total = len(batches) if hasattr(batches, "__len__") else None
   for index, batch in enumerate(tqdm(batches, total=total, desc="calibration",
-                                     disable=_disabled(progress), leave=False)):
+                                     disable=tqdm_disable(progress), leave=False)):
     arrays, static = split_batch(batch, index)
-    check_signature(model, batch, index)
     signature = (repr(sorted(_shapes(arrays).items())), static)
-    if signature not in seen:
+    if signature not in seen:  # the signature fixes the batch's keys, so both checks hold
+      check_signature(model, batch, index)
       check_fits(model, arrays, static, index)
       seen.add(signature)
     stats = step(stats, rest, arrays, static)
@@ -261,5 +258,6 @@ def calibrate(model: nnx.Module, paths: Sequence[str], batches: Iterable[Mapping
   return out
 
 
-def _disabled(progress: bool | None) -> bool | None:
+def tqdm_disable(progress: bool | None) -> bool | None:
+  """tqdm's ``disable`` for a ``progress`` flag (None: tqdm shows bars only on a terminal)."""
   return None if progress is None else not progress

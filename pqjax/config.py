@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal
+from typing import Any
 
 from pqjax import formats
 
-Method = Literal["permuquant", "permuquant-h", "auto", "rtn", "absmax", "random"]
 METHODS = ("permuquant", "permuquant-h", "auto", "rtn", "absmax", "random")
 MODES = ("w4a4", "w4a16")
 ACT_SCALES = ("static", "dynamic")

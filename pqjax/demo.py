@@ -22,6 +22,7 @@ import numpy as np
 
 import converters
 import pqjax
+from pqjax.report import rel_error
 
 DIT_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8,
                   num_layers=4, sample_size=16, patch_size=2, num_embeds_ada_norm=10)
@@ -31,6 +32,7 @@ RUNS = (  # (method, format, mode)
     ("rtn", "int4", "w4a4"),
     ("permuquant", "int4", "w4a4"),
     ("permuquant-h", "int4", "w4a4"),
+    ("rtn", "mxfp4", "w4a4"),
     ("auto", "mxfp4", "w4a4"),
     ("rtn", "int4", "w4a16"),
     ("permuquant", "int4", "w4a16"),
@@ -84,11 +86,6 @@ def make_inputs(key: jax.Array, batch: int, t_lo: int, t_hi: int) -> dict:
   }
 
 
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="out/demo", help="output folder")
@@ -106,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
   print("2. converting to Flax and checking parity with diffusers (fp32)")
   model = converters.from_diffusers(folder, dtype=jnp.float32)
   y_ref = model(**held_out)
-  parity = rel_err(y_ref, torch_forward(folder, held_out))
+  parity = rel_error(y_ref, torch_forward(folder, held_out))
   print(f"   relative error vs diffusers: {parity:.2e}")
   if parity > 1e-5:
     raise SystemExit(f"parity check failed: {parity:.2e} > 1e-5")
@@ -121,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     qmodel = pqjax.quantize(model, calib, cfg, progress=False)
     dt = time.perf_counter() - t0
     decisions = qmodel.pqjax_info.decisions
-    rows.append((method, fmt, mode, rel_err(qmodel(**calib), y_cal),
-                 rel_err(qmodel(**held_out), y_ref),
+    rows.append((method, fmt, mode, rel_error(qmodel(**calib), y_cal),
+                 rel_error(qmodel(**held_out), y_ref),
                  f"{sum(d.accepted for d in decisions)}/{len(decisions)}", dt))
     qmodels[(method, fmt, mode)] = qmodel
   print(f"   {'method':<13}{'format':<7}{'mode':<7}{'calib err':>10}{'held-out':>10}"

@@ -52,12 +52,6 @@ def permute_axis(x: ArrayLike, perm: ArrayLike, axis: int, offset: int = 0) -> A
   return jnp.take(x, embed_permutation(perm, offset, x.shape[axis]), axis=axis)
 
 
-def inverse_permutation(perm: ArrayLike) -> Array:
-  """``q`` with ``q[perm[i]] = i``."""
-  perm = jnp.asarray(perm, jnp.int32)
-  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
-
-
 def is_bijection(perm: ArrayLike, width: int) -> bool:
   """Whether ``perm`` is an int32 vector holding each of ``0..width-1`` exactly once."""
   p = np.asarray(perm)
@@ -66,6 +60,11 @@ def is_bijection(perm: ArrayLike, width: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- module paths
+
+
+def dotted_path(path: tuple) -> str:
+  """The dotted form (``"transformer_blocks.0.attn1"``) of an NNX graph or state path."""
+  return ".".join(str(p) for p in path)
 
 
 def get_module(model: nnx.Module, path: str):
@@ -97,7 +96,7 @@ def _param(module, name: str, path: str) -> nnx.Variable:
 
 
 def _permute_param(var: nnx.Variable, perm: Array, axis: int, offset: int) -> None:
-  var.value = permute_axis(var.value, perm, axis, offset)
+  var.set_value(permute_axis(var[...], perm, axis, offset))
 
 
 # ----------------------------------------------------------------------------- folding
@@ -133,9 +132,9 @@ def fold_site(model: nnx.Module, site: Site, perm: ArrayLike,
     lin = get_module(model, c.path)
     _permute_param(_param(lin, "kernel", c.path), perm, 0, c.offset)
     if site.kind == "input":
-      k = lin.kernel.value.shape[0]
+      k = lin.kernel.shape[0]
       if isinstance(lin, GatheredLinear):
-        lin.in_perm.value = jnp.take(lin.in_perm.value, embed_permutation(perm, c.offset, k))
+        lin.in_perm.set_value(jnp.take(lin.in_perm[...], embed_permutation(perm, c.offset, k)))
       else:
         set_module(model, c.path,
                    GatheredLinear.from_linear(lin, embed_permutation(perm, c.offset, k)))

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from pqjax.config import QuantConfig
-from pqjax.fold import set_module
+from pqjax.fold import dotted_path, set_module
 from pqjax.qmodules import SWAP_TYPES, QuantInfo
 from pqjax.search import SiteDecision
 
@@ -57,22 +57,18 @@ class CheckpointMismatchError(QuantCheckpointError):
   """Stored arrays whose keys or shapes differ from the model their metadata describes."""
 
 
-def _key(path: tuple) -> str:
-  return ".".join(str(p) for p in path)
-
-
 def _flat(model: nnx.Module) -> dict[str, Any]:
-  return {_key(p): v.value for p, v in nnx.to_flat_state(nnx.state(model))}
+  return {dotted_path(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
 def _param_dtype(model: nnx.Module) -> str:
-  dtypes = [v.value.dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-            if jnp.issubdtype(v.value.dtype, jnp.floating)]
+  dtypes = [v.dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            if jnp.issubdtype(v.dtype, jnp.floating)]
   return jnp.dtype(max(set(dtypes), key=dtypes.count)).name if dtypes else "float32"
 
 
 def _swaps(model: nnx.Module) -> dict[str, dict[str, Any]]:
-  return {_key(p): node.spec() for p, node in nnx.iter_graph(model)
+  return {dotted_path(p): node.spec() for p, node in nnx.iter_graph(model)
           if isinstance(node, tuple(SWAP_TYPES.values()))}
 
 
@@ -217,7 +213,7 @@ def load(path: str | os.PathLike) -> nnx.Module:
                                  f"{type(e).__name__}: {e}") from None
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
-  want = {_key(p): (tuple(v.value.shape), jnp.dtype(v.value.dtype).name) for p, v in flat}
+  want = {dotted_path(p): (tuple(v.shape), jnp.dtype(v.dtype).name) for p, v in flat}
   stored = {k: (tuple(s), d) for k, (s, d) in meta["arrays"].items()}
   _check_manifest(path, want, stored)
   target = {k: jax.ShapeDtypeStruct(s, jnp.dtype(d)) for k, (s, d) in want.items()}
@@ -228,11 +224,12 @@ def load(path: str | os.PathLike) -> nnx.Module:
     raise CorruptCheckpointError(f"{path}: cannot restore arrays: {type(e).__name__}: "
                                  f"{str(e)[:500]}") from None
   for p, var in flat:
-    arr = restored[_key(p)]
-    if tuple(arr.shape) != want[_key(p)][0] or jnp.dtype(arr.dtype).name != want[_key(p)][1]:
-      raise CorruptCheckpointError(f"{path}: array {_key(p)} restored as {arr.shape} "
-                                   f"{arr.dtype}, expected {want[_key(p)]}")
-    var.value = jnp.asarray(arr)
+    key = dotted_path(p)
+    arr = restored[key]
+    if tuple(arr.shape) != want[key][0] or jnp.dtype(arr.dtype).name != want[key][1]:
+      raise CorruptCheckpointError(f"{path}: array {key} restored as {arr.shape} "
+                                   f"{arr.dtype}, expected {want[key]}")
+    var.set_value(jnp.asarray(arr))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

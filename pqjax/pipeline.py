@@ -54,7 +54,8 @@ def as_model(params: Any) -> nnx.Module:
 
 def _kernel(model: nnx.Module, path: str) -> Array:
   mod = get_module(model, path)
-  kernel = getattr(getattr(mod, "kernel", None), "value", None)
+  var = getattr(mod, "kernel", None)
+  kernel = var[...] if isinstance(var, nnx.Variable) else None
   if kernel is None or kernel.ndim != 2:
     raise UnsupportedModelError(f"{path!r} is a {type(mod).__name__}, not a linear with a "
                                 f"(in, out) kernel")
@@ -175,13 +176,13 @@ def _quantize_kernel(kernel: Array, *, fmt: str, group_size: int, rotate: bool):
 def _quantize_layer(model: nnx.Module, path: str, stats: calib.LayerStats, row_perm: Array,
                     rotate: bool, cfg: QuantConfig) -> None:
   lin = get_module(model, path)
-  kernel = lin.kernel.value
+  kernel = lin.kernel[...]
   g = cfg.resolved_group_size
   qt = _quantize_kernel(kernel, fmt=cfg.format, group_size=g, rotate=rotate)
   ts = (search.static_act_tensor_scale(jnp.take(stats.amax, row_perm), g, rotate)
         if cfg.static_act_scale else None)
-  in_perm = lin.in_perm.value if isinstance(lin, GatheredLinear) else None
-  bias = None if lin.bias is None else lin.bias.value
+  in_perm = lin.in_perm[...] if isinstance(lin, GatheredLinear) else None
+  bias = None if lin.bias is None else lin.bias[...]
   set_module(model, path, QuantLinear(qt, bias, act_format=cfg.act_format, act_tensor_scale=ts,
                                       in_perm=in_perm, rotate=rotate, out_dtype=kernel.dtype))
 
@@ -222,18 +223,20 @@ def quantize(params: nnx.Module, calib_batch: Mapping[str, Any] | Iterable[Mappi
     batches = list(batches)
   qmodel = nnx.clone(model)
   clock = _Clock(timings)
+  index = {site.name: i for i, site in enumerate(sites)}
   decisions: dict[str, tuple[SiteDecision, np.ndarray]] = {}
   rotate: dict[str, bool] = {}
-  for group in tqdm(groups, desc="blocks", disable=_disabled(progress) or len(groups) == 1,
+  disable = calib.tqdm_disable(progress)
+  for group in tqdm(groups, desc="blocks", disable=True if len(groups) == 1 else disable,
                     leave=False):
-    gpaths = [p for p in quantized_paths(group, config) if p in paths]
+    gpaths = quantized_paths(group, config)
     _check_producers(qmodel, group)
     stats = calib.calibrate(qmodel, gpaths, batches, error_tokens=config.error_tokens,
                             seed=config.seed, progress=progress)
     clock.lap("calibration")
-    for site in tqdm(group, desc="sites", disable=_disabled(progress), leave=False):
-      index = sites.index(site)
-      decisions[site.name] = _decide(model, site, stats, gpaths, config, index, rotate)
+    for site in tqdm(group, desc="sites", disable=disable, leave=False):
+      decisions[site.name] = _decide(model, site, stats, gpaths, config, index[site.name],
+                                     rotate)
     clock.lap("search")
     for site in group:
       dec, perm = decisions[site.name]
@@ -294,7 +297,3 @@ class _Clock:
     if self.timings is not None:
       self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
     self.last = now
-
-
-def _disabled(progress: bool | None) -> bool | None:
-  return None if progress is None else not progress

@@ -26,7 +26,11 @@ class QuantArray(nnx.Variable):
 
 
 def _opt(var: nnx.Variable | None) -> Array | None:
-  return None if var is None else var.value
+  return None if var is None else var[...]
+
+
+def _dtype_name(var: nnx.Variable | None) -> str | None:
+  return None if var is None else jnp.dtype(var.dtype).name
 
 
 class QuantLinear(nnx.Module):
@@ -65,8 +69,8 @@ class QuantLinear(nnx.Module):
   @property
   def qweight(self) -> QTensor:
     """The quantized ``W.T``."""
-    return QTensor(codes=self.codes.value, scales=self.scales.value,
-                   tensor_scale=self.tensor_scale.value, fmt=self.fmt,
+    return QTensor(codes=self.codes[...], scales=self.scales[...],
+                   tensor_scale=self.tensor_scale[...], fmt=self.fmt,
                    group_size=self.group_size, axis=1,
                    shape=(self.out_features, self.in_features),
                    dtype=jnp.dtype(self.weight_dtype))
@@ -81,7 +85,7 @@ class QuantLinear(nnx.Module):
     return {"type": "QuantLinear", "in_features": self.in_features,
             "out_features": self.out_features, "fmt": self.fmt, "group_size": self.group_size,
             "weight_dtype": self.weight_dtype, "out_dtype": self.out_dtype,
-            "bias_dtype": None if self.bias is None else jnp.dtype(self.bias.value.dtype).name,
+            "bias_dtype": _dtype_name(self.bias),
             "act_format": self.act_format, "static_act_scale": self.act_tensor_scale is not None,
             "in_perm": self.in_perm is not None, "rotate": self.rotate}
 
@@ -118,21 +122,19 @@ class GatheredNorm(nnx.Module):
   @classmethod
   def from_norm(cls, norm, perm: Array) -> GatheredNorm:
     """Wraps a ``converters.layers.Norm`` (or another GatheredNorm: permutations compose)."""
-    weight = None if norm.weight is None else norm.weight.value
-    bias = None if norm.bias is None else norm.bias.value
     perm = jnp.asarray(perm, jnp.int32)
     if isinstance(norm, GatheredNorm):
-      perm = jnp.take(norm.perm.value, perm)
-    return cls(perm, dim=norm.dim, kind=norm.kind, eps=norm.eps, weight=weight, bias=bias)
+      perm = jnp.take(norm.perm[...], perm)
+    return cls(perm, dim=norm.dim, kind=norm.kind, eps=norm.eps, weight=_opt(norm.weight),
+               bias=_opt(norm.bias))
 
   def __call__(self, x: Array, shift: Array | None = None, scale: Array | None = None) -> Array:
-    return dispatch.gathered_norm(x, self.perm.value, kind=self.kind, weight=_opt(self.weight),
+    return dispatch.gathered_norm(x, self.perm[...], kind=self.kind, weight=_opt(self.weight),
                                   bias=_opt(self.bias), shift=shift, scale=scale, eps=self.eps)
 
   def spec(self) -> dict[str, Any]:
     return {"type": "GatheredNorm", "dim": self.dim, "kind": self.kind, "eps": self.eps,
-            "weight_dtype": None if self.weight is None else self.weight.value.dtype.name,
-            "bias_dtype": None if self.bias is None else self.bias.value.dtype.name}
+            "weight_dtype": _dtype_name(self.weight), "bias_dtype": _dtype_name(self.bias)}
 
   @classmethod
   def from_spec(cls, s: dict[str, Any]) -> GatheredNorm:
@@ -154,19 +156,19 @@ class GatheredLinear(nnx.Module):
   @classmethod
   def from_linear(cls, linear, in_perm: Array) -> GatheredLinear:
     """Wraps a ``converters.layers.Linear`` (its kernel rows must already be permuted)."""
-    return cls(linear.kernel.value, _opt(linear.bias), in_perm)
+    return cls(linear.kernel[...], _opt(linear.bias), in_perm)
 
   def __call__(self, x: Array) -> Array:
-    kernel = self.kernel.value
-    y = jnp.dot(jnp.take(x, self.in_perm.value, axis=-1).astype(kernel.dtype), kernel)
+    kernel = self.kernel[...]
+    y = jnp.dot(jnp.take(x, self.in_perm[...], axis=-1).astype(kernel.dtype), kernel)
     if self.bias is not None:
-      y = y + self.bias.value.reshape((1,) * (y.ndim - 1) + (-1,))
+      y = y + self.bias[...].reshape((1,) * (y.ndim - 1) + (-1,))
     return y
 
   def spec(self) -> dict[str, Any]:
     return {"type": "GatheredLinear", "in_features": self.in_features,
-            "out_features": self.out_features, "dtype": self.kernel.value.dtype.name,
-            "bias_dtype": None if self.bias is None else self.bias.value.dtype.name}
+            "out_features": self.out_features, "dtype": _dtype_name(self.kernel),
+            "bias_dtype": _dtype_name(self.bias)}
 
   @classmethod
   def from_spec(cls, s: dict[str, Any]) -> GatheredLinear:
@@ -196,7 +198,7 @@ class QuantInfo(nnx.Module):
     offset = 0
     for d in self.decisions:
       if d.name == name:
-        return self.perms.value[offset:offset + d.width]
+        return self.perms[offset:offset + d.width]
       offset += d.width
     raise KeyError(f"no site named {name!r}")
 

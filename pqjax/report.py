@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pqjax.fold import get_module, set_module
+from pqjax.fold import dotted_path, get_module, set_module
 from pqjax.qmodules import QuantInfo, QuantLinear
 
 
@@ -39,7 +39,7 @@ class _OutTap(nnx.Module):
 
   def __call__(self, x):
     y = self.inner(x)
-    self.out.value = y
+    self.out.set_value(y)
     return y
 
 
@@ -91,7 +91,8 @@ class ErrorReport:
     plt.close(fig)
 
 
-def _rel(a: jax.Array, b: jax.Array) -> float:
+def rel_error(a: jax.Array, b: jax.Array) -> float:
+  """``||a - b|| / ||b||`` in float64; ``||a||`` when ``b`` is all zeros."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   den = np.linalg.norm(b)
   return float(np.linalg.norm(a - b) / den) if den > 0 else float(np.linalg.norm(a))
@@ -116,7 +117,8 @@ def error_report(model: nnx.Module, qmodel: nnx.Module, batch: Mapping[str, Any]
   info = getattr(qmodel, "pqjax_info", None)
   if not isinstance(info, QuantInfo):
     raise ReportError(f"qmodel must come from pqjax.quantize, got a {type(qmodel).__name__}")
-  quantized = {p for p, node in _iter_paths(qmodel) if isinstance(node, QuantLinear)}
+  quantized = {dotted_path(p) for p, node in nnx.iter_graph(qmodel)
+               if isinstance(node, QuantLinear)}
   layers = list(dict.fromkeys(c.path for s in info.sites for c in s.consumers
                               if c.path in quantized))
   ref, quant = nnx.clone(model), nnx.clone(qmodel)
@@ -131,7 +133,7 @@ def error_report(model: nnx.Module, qmodel: nnx.Module, batch: Mapping[str, Any]
       by_layer.setdefault(c.path, []).append(dec)
   rows = []
   for p in layers:
-    out_q = get_module(quant, p).out.value
+    out_q = get_module(quant, p).out[...]
     for offset, perm in unpermute.get(p, []):
       w = perm.shape[0]
       out_q = out_q.at[..., offset + perm].set(out_q[..., offset:offset + w])
@@ -142,17 +144,12 @@ def error_report(model: nnx.Module, qmodel: nnx.Module, batch: Mapping[str, Any]
         "transform": ",".join(d.transform for d in decs) or "identity",
         "alpha": next((d.alpha for d in decs if d.alpha is not None), None),
         "accepted": any(d.accepted for d in decs),
-        "rel_err": _rel(out_q, get_module(ref, p).out.value),
+        "rel_err": rel_error(out_q, get_module(ref, p).out[...]),
     })
-  report = ErrorReport(rows, _rel(y_q, y_ref))
+  report = ErrorReport(rows, rel_error(y_q, y_ref))
   if path is not None:
     report.save_png(path)
   return report
-
-
-def _iter_paths(model: nnx.Module):
-  for path, node in nnx.iter_graph(model):
-    yield ".".join(str(k) for k in path), node
 
 
 def _producer_windows(info: QuantInfo) -> dict[str, list[tuple[int, jax.Array]]]:

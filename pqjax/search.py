@@ -195,6 +195,12 @@ def site_errors(data: SiteData, perms: Array, cfg: QuantConfig, rotate: bool) ->
 # ----------------------------------------------------------------------------- decisions
 
 
+def _transform(permuted: bool, rotate: bool) -> str:
+  """The ``SiteDecision.transform`` name of a (permutation, Hadamard) choice."""
+  return {(False, False): "identity", (True, False): "perm",
+          (False, True): "hadamard", (True, True): "perm+hadamard"}[(permuted, rotate)]
+
+
 def _rel_gain(err_base: float, err: float) -> float:
   return (err_base - err) / err_base if err_base > 0 else 0.0
 
@@ -230,11 +236,9 @@ def decide(name: str, kind: str, data: SiteData, cfg: QuantConfig, *, head_dim: 
       key = jax.random.fold_in(jax.random.key(cfg.seed), index)
       perm = random_permutation(key, width, head_dim)
     errs = site_errors(data, jnp.stack([jnp.asarray(identity), perm]), cfg, rot)
-    transform = ("perm" if method != "rtn" else "identity")
-    if rot:
-      transform = "perm+hadamard" if method != "rtn" else "hadamard"
-    return (SiteDecision(name, kind, width, transform, None, method != "rtn",
-                         float(errs[0]), float(errs[1])), np.asarray(perm, np.int32))
+    return (SiteDecision(name, kind, width, _transform(method != "rtn", rot), None,
+                         method != "rtn", float(errs[0]), float(errs[1])),
+            np.asarray(perm, np.int32))
 
   alphas = (cfg.alpha,) if cfg.alpha is not None else cfg.alpha_grid
   sorted_p = sorted_permutations(data.m_a, data.m_w, jnp.asarray(alphas, jnp.float32),
@@ -251,8 +255,7 @@ def decide(name: str, kind: str, data: SiteData, cfg: QuantConfig, *, head_dim: 
     r_best, c_best = base_r, 0
   rot = rotate_options[r_best]
   permuted = c_best > 0
-  transform = {(False, False): "identity", (True, False): "perm",
-               (False, True): "hadamard", (True, True): "perm+hadamard"}[(permuted, rot)]
+  transform = _transform(permuted, rot)
   accepted = (r_best, c_best) != (base_r, 0)
   reason = "" if accepted else f"no candidate lowered the error by more than tau={cfg.tau}"
   perm = np.asarray(perms[c_best], np.int32)

@@ -85,7 +85,8 @@ class ErrorReport:
     ax.set_ylabel("relative output error")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles + ax.get_legend_handles_labels()[0],
-              list(colours) + ax.get_legend_handles_labels()[1], fontsize=7)
+              list(colours) + ax.get_legend_handles_labels()[1], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

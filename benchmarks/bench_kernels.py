@@ -3,8 +3,8 @@
     python benchmarks/bench_kernels.py --out DIR [--prev OLD.json] [--tiny]
 
 For every timed (shape, M): fresh random weights per shape and activations per M; each of our
-W4A4 NVFP4 candidates (``fp4_matmul`` with ``method`` "xla", "kernel", "ws" and tiling
-variants) is checked against a float32 HIGHEST reference computed on the same GPU from the
+W4A4 NVFP4 candidates (``fp4_matmul`` with ``method`` "xla", "kernel" and tiling
+variants of the kernel) is checked against a float32 HIGHEST reference computed on the same GPU from the
 same inputs: relative Frobenius error <= 2**-8 (bf16 unit roundoff of the output; products
 are exact and the float32 accumulation adds ~1e-6) and nothing NaN. Then kernel time (CUPTI,
 summed over the kernels of one call, median) and wall time per call beside XLA bf16
@@ -100,15 +100,27 @@ def _ours(method, config=None, interpret=False):
   return jax.jit(f)
 
 
+def _xla_unfused():
+  """The "xla" method with the weight decode forced into its own pass (no dot fusion)."""
+  def f(ac, asc, ats, pws):
+    x = fm.dequantize(ac, asc, 1.0, "nvfp4").astype(jnp.bfloat16)
+    return [(jax.lax.dot_general(x, jax.lax.optimization_barrier(fm.decode_weights_bf16(p)),
+                                 (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+             * (p.tensor_scale * ats)).astype(jnp.bfloat16) for p in pws]
+  return jax.jit(f)
+
+
 def _candidates(m, n, k, interpret):
   """Our W4A4 candidates for this M: name -> (method, config)."""
   c = {"ours_w4a4_xla": ("xla", None)}
   if m <= 256:
-    c["ours_w4a4_kernel"] = ("kernel", None)
-    c["ours_w4a4_ws"] = ("ws", fm.default_config(m, n, k, method="ws"))
-  if m <= 16:
-    c["ours_w4a4_kernel_occ1"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=1))
-    c["ours_w4a4_ws_occ2"] = ("ws", fm.default_config(m, n, k, ctas_per_sm=2, method="ws"))
+    c["ours_w4a4_kernel"] = ("kernel", fm.default_config(m, n, k))
+  if m <= 64:
+    for occ in (2, 8):
+      c[f"ours_w4a4_kernel_occ{occ}"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=occ))
+    c["ours_w4a4_kernel_tk256"] = ("kernel", fm.default_config(m, n, k, tile_k=256))
+  if m >= 256:
+    c["ours_w4a4_xla_unfused"] = ("xla_unfused", None)
   if interpret:  # kernels under the interpreter inside jit hang on the CPU: XLA path only
     c = {"ours_w4a4_xla": c["ours_w4a4_xla"]}
   return c
@@ -142,7 +154,8 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
                                  preferred_element_type=jnp.bfloat16)[0] for c, sc in f4]),
             (_f4(ac, m, k), asc, f4), r16)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
-        cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
+        fn = _xla_unfused() if method == "xla_unfused" else _ours(method, cfg, interpret)
+        cands[name] = (fn, (ac, asc, ats, pws), r4)
         if cfg is not None:
           row[name + "_config"] = [cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.k_splits]
       for name, (fn, args, reps) in cands.items():
@@ -232,6 +245,7 @@ def main():
   p.add_argument("--prev", default=None, help="earlier results JSON: skip its scaled_matmul")
   p.add_argument("--tiny", action="store_true", help="CPU + GPU interpreter, small shapes")
   p.add_argument("--skip-norm", action="store_true")
+  p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
   args = p.parse_args()
   dev = jax.devices()[0]
   date = datetime.date.today().isoformat()
@@ -270,7 +284,8 @@ def main():
     else:
       if not args.skip_norm:
         bench_norm(results, log, save, [(2, 4608, 3072), (4, 1024, 1152)], timer)
-      bench_matmul(results, log, save, SHAPES_KN, MS, prev, timer, False)
+      bench_matmul(results, log, save, SHAPES_KN, [int(v) for v in args.ms.split(",")],
+                   prev, timer, False)
   except Exception:
     log(traceback.format_exc())
   save()

@@ -8,28 +8,35 @@ tensor scale.
 
 How the kernel computes (swap-AB, one warpgroup per CTA, grid ``(N/tile_n, M/tile_m,
 k_splits)``): the TMA pipeline brings per K step a ``(tile_n, tile_k)`` tile of the codes
-(viewed as int4, a free bitcast of the uint8 bytes), its ``(tile_k/G, tile_n)`` bf16 scales
-and a ``(tile_k, tile_m)`` tile of the transposed activations. The codes are upcast to bf16
-in registers (int4 -> bf16, then an exact E2M1 decode with clamps and FMAs: no float4 types
-on Hopper), multiplied by the block scale broadcast along each 16-wide column slice, stored to
-shared memory, and fed to ``wgmma`` as the A operand with the activations as B; the
-accumulator is ``(tile_n, tile_m)`` float32. E2M1 x E4M3 (and E2M1 x E8M0) products are exact
-in bf16, so the bf16 tensor-core product with float32 accumulation is exact per product and
-only the accumulation order differs from the float32 reference. The kernel writes float32
-partial sums ``(k_splits, N, M)``; one XLA fusion sums the splits, transposes, applies the
-tensor scales, the bias and the epilogue (tanh-GELU, gated residual) and casts.
+(viewed as int4, a free bitcast of the uint8 bytes), its ``(tile_k/G, tile_n)`` block scales
+and a ``(tile_k, tile_m)`` tile of the transposed activations. The codes are decoded in
+registers and multiplied by the block scale of each 16-wide column slice; each slice is then
+the register A operand of an asynchronous ``wgmma`` with the activation slice as B, so the
+decode of slice j+1 overlaps the tensor-core work on slice j and nothing round-trips through
+shared memory. The accumulator is ``(tile_n, tile_m)`` float32. Operand types:
+NVFP4 weights with NVFP4 activations (W4A4) run in float16: the E2M1 decode is an inline-PTX
+byte permute into E4M3 (``prmt`` table look-up, sign by a second table) and one
+``cvt.rn.f16x2.e4m3x2`` per pair, and E2M1 x E4M3 block-scale products (|v| <= 2688,
+>= 2**-10) are exact in float16. Everything else (W4A16 with bf16 activations, MXFP4, INT4)
+runs in bf16 with the arithmetic decode (int4 -> bf16, then the piecewise-linear E2M1 map).
+Either way every product is exact, so only the float32 accumulation order differs from the
+float32 reference. The kernel writes float32 partial sums ``(k_splits, N, M)``; one XLA fusion
+sums the splits, transposes, applies the tensor scales, the bias and the epilogue
+(tanh-GELU, gated residual) and casts.
 
 W4A4 on Hopper: there are no FP4 tensor cores, so packed NVFP4 activations are decoded to
-bf16 (``q * s_b``, exact) before the kernel and their tensor scale is folded into the
+float16 (``q * s_b``, exact) before the kernel and their tensor scale is folded into the
 output scale; the result equals the NVFP4 x NVFP4 product up to accumulation order.
 
-Three ways to run it (``method``), picked per M by ``pick_method`` unless given:
+Under JAX's GPU interpreter (CPU tests) the same kernel runs with the decode written in jnp
+and the decoded tile staged in shared memory (the interpreter has neither inline PTX nor a
+register A operand); the GPU tests cover the register path.
+
+Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
 ``"xla"`` (large M, compute-bound): an elementwise decode of the weights (and W4A4
 activations) to exact bf16, fused by XLA, then XLA's bf16 dot with float32 accumulation:
 the decode pass is bandwidth-bound (~4.5 + 16 bits per weight) and the dot runs at cuBLAS
-speed. ``"kernel"``: the fused kernel above. ``"ws"``: the same arithmetic in a
-warp-specialized kernel (one TMA warpgroup, two decode + ``wgmma`` warpgroups with a
-double-buffered decoded tile and ``wgmma_wait(1)``), for small M (memory-bound).
+speed. ``"kernel"``: the fused kernel above (memory-bound small M).
 
 ``prepare_weights`` does the one-time re-layout (int4 view of the codes, bf16 scales
 transposed to ``(K/G, N)``); call it once at quantize time and pass the result as
@@ -50,11 +57,10 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 Fmt = Literal["nvfp4", "mxfp4", "int4"]
 Epilogue = Literal["gelu_tanh"] | None
-Method = Literal["auto", "xla", "kernel", "ws"]
-METHODS = ("auto", "xla", "kernel", "ws")
+Method = Literal["auto", "xla", "kernel"]
+METHODS = ("auto", "xla", "kernel")
 # M from which "auto" takes the decode + XLA dot path (measured: NOTES_kernels.md, v2).
 XLA_MIN_M = 64
-_WS_HALF = 64  # weight rows per consumer warpgroup in the warp-specialized kernel
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
 SCALE_DTYPES = {"nvfp4": jnp.dtype(jnp.float8_e4m3fn), "mxfp4": jnp.dtype(jnp.uint8),
@@ -303,25 +309,16 @@ def _splits(ctas: int, k_steps: int, target: int, min_steps: int) -> int:
   return splits
 
 
-def default_config(m: int, n: int, k: int, num_sms: int = 132, ctas_per_sm: int | None = None,
-                   method: str = "kernel") -> MatmulConfig:
-  """A tiling for ``(M, K) x (K, N)``: tile_m from M, split-K until ``ctas_per_sm * num_sms``
-  CTAs exist. ``method="ws"``: 128 weight rows per CTA (64 per consumer warpgroup), M tile
-  at most 64 (shared memory).
-
-  ``ctas_per_sm`` defaults to 4 for ``"kernel"`` (measured on an H200 at M=16 on all three
-  FLUX shapes: 12.4-36.6 us against 17.8-60.7 us with 1) and 1 for ``"ws"`` (2 measured no
-  better)."""
-  if ctas_per_sm is None:
-    ctas_per_sm = 4 if method == "kernel" else 1
-  if method == "ws":
-    tile_m, tile_n, min_steps = (16 if m <= 16 else 32 if m <= 32 else 64), 128, 4
-  else:
-    tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    tile_n, min_steps = 64, 2
+def default_config(m: int, n: int, k: int, num_sms: int = 132,
+                   ctas_per_sm: int = 4, tile_k: int = 128) -> MatmulConfig:
+  """A tiling for ``(M, K) x (K, N)``: tile_m from M, 64 weight rows per CTA, split-K until
+  ``ctas_per_sm * num_sms`` CTAs exist (several CTAs per SM hide one CTA's decode and
+  ``wgmma`` waits behind another's loads: 4 measured best for v1 on an H200)."""
+  tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+  tile_n = 64
   ctas = (n // tile_n) * (-(-m // tile_m))
-  splits = _splits(ctas, k // 128, ctas_per_sm * num_sms, min_steps)
-  return MatmulConfig(tile_n=tile_n, tile_m=tile_m, tile_k=128, k_splits=splits)
+  splits = _splits(ctas, k // tile_k, ctas_per_sm * num_sms, 2)
+  return MatmulConfig(tile_n=tile_n, tile_m=tile_m, tile_k=tile_k, k_splits=splits)
 
 
 def _layout_cast(interpret: bool):
@@ -336,37 +333,103 @@ def _swz(bytes_):
 _CODES_TRANSFORMS = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))
 
 
-def _out_smem(rows: int, tm: int, lead: tuple[int, ...] = ()):
+def _out_smem(rows: int, tm: int):
   sw = min(128, tm * 4)
-  return plgpu.SMEM((*lead, rows, tm), jnp.float32,
+  return plgpu.SMEM((rows, tm), jnp.float32,
                     transforms=(plgpu.TilingTransform((8, sw // 4)), plgpu.SwizzleTransform(sw)))
 
 
-def _decode_store(codes_ref, scale_row, dst_ref, rows: int, tk: int, g: int, fmt: str,
-                  interpret: bool) -> None:
-  """Decodes a ``(rows, tk)`` int4 SMEM tile, scales it and stores bf16 into ``dst_ref``.
+# E2M1 -> E4M3 by byte permute: `prmt` picks byte i of the output from the 8-byte table
+# (lo, hi) with the 3-bit magnitude index, once from the positive and once from the negative
+# table; a third `prmt` takes the negative byte where the nibble's sign bit is set. E4M3 bytes
+# of the E2M1 grid 0, .5, 1, 1.5, 2, 3, 4, 6: 00 30 38 3C 40 44 48 4C (negative: | 0x80).
+# Then `cvt.rn.f16x2.e4m3x2` widens two bytes at a time (exact). One 32-bit word of 8 nibbles
+# (element 2i in the low nibble of byte i) gives four f16x2 words: elements (0,1) .. (6,7).
+_E2M1_TO_F16X2_PTX = """{
+.reg .b32 idx, pat, pos, neg, e0, e1;
+.reg .b16 h0, h1, h2, h3;
+and.b32 idx, $4, 0x77777777;
+and.b32 pat, $4, 0x88888888;
+shr.u32 pat, pat, 1;
+or.b32 pat, pat, 0x32103210;
+prmt.b32 pos, 0x3C383000, 0x4C484440, idx;
+prmt.b32 neg, 0xBCB8B080, 0xCCC8C4C0, idx;
+prmt.b32 e0, pos, neg, pat;
+shr.u32 idx, idx, 16;
+shr.u32 pat, pat, 16;
+prmt.b32 pos, 0x3C383000, 0x4C484440, idx;
+prmt.b32 neg, 0xBCB8B080, 0xCCC8C4C0, idx;
+prmt.b32 e1, pos, neg, pat;
+mov.b32 {h0, h1}, e0;
+mov.b32 {h2, h3}, e1;
+cvt.rn.f16x2.e4m3x2 $0, h0;
+cvt.rn.f16x2.e4m3x2 $1, h1;
+cvt.rn.f16x2.e4m3x2 $2, h2;
+cvt.rn.f16x2.e4m3x2 $3, h3;
+}"""
 
-  ``scale_row(i)`` loads the ``(rows,)`` bf16 block scales of group ``i`` of the tile.
+
+def _e2m1_to_f16_registers(codes):
+  """Mosaic GPU: int4 ``FragmentedArray`` of E2M1 nibbles (WGMMA layout) -> float16 values.
+
+  In the WGMMA layout each register holds two consecutive columns; after the relayout from
+  ``WGMMA_UPCAST_4X`` they are slices of 32-bit words, so each word is decoded once.
   """
+  from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
+  from jax._src.lib.mlir.dialects import arith, llvm, vector  # noqa: PLC0415
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+  i32 = ir.IntegerType.get_signless(32)
+  pair_ty = ir.VectorType.get((2,), ir.F16Type.get())
+  words: dict = {}
+  out = np.empty_like(codes.registers)
+  for idx, reg in np.ndenumerate(codes.registers):
+    op = getattr(reg.owner, "opview", None)
+    if isinstance(op, vector.ExtractStridedSliceOp) and \
+       mgpu.utils.bitwidth(op.source.type) == 32:
+      src, offset = op.source, op.offsets[0].value
+    else:
+      src, offset = reg, 0
+    if src not in words:
+      bits = mgpu.utils.bitwidth(src.type)
+      word = mgpu.utils.bitcast(src, ir.IntegerType.get_signless(bits))
+      if bits != 32:
+        word = arith.extui(i32, word)
+      res = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4), [word],
+                            _E2M1_TO_F16X2_PTX, "=r,=r,=r,=r,r")
+      words[src] = [llvm.extractvalue(i32, res, [i]) for i in range(4)]
+    out[idx] = mgpu.utils.bitcast(words[src][offset // 2], pair_ty)
+  return type(codes)(_registers=out, _layout=codes.layout, _is_signed=None)
+
+
+def _decode(codes_ref, rows: int, tk: int, fmt: str, dtype, interpret: bool):
+  """Unscaled element values of a ``(rows, tk)`` int4 SMEM tile, in ``dtype`` (WGMMA layout)."""
   lc = _layout_cast(interpret)
-  v = lc(lc(codes_ref[...], plgpu.Layout.WGMMA_UPCAST_4X), plgpu.Layout.WGMMA)
-  v = v.astype(jnp.bfloat16)
-  vals = _e2m1_from_signed(v) if fmt != "int4" else v
-  for j in range(tk // 16):
-    s = lc(scale_row((16 * j) // g), plgpu.Layout.WGMMA.reduce(1))
-    wj = vals[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (rows, 16), (0,))
-    dst_ref.at[:, pl.ds(16 * j, 16)][...] = wj.astype(jnp.bfloat16)
+  codes = lc(lc(codes_ref[...], plgpu.Layout.WGMMA_UPCAST_4X), plgpu.Layout.WGMMA)
+  if fmt == "nvfp4" and dtype == jnp.float16 and not interpret:
+    decode = plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct((rows, tk), jnp.float16, plgpu.Layout.WGMMA))(
+            lambda _, c: _e2m1_to_f16_registers(c))
+    return decode(codes)
+  v = codes.astype(jnp.bfloat16)
+  if fmt != "int4":
+    v = _e2m1_from_signed(v)
+  return v if dtype == jnp.bfloat16 else v.astype(dtype)
 
 
 def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
-  """Runs the Mosaic GPU kernel: ``at (K, Mp)`` bf16 -> float32 partials ``(splits, N, Mp)``."""
+  """Runs the Mosaic GPU kernel: ``at (K, Mp)`` f16/bf16 -> float32 partials ``(splits, N, Mp)``.
+
+  The operand type is ``at.dtype`` (float16 only for NVFP4 weights)."""
   k, mp = at.shape
   n = w.codes.shape[0]
   g = w.group_size
+  dtype = at.dtype
   tn, tm, tk, splits = config.tile_n, config.tile_m, config.tile_k, config.k_splits
   k_steps = k // tk // splits
+  lc = _layout_cast(interpret)
 
-  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, out_smem, wdec_smem):
+  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, out_smem, *staging):
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     n_sl, m_sl = pl.ds(ni * tn, tn), pl.ds(mi * tm, tm)
     k_sl = pl.ds(si * k_steps * tk, k_steps * tk)
@@ -374,15 +437,23 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
 
     def scoped(acc_ref):
       def body(_, at_smem, wq_smem, ws_smem):
-        _decode_store(wq_smem, lambda i: ws_smem[i], wdec_smem, tn, tk, g, w.fmt, interpret)
-        plgpu.commit_smem()
-        plgpu.wgmma(acc_ref, wdec_smem, at_smem)
+        vals = _decode(wq_smem, tn, tk, w.fmt, dtype, interpret)
+        for j in range(tk // 16):
+          s = lc(ws_smem[(16 * j) // g], plgpu.Layout.WGMMA.reduce(1)).astype(dtype)
+          wj = vals[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (tn, 16), (0,))
+          if staging:  # interpreter: A from shared memory, one wgmma per step
+            staging[0].at[:, pl.ds(16 * j, 16)][...] = wj
+          else:
+            plgpu.wgmma(acc_ref, wj, at_smem.at[pl.ds(16 * j, 16)])
+        if staging:
+          plgpu.commit_smem()
+          plgpu.wgmma(acc_ref, staging[0], at_smem)
         plgpu.wgmma_wait(0)
 
       plgpu.emit_pipeline(
           body, grid=(k_steps,), max_concurrent_steps=config.max_concurrent_steps,
           in_specs=[
-              plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(_SWIZZLE)),
+              plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(32)),
               plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=_CODES_TRANSFORMS),
               plgpu.BlockSpec((tk // g, tn), lambda kk: (kk, 0)),
           ])(at_gmem.at[k_sl, m_sl], wq_gmem.at[n_sl, k_sl], ws_gmem.at[g_sl, n_sl])
@@ -393,95 +464,17 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
     plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, n_sl, m_sl])
     plgpu.wait_smem_to_gmem(0)
 
+  scratch = [_out_smem(tn, tm)]
+  if interpret:
+    scratch.append(plgpu.SMEM((tn, tk), dtype, transforms=_swz(32)))
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
-      grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"),
-      scratch_types=[_out_smem(tn, tm),
-                     plgpu.SMEM((tn, tk), jnp.bfloat16, transforms=_swz(_SWIZZLE))])
+      grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"), scratch_types=scratch)
   return call(at, w.codes, w.scales_t)
 
 
-def _kernel_call_ws(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
-  """Warp-specialized variant of ``_kernel_call`` (same inputs and float32 partials).
-
-  Per CTA 128 weight rows: warpgroup 2 issues the TMA copies, warpgroups 0 and 1 each decode
-  their 64 rows into one of two decoded-tile buffers and issue ``wgmma`` asynchronously;
-  ``wgmma_wait(1)`` lets step k's decode overlap step k-1's ``wgmma``, and the pipeline
-  releases an input slot one step late (``delay_release=1``) because the in-flight
-  ``wgmma`` still reads the activation tile.
-  """
-  k, mp = at.shape
-  n = w.codes.shape[0]
-  g = w.group_size
-  h, tn = _WS_HALF, 2 * _WS_HALF
-  tm, tk, splits = config.tile_m, config.tile_k, config.k_splits
-  k_steps = k // tk // splits
-  # (K/G, N) -> (K/G, N/64, 64): a free reshape, so a warpgroup indexes its scales on a
-  # leading axis.
-  scales3 = w.scales_t.reshape(k // g, n // h, h)
-
-  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, out_smem, wdec_smem):
-    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
-    m_sl = pl.ds(mi * tm, tm)
-    k_sl = pl.ds(si * k_steps * tk, k_steps * tk)
-    g_sl = pl.ds(si * k_steps * (tk // g), k_steps * (tk // g))
-
-    def compute_context(eval_pipeline):
-      wg = lax.axis_index("wg")
-
-      def scoped(acc_ref):
-        eval_pipeline(acc_ref)
-        plgpu.wgmma_wait(0)
-        out_smem[wg] = acc_ref[...]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                out_gmem.at[si, pl.ds(ni * tn + wg * h, h), m_sl])
-        plgpu.wait_smem_to_gmem(0)
-
-      pl.run_scoped(scoped, plgpu.ACC((h, tm), jnp.float32))
-
-    def body(idxs, at_smem, wq_smem, ws_smem, acc_ref):
-      wg = lax.axis_index("wg")
-      dst = wdec_smem.at[wg, lax.rem(idxs[0], 2)]
-      _decode_store(wq_smem.at[pl.ds(wg * h, h)], lambda i: ws_smem[i, wg], dst, h, tk, g,
-                    w.fmt, interpret)
-      plgpu.commit_smem()
-      plgpu.wgmma(acc_ref, dst, at_smem)
-      plgpu.wgmma_wait(1)
-      return acc_ref
-
-    pipeline = plgpu.emit_pipeline_warp_specialized(
-        body, grid=(k_steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-        max_concurrent_steps=config.max_concurrent_steps, compute_context=compute_context,
-        in_specs=[
-            plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(_SWIZZLE),
-                            delay_release=1),
-            plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=_CODES_TRANSFORMS,
-                            delay_release=1),
-            plgpu.BlockSpec((tk // g, 2, h), lambda kk: (kk, 0, 0), delay_release=1),
-        ])
-    pipeline(at_gmem.at[k_sl, m_sl], wq_gmem.at[pl.ds(ni * tn, tn), k_sl],
-             ws_gmem.at[g_sl, pl.ds(ni * 2, 2)])
-
-  call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
-      grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"), num_threads=3,
-      thread_name="wg",
-      scratch_types=[_out_smem(h, tm, (2,)),
-                     plgpu.SMEM((2, 2, h, tk), jnp.bfloat16, transforms=_swz(_SWIZZLE))])
-  return call(at, w.codes, scales3)
-
-
-def _check_config(config: MatmulConfig, n: int, k: int, g: int, method: str) -> None:
+def _check_config(config: MatmulConfig, n: int, k: int, g: int) -> None:
   tn, tm, tk, s = config.tile_n, config.tile_m, config.tile_k, config.k_splits
-  if method == "ws" and (tn != 2 * _WS_HALF or tm > 64):
-    raise ValueError(f"method='ws' needs tile_n={2 * _WS_HALF} and tile_m <= 64, got "
-                     f"tile_n={tn}, tile_m={tm}")
-  if method == "ws" and (config.max_concurrent_steps < 2 or k // tk // max(s, 1) < 2):
-    raise ValueError(f"method='ws' needs max_concurrent_steps >= 2 and >= 2 K steps per "
-                     f"split (inputs are released one step late), got "
-                     f"max_concurrent_steps={config.max_concurrent_steps}, K={k}, "
-                     f"tile_k={tk}, k_splits={s}")
   if tn % 64 or n % tn:
     raise ValueError(f"N={n} must be a multiple of tile_n={tn} (itself a multiple of 64)")
   if tm % 8 or not 8 <= tm <= 256:
@@ -515,8 +508,8 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     gate: optional ``(N,)``, ``(M, N)`` or per-sample ``(B, N)`` (rows ``b*T .. b*T+T-1``).
     out_dtype: output dtype.
     config: ``MatmulConfig`` of the kernels; None picks ``default_config``.
-    method: ``"xla"`` (decode + XLA bf16 dot), ``"kernel"``, ``"ws"`` (warp-specialized
-      kernel) or ``"auto"`` (``pick_method(M)``).
+    method: ``"xla"`` (decode + XLA bf16 dot), ``"kernel"`` or ``"auto"``
+      (``pick_method(M)``).
     interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
 
   Returns:
@@ -543,12 +536,14 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   method = pick_method(m) if method == "auto" else method
   if method != "xla":
-    config = config or default_config(m, n, k, method=method)
-    _check_config(config, n, k, w.group_size, method)
+    config = config or default_config(m, n, k)
+    _check_config(config, n, k, w.group_size)
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:
-    # q * s_b is exact in bf16; the activation tensor scale goes to the output.
-    x = dequantize(a, a_scales, 1.0, "nvfp4").astype(jnp.bfloat16)
+    # q * s_b is exact in bf16 and in f16 (|v| <= 2688, >= 2**-10); the activation tensor
+    # scale goes to the output. NVFP4 x NVFP4 runs the kernel in f16 (cheaper decode).
+    x = dequantize(a, a_scales, 1.0, "nvfp4").astype(
+        jnp.float16 if w.fmt == "nvfp4" and method != "xla" else jnp.bfloat16)
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)
   else:
     x = a.astype(jnp.bfloat16)
@@ -557,8 +552,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   else:
     mp = -(-m // config.tile_m) * config.tile_m
     at = jnp.pad(x, ((0, mp - m), (0, 0))).T
-    call = _kernel_call_ws if method == "ws" else _kernel_call
-    partials = call(at, w, config, interpret)
+    partials = _kernel_call(at, w, config, interpret)
     y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 

@@ -48,10 +48,6 @@ class KernelCases:
   def config(self, splits=1):
     if self.method == "xla":
       return None
-    if self.method == "ws":
-      # One M tile: with two M tiles the 0.10.2 interpreter hangs on this kernel (open,
-      # see NOTES_kernels.md); the GPU run of the benchmark covers several M tiles.
-      return fm.MatmulConfig(tile_n=128, tile_m=32, k_splits=splits, max_concurrent_steps=2)
     return fm.MatmulConfig(tile_m=16, k_splits=splits)
 
   @pytest.mark.parametrize("fmt,m,k,splits", [("nvfp4", 5, 512, 2), ("mxfp4", 20, 256, 1),
@@ -68,8 +64,9 @@ class KernelCases:
     assert np.isfinite(np.asarray(out)).all()
     assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt, extra)).all()
 
-  def test_w4a4_nvfp4_epilogue(self):
-    m, n, k = 9, 128, 256
+  @pytest.mark.parametrize("m,k,splits", [(9, 256, 1), (42, 512, 2)])
+  def test_w4a4_nvfp4_epilogue(self, m, k, splits):
+    n = 128
     a, qt = _case(7, m, n, k, "nvfp4")
     qa = gn.quantize_nvfp4(a)
     rng = np.random.default_rng(1)
@@ -79,7 +76,7 @@ class KernelCases:
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias,
               epilogue="gelu_tanh", gate=gate, residual=res, out_dtype=jnp.float32)
     out = self.run(lambda: fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
-                                         config=self.config(), method=self.method, **kw,
+                                         config=self.config(splits), method=self.method, **kw,
                                          interpret=self.interpret))
     ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
     # gelu and the gate are 1-Lipschitz up to max|gate|; the matmul bound carries through.
@@ -92,11 +89,6 @@ class KernelCases:
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 class TestKernelsGPU(KernelCases):
   pass
-
-
-@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
-class TestKernelsWarpSpecializedGPU(KernelCases):
-  method = "ws"
 
 
 class TestMethodXLA(KernelCases):
@@ -113,13 +105,6 @@ class TestKernelsInterpreter(KernelCases):
   def run(self, fn):
     with interpret.gpu_interpreter():
       return fn()
-
-
-@pytest.mark.skip(reason="the warp-specialized kernel passes alone under the 0.10.2 "
-                  "interpreter but hangs it intermittently (two M tiles, or after other "
-                  "interpreted kernels in the process); open, see NOTES_kernels.md")
-class TestKernelsWarpSpecializedInterpreter(TestKernelsInterpreter):
-  method = "ws"
 
 
 def test_decode_weights_bf16_is_exact():
@@ -164,7 +149,8 @@ def test_w4a4_reference_matches_oracle():
     (dict(bias_n=7), "bias"),
     (dict(epilogue="relu"), "epilogue"),
     (dict(method="cuda"), "method"),
-    (dict(method="ws", config=fm.MatmulConfig(tile_n=64)), "tile_n"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_n=96)), "tile_n"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_k=192)), "tile_k"),
 ])
 def test_bad_input_raises(kwargs, match):
   n, k = kwargs.get("n", 128), kwargs.get("k", 256)

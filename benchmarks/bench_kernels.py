@@ -116,9 +116,10 @@ def _candidates(m, n, k, interpret):
   if m <= 256:
     c["ours_w4a4_kernel"] = ("kernel", fm.default_config(m, n, k))
   if m <= 64:
-    for occ in (2, 8):
-      c[f"ours_w4a4_kernel_occ{occ}"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=occ))
-    c["ours_w4a4_kernel_tk256"] = ("kernel", fm.default_config(m, n, k, tile_k=256))
+    c["ours_w4a4_kernel_occ8"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=8))
+    for occ in (2, 4):
+      c[f"ours_w4a4_kernel_tn128_occ{occ}"] = ("kernel", fm.default_config(
+          m, n, k, ctas_per_sm=occ, tile_n=128))
   if m >= 256:
     c["ours_w4a4_xla_unfused"] = ("xla_unfused", None)
   if interpret:  # kernels under the interpreter inside jit hang on the CPU: XLA path only
@@ -153,6 +154,13 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
             jax.nn.scaled_matmul(af[None], c[None], asc[None], sc[None],
                                  preferred_element_type=jnp.bfloat16)[0] for c, sc in f4]),
             (_f4(ac, m, k), asc, f4), r16)
+      if m <= 64 and not interpret:  # diagnostic: the Mosaic kernel alone (no XLA pro/epilogue)
+        cfg0 = fm.default_config(m, n, k)
+        mp = -(-m // cfg0.tile_m) * cfg0.tile_m
+        at = jnp.pad(fm.dequantize(ac, asc, 1.0, "nvfp4").astype(jnp.float16),
+                     ((0, mp - m), (0, 0))).T
+        cands["diag_kernel_only"] = (jax.jit(lambda at, pws: [
+            fm._kernel_call(at, p, cfg0, False) for p in pws]), (at, pws), r4)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
         fn = _xla_unfused() if method == "xla_unfused" else _ours(method, cfg, interpret)
         cands[name] = (fn, (ac, asc, ats, pws), r4)

@@ -66,6 +66,9 @@ GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
 SCALE_DTYPES = {"nvfp4": jnp.dtype(jnp.float8_e4m3fn), "mxfp4": jnp.dtype(jnp.uint8),
                 "int4": jnp.dtype(jnp.float32)}
 _E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+# JAX >= 0.11 lowers concatenate in kernels: then one wgmma group per K step; before, one per
+# 16-column slice.
+_REGISTER_CONCAT = tuple(int(v) for v in jax.__version_info__[:2]) >= (0, 11)
 _SWIZZLE = 32  # bytes: 16 bf16 per swizzle row, so each 16-wide column slice is tile aligned
 
 
@@ -94,7 +97,8 @@ class PreparedWeights:
 
   Attributes:
     codes: int4 ``(N, K)``, the same bytes as the uint8 codes.
-    scales_t: bf16 ``(K/G, N)`` block scales (exact for nvfp4 and mxfp4, rounded for int4).
+    scales_t: ``(K/G, N)`` block scales: float16 for nvfp4 (exact: E4M3 is a subset), bf16
+      otherwise (exact for mxfp4's powers of two, rounded for int4).
     tensor_scale: float32 scalar.
     fmt: format name.
     group_size: elements per block scale along K.
@@ -164,7 +168,8 @@ def prepare_weights(w_codes: jax.Array, w_scales: jax.Array, w_tensor_scale, *,
   """
   n, k, g = _check_weights(w_codes, w_scales, fmt)
   codes = lax.bitcast_convert_type(w_codes, jnp.int4).reshape(n, k)
-  scales_t = _scales_to_f32(w_scales, fmt).astype(jnp.bfloat16).T
+  scales_t = _scales_to_f32(w_scales, fmt).astype(
+      jnp.float16 if fmt == "nvfp4" else jnp.bfloat16).T
   return PreparedWeights(codes, scales_t, jnp.asarray(w_tensor_scale, jnp.float32), fmt, g)
 
 
@@ -208,7 +213,7 @@ def decode_weights_bf16(w: PreparedWeights) -> jax.Array:
   v = w.codes.astype(jnp.bfloat16)
   if w.fmt != "int4":
     v = _e2m1_from_signed(v)
-  s = w.scales_t.T[:, :, None]
+  s = w.scales_t.T.astype(jnp.bfloat16)[:, :, None]
   return (v.reshape(n, k // w.group_size, w.group_size) * s).reshape(n, k)
 
 
@@ -310,12 +315,11 @@ def _splits(ctas: int, k_steps: int, target: int, min_steps: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132,
-                   ctas_per_sm: int = 4, tile_k: int = 128) -> MatmulConfig:
+                   ctas_per_sm: int = 4, tile_k: int = 128, tile_n: int = 64) -> MatmulConfig:
   """A tiling for ``(M, K) x (K, N)``: tile_m from M, 64 weight rows per CTA, split-K until
   ``ctas_per_sm * num_sms`` CTAs exist (several CTAs per SM hide one CTA's decode and
   ``wgmma`` waits behind another's loads: 4 measured best for v1 on an H200)."""
   tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-  tile_n = 64
   ctas = (n // tile_n) * (-(-m // tile_m))
   splits = _splits(ctas, k // tile_k, ctas_per_sm * num_sms, 2)
   return MatmulConfig(tile_n=tile_n, tile_m=tile_m, tile_k=tile_k, k_splits=splits)
@@ -438,22 +442,28 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
     def scoped(acc_ref):
       def body(_, at_smem, wq_smem, ws_smem):
         vals = _decode(wq_smem, tn, tk, w.fmt, dtype, interpret)
+        slices = []
         for j in range(tk // 16):
-          s = lc(ws_smem[(16 * j) // g], plgpu.Layout.WGMMA.reduce(1)).astype(dtype)
-          wj = vals[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (tn, 16), (0,))
-          if staging:  # interpreter: A from shared memory, one wgmma per step
+          s = lc(ws_smem[(16 * j) // g], plgpu.Layout.WGMMA.reduce(1))
+          if s.dtype != dtype:
+            s = s.astype(dtype)
+          slices.append(vals[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (tn, 16), (0,)))
+        if staging:  # interpreter: A staged in shared memory
+          for j, wj in enumerate(slices):
             staging[0].at[:, pl.ds(16 * j, 16)][...] = wj
-          else:
-            plgpu.wgmma(acc_ref, wj, at_smem.at[pl.ds(16 * j, 16)])
-        if staging:
           plgpu.commit_smem()
           plgpu.wgmma(acc_ref, staging[0], at_smem)
+        elif _REGISTER_CONCAT:  # one wgmma group over the whole K step, A from registers
+          plgpu.wgmma(acc_ref, jnp.concatenate(slices, axis=1), at_smem)
+        else:
+          for j, wj in enumerate(slices):
+            plgpu.wgmma(acc_ref, wj, at_smem.at[pl.ds(16 * j, 16)])
         plgpu.wgmma_wait(0)
 
       plgpu.emit_pipeline(
           body, grid=(k_steps,), max_concurrent_steps=config.max_concurrent_steps,
           in_specs=[
-              plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(32)),
+              plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(_SWIZZLE)),
               plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=_CODES_TRANSFORMS),
               plgpu.BlockSpec((tk // g, tn), lambda kk: (kk, 0)),
           ])(at_gmem.at[k_sl, m_sl], wq_gmem.at[n_sl, k_sl], ws_gmem.at[g_sl, n_sl])
@@ -466,7 +476,7 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
 
   scratch = [_out_smem(tn, tm)]
   if interpret:
-    scratch.append(plgpu.SMEM((tn, tk), dtype, transforms=_swz(32)))
+    scratch.append(plgpu.SMEM((tn, tk), dtype, transforms=_swz(_SWIZZLE)))
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
       grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"), scratch_types=scratch)

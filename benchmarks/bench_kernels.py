@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -100,6 +101,34 @@ def _ours(method, config=None, interpret=False):
   return jax.jit(f)
 
 
+def _stream_only(pw, at, k_splits, tile_m):
+  """Diagnostic: the kernel's TMA pipeline over the same tiles with an empty body (the
+  ceiling its memory access pattern allows)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  n, k = pw.shape
+  g = pw.group_size
+  steps = k // fm.TILE_K // k_splits
+
+  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem):
+    ni, mi, si = (jax.lax.axis_index(a) for a in ("n", "m", "s"))
+    step_sl = pl.ds(si * steps, steps)
+    plgpu.emit_pipeline(
+        lambda *_: None, grid=(steps,), max_concurrent_steps=4,
+        in_specs=[plgpu.BlockSpec((fm.TILE_K, tile_m), lambda kk: (kk, 0),
+                                  transforms=fm._swz(fm._SWIZZLE)),
+                  plgpu.BlockSpec((1, fm.TILE_N, fm.TILE_K), lambda kk: (kk, 0, 0),
+                                  transforms=fm._CODES_TRANSFORMS),
+                  plgpu.BlockSpec((1, fm.TILE_K // g, fm.TILE_N), lambda kk: (kk, 0, 0))])(
+        at_gmem.at[pl.ds(si * steps * fm.TILE_K, steps * fm.TILE_K), pl.ds(mi * tile_m, tile_m)],
+        wq_gmem.at[ni, step_sl], ws_gmem.at[ni, step_sl])
+
+  call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((8,), jnp.float32),
+                      grid=(n // fm.TILE_N, at.shape[1] // tile_m, k_splits),
+                      grid_names=("n", "m", "s"))
+  return call(at, pw.codes, pw.scales_t)
+
+
 def _xla_unfused():
   """The "xla" method with the weight decode forced into its own pass (no dot fusion)."""
   def f(ac, asc, ats, pws):
@@ -116,10 +145,10 @@ def _candidates(m, n, k, interpret):
   if m <= 256:
     c["ours_w4a4_kernel"] = ("kernel", fm.default_config(m, n, k))
   if m <= 64:
-    c["ours_w4a4_kernel_occ8"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=8))
-    for occ in (2, 4):
-      c[f"ours_w4a4_kernel_tn128_occ{occ}"] = ("kernel", fm.default_config(
-          m, n, k, ctas_per_sm=occ, tile_n=128))
+    for occ in (2, 8):
+      c[f"ours_w4a4_kernel_occ{occ}"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=occ))
+    c["ours_w4a4_kernel_depth8"] = ("kernel", dataclasses.replace(
+        fm.default_config(m, n, k), max_concurrent_steps=8))
   if m >= 256:
     c["ours_w4a4_xla_unfused"] = ("xla_unfused", None)
   if interpret:  # kernels under the interpreter inside jit hang on the CPU: XLA path only
@@ -161,11 +190,13 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
                      ((0, mp - m), (0, 0))).T
         cands["diag_kernel_only"] = (jax.jit(lambda at, pws: [
             fm._kernel_call(at, p, cfg0, False) for p in pws]), (at, pws), r4)
+        cands["diag_stream_only"] = (jax.jit(lambda at, pws: [
+            _stream_only(p, at, cfg0.k_splits, cfg0.tile_m) for p in pws]), (at, pws), r4)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
         fn = _xla_unfused() if method == "xla_unfused" else _ours(method, cfg, interpret)
         cands[name] = (fn, (ac, asc, ats, pws), r4)
         if cfg is not None:
-          row[name + "_config"] = [cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.k_splits]
+          row[name + "_config"] = dataclasses.asdict(cfg)
       for name, (fn, args, reps) in cands.items():
         try:
           with ctx():

@@ -6,14 +6,14 @@
 float8_e4m3fn, G=16; mxfp4: uint8 E8M0 biased exponents, G=32; int4: float32) and a float32
 tensor scale.
 
-How the kernel computes (swap-AB, one warpgroup per CTA, grid ``(N/tile_n, M/tile_m,
-k_splits)``): the TMA pipeline brings per K step a ``(tile_n, tile_k)`` tile of the codes
-(viewed as int4, a free bitcast of the uint8 bytes), its ``(tile_k/G, tile_n)`` block scales
-and a ``(tile_k, tile_m)`` tile of the transposed activations. The codes are decoded in
+How the kernel computes (swap-AB, one warpgroup per CTA, grid ``(N/TILE_N, M/tile_m,
+k_splits)``): the TMA pipeline brings per K step a ``(TILE_N, TILE_K)`` tile of the codes
+(int4; ``prepare_weights`` stores each tile contiguously), its ``(TILE_K/G, TILE_N)`` block
+scales and a ``(TILE_K, tile_m)`` tile of the transposed activations. The codes are decoded in
 registers and multiplied by the block scale of each 16-wide column slice; each slice is then
 the register A operand of an asynchronous ``wgmma`` with the activation slice as B, so the
 decode of slice j+1 overlaps the tensor-core work on slice j and nothing round-trips through
-shared memory. The accumulator is ``(tile_n, tile_m)`` float32. Operand types:
+shared memory. The accumulator is ``(TILE_N, tile_m)`` float32. Operand types:
 NVFP4 weights with NVFP4 activations (W4A4) run in float16: the E2M1 decode is an inline-PTX
 byte permute into E4M3 (``prmt`` table look-up, sign by a second table) and one
 ``cvt.rn.f16x2.e4m3x2`` per pair, and E2M1 x E4M3 block-scale products (|v| <= 2688,
@@ -38,9 +38,9 @@ activations) to exact bf16, fused by XLA, then XLA's bf16 dot with float32 accum
 the decode pass is bandwidth-bound (~4.5 + 16 bits per weight) and the dot runs at cuBLAS
 speed. ``"kernel"``: the fused kernel above (memory-bound small M).
 
-``prepare_weights`` does the one-time re-layout (int4 view of the codes, bf16 scales
-transposed to ``(K/G, N)``); call it once at quantize time and pass the result as
-``w_codes`` (then ``w_scales`` and ``w_tensor_scale`` come from it).
+``prepare_weights`` does the one-time re-layout (int4 view of the codes and the scales, cut
+into contiguous tiles); call it once at quantize time and pass the result as ``w_codes``
+(then ``w_scales`` and ``w_tensor_scale`` come from it).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ METHODS = ("auto", "xla", "kernel")
 XLA_MIN_M = 64
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
+TILE_N = 64    # weight rows per CTA: one wgmma M block
+TILE_K = 128   # reduction depth per pipeline step
 SCALE_DTYPES = {"nvfp4": jnp.dtype(jnp.float8_e4m3fn), "mxfp4": jnp.dtype(jnp.uint8),
                 "int4": jnp.dtype(jnp.float32)}
 _E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
@@ -76,17 +78,15 @@ _SWIZZLE = 32  # bytes: 16 bf16 per swizzle row, so each 16-wide column slice is
 class MatmulConfig:
   """Tiling of the kernel.
 
+  The weight tile is fixed by the prepared layout: ``TILE_N`` rows by ``TILE_K`` columns.
+
   Attributes:
-    tile_n: weight rows per CTA (wgmma M side), a multiple of 64.
     tile_m: activation rows per CTA (wgmma N side), a multiple of 8 (at most 256).
-    tile_k: reduction depth per pipeline step, a multiple of 128 and of the group size.
     k_splits: number of CTAs sharing one output tile along K (split-K, partials in float32).
     max_concurrent_steps: TMA pipeline depth.
   """
 
-  tile_n: int = 64
   tile_m: int = 16
-  tile_k: int = 128
   k_splits: int = 1
   max_concurrent_steps: int = 4
 
@@ -95,10 +95,15 @@ class MatmulConfig:
 class PreparedWeights:
   """Weights re-laid out for the kernel (see ``prepare_weights``).
 
+  Every ``(TILE_N, TILE_K)`` weight tile is contiguous in memory, so one K step of a CTA is
+  one contiguous TMA read (rows of ``TILE_K/2`` bytes strided by ``K/2`` read HBM at about a
+  third of its bandwidth: NOTES_kernels.md, v3).
+
   Attributes:
-    codes: int4 ``(N, K)``, the same bytes as the uint8 codes.
-    scales_t: ``(K/G, N)`` block scales: float16 for nvfp4 (exact: E4M3 is a subset), bf16
-      otherwise (exact for mxfp4's powers of two, rounded for int4).
+    codes: int4 ``(N/TILE_N, K/TILE_K, TILE_N, TILE_K)``, the uint8 codes' nibbles tiled.
+    scales_t: ``(N/TILE_N, K/TILE_K, TILE_K/G, TILE_N)`` block scales, tiled alike: float16
+      for nvfp4 (exact: E4M3 is a subset), bf16 otherwise (exact for mxfp4's powers of two,
+      rounded for int4).
     tensor_scale: float32 scalar.
     fmt: format name.
     group_size: elements per block scale along K.
@@ -112,7 +117,16 @@ class PreparedWeights:
 
   @property
   def shape(self) -> tuple[int, int]:
-    return tuple(self.codes.shape)
+    """``(N, K)`` of the weight matrix."""
+    nt, kt, tn, tk = self.codes.shape
+    return nt * tn, kt * tk
+
+  def untiled(self) -> tuple[jax.Array, jax.Array]:
+    """``(N, K)`` int4 codes and ``(N, K/G)`` scales (XLA fuses the transposes)."""
+    n, k = self.shape
+    codes = self.codes.transpose(0, 2, 1, 3).reshape(n, k)
+    scales = self.scales_t.transpose(0, 3, 1, 2).reshape(n, k // self.group_size)
+    return codes, scales
 
 
 jax.tree_util.register_dataclass(
@@ -167,10 +181,15 @@ def prepare_weights(w_codes: jax.Array, w_scales: jax.Array, w_tensor_scale, *,
     ``PreparedWeights``.
   """
   n, k, g = _check_weights(w_codes, w_scales, fmt)
-  codes = lax.bitcast_convert_type(w_codes, jnp.int4).reshape(n, k)
-  scales_t = _scales_to_f32(w_scales, fmt).astype(
-      jnp.float16 if fmt == "nvfp4" else jnp.bfloat16).T
-  return PreparedWeights(codes, scales_t, jnp.asarray(w_tensor_scale, jnp.float32), fmt, g)
+  if n % TILE_N or k % TILE_K or TILE_K % g:
+    raise ValueError(f"weights (N={n}, K={k}, group {g}) must tile by ({TILE_N}, {TILE_K})")
+  nt, kt = n // TILE_N, k // TILE_K
+  codes = lax.bitcast_convert_type(w_codes, jnp.int4).reshape(nt, TILE_N, kt, TILE_K)
+  scales = _scales_to_f32(w_scales, fmt).astype(
+      jnp.float16 if fmt == "nvfp4" else jnp.bfloat16)
+  scales = scales.reshape(nt, TILE_N, kt, TILE_K // g)
+  return PreparedWeights(codes.transpose(0, 2, 1, 3), scales.transpose(0, 2, 3, 1),
+                         jnp.asarray(w_tensor_scale, jnp.float32), fmt, g)
 
 
 def _decode_values(codes_u8, fmt: str):
@@ -210,10 +229,11 @@ def decode_weights_bf16(w: PreparedWeights) -> jax.Array:
   E2M1 x E4M3 and E2M1 x 2**e products are exact in bf16; int4 uses the bf16 scales.
   """
   n, k = w.shape
-  v = w.codes.astype(jnp.bfloat16)
+  codes, scales = w.untiled()
+  v = codes.astype(jnp.bfloat16)
   if w.fmt != "int4":
     v = _e2m1_from_signed(v)
-  s = w.scales_t.T.astype(jnp.bfloat16)[:, :, None]
+  s = scales.astype(jnp.bfloat16)[:, :, None]
   return (v.reshape(n, k // w.group_size, w.group_size) * s).reshape(n, k)
 
 
@@ -315,14 +335,14 @@ def _splits(ctas: int, k_steps: int, target: int, min_steps: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132,
-                   ctas_per_sm: int = 4, tile_k: int = 128, tile_n: int = 64) -> MatmulConfig:
-  """A tiling for ``(M, K) x (K, N)``: tile_m from M, 64 weight rows per CTA, split-K until
-  ``ctas_per_sm * num_sms`` CTAs exist (several CTAs per SM hide one CTA's decode and
-  ``wgmma`` waits behind another's loads: 4 measured best for v1 on an H200)."""
+                   ctas_per_sm: int = 4) -> MatmulConfig:
+  """A tiling for ``(M, K) x (K, N)``: tile_m from M, split-K until ``ctas_per_sm * num_sms``
+  CTAs exist (several CTAs per SM hide one CTA's decode and ``wgmma`` waits behind
+  another's loads)."""
   tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-  ctas = (n // tile_n) * (-(-m // tile_m))
-  splits = _splits(ctas, k // tile_k, ctas_per_sm * num_sms, 2)
-  return MatmulConfig(tile_n=tile_n, tile_m=tile_m, tile_k=tile_k, k_splits=splits)
+  ctas = (n // TILE_N) * (-(-m // tile_m))
+  splits = _splits(ctas, k // TILE_K, ctas_per_sm * num_sms, 2)
+  return MatmulConfig(tile_m=tile_m, k_splits=splits)
 
 
 def _layout_cast(interpret: bool):
@@ -426,10 +446,11 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
 
   The operand type is ``at.dtype`` (float16 only for NVFP4 weights)."""
   k, mp = at.shape
-  n = w.codes.shape[0]
+  n = w.shape[0]
   g = w.group_size
   dtype = at.dtype
-  tn, tm, tk, splits = config.tile_n, config.tile_m, config.tile_k, config.k_splits
+  tn, tk = TILE_N, TILE_K
+  tm, splits = config.tile_m, config.k_splits
   k_steps = k // tk // splits
   lc = _layout_cast(interpret)
 
@@ -437,14 +458,14 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     n_sl, m_sl = pl.ds(ni * tn, tn), pl.ds(mi * tm, tm)
     k_sl = pl.ds(si * k_steps * tk, k_steps * tk)
-    g_sl = pl.ds(si * k_steps * (tk // g), k_steps * (tk // g))
+    step_sl = pl.ds(si * k_steps, k_steps)
 
     def scoped(acc_ref):
       def body(_, at_smem, wq_smem, ws_smem):
-        vals = _decode(wq_smem, tn, tk, w.fmt, dtype, interpret)
+        vals = _decode(wq_smem.at[0], tn, tk, w.fmt, dtype, interpret)
         slices = []
         for j in range(tk // 16):
-          s = lc(ws_smem[(16 * j) // g], plgpu.Layout.WGMMA.reduce(1))
+          s = lc(ws_smem[0, (16 * j) // g], plgpu.Layout.WGMMA.reduce(1))
           if s.dtype != dtype:
             s = s.astype(dtype)
           slices.append(vals[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (tn, 16), (0,)))
@@ -464,9 +485,10 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
           body, grid=(k_steps,), max_concurrent_steps=config.max_concurrent_steps,
           in_specs=[
               plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(_SWIZZLE)),
-              plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=_CODES_TRANSFORMS),
-              plgpu.BlockSpec((tk // g, tn), lambda kk: (kk, 0)),
-          ])(at_gmem.at[k_sl, m_sl], wq_gmem.at[n_sl, k_sl], ws_gmem.at[g_sl, n_sl])
+              plgpu.BlockSpec((1, tn, tk), lambda kk: (kk, 0, 0),
+                              transforms=_CODES_TRANSFORMS),
+              plgpu.BlockSpec((1, tk // g, tn), lambda kk: (kk, 0, 0)),
+          ])(at_gmem.at[k_sl, m_sl], wq_gmem.at[ni, step_sl], ws_gmem.at[ni, step_sl])
       out_smem[...] = acc_ref[...]
 
     pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
@@ -483,17 +505,14 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
   return call(at, w.codes, w.scales_t)
 
 
-def _check_config(config: MatmulConfig, n: int, k: int, g: int) -> None:
-  tn, tm, tk, s = config.tile_n, config.tile_m, config.tile_k, config.k_splits
-  if tn % 64 or n % tn:
-    raise ValueError(f"N={n} must be a multiple of tile_n={tn} (itself a multiple of 64)")
+def _check_config(config: MatmulConfig, k: int) -> None:
+  tm, s = config.tile_m, config.k_splits
   if tm % 8 or not 8 <= tm <= 256:
     raise ValueError(f"tile_m={tm} must be a multiple of 8 in [8, 256]")
-  if tk % 128 or tk % g or k % tk:
-    raise ValueError(f"K={k} must be a multiple of tile_k={tk} (a multiple of 128 and of the "
-                     f"group size {g})")
-  if s < 1 or (k // tk) % s:
-    raise ValueError(f"k_splits={s} must divide the {k // tk} K steps")
+  if s < 1 or (k // TILE_K) % s:
+    raise ValueError(f"k_splits={s} must divide the {k // TILE_K} K steps")
+  if config.max_concurrent_steps < 1:
+    raise ValueError(f"max_concurrent_steps={config.max_concurrent_steps} must be >= 1")
 
 
 def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
@@ -547,7 +566,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   method = pick_method(m) if method == "auto" else method
   if method != "xla":
     config = config or default_config(m, n, k)
-    _check_config(config, n, k, w.group_size)
+    _check_config(config, k)
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:
     # q * s_b is exact in bf16 and in f16 (|v| <= 2688, >= 2**-10); the activation tensor

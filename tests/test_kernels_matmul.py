@@ -149,8 +149,8 @@ def test_w4a4_reference_matches_oracle():
     (dict(bias_n=7), "bias"),
     (dict(epilogue="relu"), "epilogue"),
     (dict(method="cuda"), "method"),
-    (dict(method="kernel", config=fm.MatmulConfig(tile_n=96)), "tile_n"),
-    (dict(method="kernel", config=fm.MatmulConfig(tile_k=192)), "tile_k"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_m=12)), "tile_m"),
+    (dict(method="kernel", config=fm.MatmulConfig(k_splits=3)), "k_splits"),
 ])
 def test_bad_input_raises(kwargs, match):
   n, k = kwargs.get("n", 128), kwargs.get("k", 256)

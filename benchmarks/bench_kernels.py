@@ -129,28 +129,16 @@ def _stream_only(pw, at, k_splits, tile_m):
   return call(at, pw.codes, pw.scales_t)
 
 
-def _xla_unfused():
-  """The "xla" method with the weight decode forced into its own pass (no dot fusion)."""
-  def f(ac, asc, ats, pws):
-    x = fm.dequantize(ac, asc, 1.0, "nvfp4").astype(jnp.bfloat16)
-    return [(jax.lax.dot_general(x, jax.lax.optimization_barrier(fm.decode_weights_bf16(p)),
-                                 (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-             * (p.tensor_scale * ats)).astype(jnp.bfloat16) for p in pws]
-  return jax.jit(f)
-
-
 def _candidates(m, n, k, interpret):
   """Our W4A4 candidates for this M: name -> (method, config)."""
   c = {"ours_w4a4_xla": ("xla", None)}
   if m <= 256:
     c["ours_w4a4_kernel"] = ("kernel", fm.default_config(m, n, k))
   if m <= 64:
-    for occ in (2, 8):
+    for occ in (2, 4):
       c[f"ours_w4a4_kernel_occ{occ}"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=occ))
-    c["ours_w4a4_kernel_depth8"] = ("kernel", dataclasses.replace(
-        fm.default_config(m, n, k), max_concurrent_steps=8))
-  if m >= 256:
-    c["ours_w4a4_xla_unfused"] = ("xla_unfused", None)
+    c["ours_w4a4_kernel_mmajor"] = ("kernel", dataclasses.replace(
+        fm.default_config(m, n, k), m_major=True))
   if interpret:  # kernels under the interpreter inside jit hang on the CPU: XLA path only
     c = {"ours_w4a4_xla": c["ours_w4a4_xla"]}
   return c
@@ -189,12 +177,11 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
         at = jnp.pad(fm.dequantize(ac, asc, 1.0, "nvfp4").astype(jnp.float16),
                      ((0, mp - m), (0, 0))).T
         cands["diag_kernel_only"] = (jax.jit(lambda at, pws: [
-            fm._kernel_call(at, p, cfg0, False) for p in pws]), (at, pws), r4)
+            fm._kernel_call(at, p, cfg0, False, False) for p in pws]), (at, pws), r4)
         cands["diag_stream_only"] = (jax.jit(lambda at, pws: [
             _stream_only(p, at, cfg0.k_splits, cfg0.tile_m) for p in pws]), (at, pws), r4)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
-        fn = _xla_unfused() if method == "xla_unfused" else _ours(method, cfg, interpret)
-        cands[name] = (fn, (ac, asc, ats, pws), r4)
+        cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
         if cfg is not None:
           row[name + "_config"] = dataclasses.asdict(cfg)
       for name, (fn, args, reps) in cands.items():

@@ -1,9 +1,10 @@
 """Renders a `bench_kernels.py` results JSON as a Markdown table and a speed plot (PNG).
 
-Usage: python benchmarks/report_kernels.py NEW.json [PREV.json]
+Usage: python benchmarks/report_kernels.py NEW.json [OLDER.json ...] [scaled:OTHER.json ...]
 Writes the PNG beside NEW.json and prints the Markdown table (kernel time, CUPTI median).
-``scaled_matmul`` rows that NEW skipped (``bench_kernels.py --prev``) are taken from PREV, a
-run on the same device.
+Shapes NEW did not time, and ``scaled_matmul`` times it skipped (``bench_kernels.py
+--prev``), are taken from the OLDER runs (same device), newest first; the table names the
+file each row comes from. ``scaled:`` files contribute only their ``scaled_matmul`` times.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def best_ours(row: dict) -> tuple[str, float] | None:
 
 def markdown(rows: list[dict]) -> str:
   lines = ["| M x K x N | XLA bf16 us | scaled_matmul us | best ours (method) us | vs bf16 |"
-           " vs scaled_matmul |", "|---|---|---|---|---|---|"]
+           " vs scaled_matmul | run |", "|---|---|---|---|---|---|---|"]
   for r in sorted(rows, key=lambda r: (r["k"], r["n"], r["m"])):
     bf16 = r[f"{BASELINE}_kernel_us"]
     sm = r.get("scaled_matmul_nvfp4_kernel_us")
@@ -47,7 +48,7 @@ def markdown(rows: list[dict]) -> str:
     sm_txt = f"{sm:.1f}" if sm else "-"
     vs_sm = f"{sm / us:.2f}x" if sm else "-"
     lines.append(f"| {r['m']} x {r['k']} x {r['n']} | {bf16:.1f} | {sm_txt} | {us:.1f} "
-                 f"({name[len('ours_'):]}) | {bf16 / us:.2f}x | {vs_sm} |")
+                 f"({name[len('ours_'):]}) | {bf16 / us:.2f}x | {vs_sm} | {r['run']} |")
   return "\n".join(lines)
 
 
@@ -73,18 +74,30 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
   fig.savefig(path, dpi=110)
 
 
+def merge(paths: list[Path], scaled_only: list[Path]) -> dict:
+  """NEW's results with the rows and scaled_matmul times it lacks from OLDER runs."""
+  data = json.loads(paths[0].read_text())
+  for r in data["matmul"]:
+    r["run"] = paths[0].name
+  key = "scaled_matmul_nvfp4_kernel_us"
+  rows = {(r["m"], r["k"], r["n"]): r for r in data["matmul"]}
+  for path in paths[1:] + scaled_only:
+    for old in json.loads(path.read_text())["matmul"]:
+      mkn = (old["m"], old["k"], old["n"])
+      if mkn not in rows and path not in scaled_only:
+        rows[mkn] = dict(old, run=path.name)
+      elif mkn in rows and key not in rows[mkn] and old.get(key) == old.get(key) \
+          and key in old:
+        rows[mkn][key] = old[key]
+  data["matmul"] = list(rows.values())
+  return data
+
+
 def main(argv: list[str]) -> None:
-  src = Path(argv[0])
-  data = json.loads(src.read_text())
-  if len(argv) > 1:
-    key = "scaled_matmul_nvfp4_kernel_us"
-    prev = {(r["m"], r["k"], r["n"]): r for r in json.loads(Path(argv[1]).read_text())["matmul"]}
-    for r in data["matmul"]:
-      old = prev.get((r["m"], r["k"], r["n"]), {})
-      if key not in r and key in old:
-        r[key] = old[key]
+  paths = [Path(a) for a in argv if not a.startswith("scaled:")]
+  data = merge(paths, [Path(a[len("scaled:"):]) for a in argv if a.startswith("scaled:")])
   title = f"W4A4 NVFP4 matmul, {data['device']}, JAX {data['jax_version']}, {data['date']}"
-  plot(data["matmul"], title, src.with_suffix(".png"))
+  plot(data["matmul"], title, paths[0].with_suffix(".png"))
   print(markdown(data["matmul"]))
 
 

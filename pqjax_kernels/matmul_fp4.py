@@ -59,8 +59,9 @@ Fmt = Literal["nvfp4", "mxfp4", "int4"]
 Epilogue = Literal["gelu_tanh"] | None
 Method = Literal["auto", "xla", "kernel"]
 METHODS = ("auto", "xla", "kernel")
-# M from which "auto" takes the decode + XLA dot path (measured: NOTES_kernels.md, v2).
-XLA_MIN_M = 64
+# M from which "auto" takes the decode + XLA dot path: the v3 kernel measured faster through
+# M=64, the XLA path faster at M=256 (NOTES_kernels.md; M in 65..255 not measured).
+XLA_MIN_M = 65
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
 TILE_N = 64    # weight rows per CTA: one wgmma M block
@@ -84,11 +85,15 @@ class MatmulConfig:
     tile_m: activation rows per CTA (wgmma N side), a multiple of 8 (at most 256).
     k_splits: number of CTAs sharing one output tile along K (split-K, partials in float32).
     max_concurrent_steps: TMA pipeline depth.
+    m_major: keep the activations ``(M, K)`` (TMA rows of ``2 * TILE_K`` bytes) and let the
+      ``wgmma`` read B transposed, instead of transposing them to ``(K, M)`` in XLA first
+      (rows of ``2 * tile_m`` bytes). GPU only (JAX >= 0.11); ignored under the interpreter.
   """
 
   tile_m: int = 16
   k_splits: int = 1
   max_concurrent_steps: int = 4
+  m_major: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,10 +340,10 @@ def _splits(ctas: int, k_steps: int, target: int, min_steps: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132,
-                   ctas_per_sm: int = 4) -> MatmulConfig:
+                   ctas_per_sm: int = 8) -> MatmulConfig:
   """A tiling for ``(M, K) x (K, N)``: tile_m from M, split-K until ``ctas_per_sm * num_sms``
   CTAs exist (several CTAs per SM hide one CTA's decode and ``wgmma`` waits behind
-  another's loads)."""
+  another's loads; 8 measured best or tied at M <= 64 on an H200, 2 and 4 slower)."""
   tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
   ctas = (n // TILE_N) * (-(-m // tile_m))
   splits = _splits(ctas, k // TILE_K, ctas_per_sm * num_sms, 2)
@@ -441,14 +446,15 @@ def _decode(codes_ref, rows: int, tk: int, fmt: str, dtype, interpret: bool):
   return v if dtype == jnp.bfloat16 else v.astype(dtype)
 
 
-def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
-  """Runs the Mosaic GPU kernel: ``at (K, Mp)`` f16/bf16 -> float32 partials ``(splits, N, Mp)``.
+def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m_major: bool):
+  """Runs the Mosaic GPU kernel: activations ``(Mp, K)`` if ``m_major`` else ``(K, Mp)``,
+  f16/bf16 -> float32 partials ``(splits, N, Mp)``.
 
-  The operand type is ``at.dtype`` (float16 only for NVFP4 weights)."""
-  k, mp = at.shape
+  The operand type is ``x.dtype`` (float16 only for NVFP4 weights)."""
+  mp, k = x.shape if m_major else x.shape[::-1]
   n = w.shape[0]
   g = w.group_size
-  dtype = at.dtype
+  dtype = x.dtype
   tn, tk = TILE_N, TILE_K
   tm, splits = config.tile_m, config.k_splits
   k_steps = k // tk // splits
@@ -475,7 +481,8 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
           plgpu.commit_smem()
           plgpu.wgmma(acc_ref, staging[0], at_smem)
         elif _REGISTER_CONCAT:  # one wgmma group over the whole K step, A from registers
-          plgpu.wgmma(acc_ref, jnp.concatenate(slices, axis=1), at_smem)
+          b = plgpu.transpose_ref(at_smem, (1, 0)) if m_major else at_smem
+          plgpu.wgmma(acc_ref, jnp.concatenate(slices, axis=1), b)
         else:
           for j, wj in enumerate(slices):
             plgpu.wgmma(acc_ref, wj, at_smem.at[pl.ds(16 * j, 16)])
@@ -484,11 +491,14 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
       plgpu.emit_pipeline(
           body, grid=(k_steps,), max_concurrent_steps=config.max_concurrent_steps,
           in_specs=[
+              plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=_swz(128))
+              if m_major else
               plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(_SWIZZLE)),
               plgpu.BlockSpec((1, tn, tk), lambda kk: (kk, 0, 0),
                               transforms=_CODES_TRANSFORMS),
               plgpu.BlockSpec((1, tk // g, tn), lambda kk: (kk, 0, 0)),
-          ])(at_gmem.at[k_sl, m_sl], wq_gmem.at[ni, step_sl], ws_gmem.at[ni, step_sl])
+          ])(at_gmem.at[m_sl, k_sl] if m_major else at_gmem.at[k_sl, m_sl],
+             wq_gmem.at[ni, step_sl], ws_gmem.at[ni, step_sl])
       out_smem[...] = acc_ref[...]
 
     pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
@@ -502,7 +512,7 @@ def _kernel_call(at, w: PreparedWeights, config: MatmulConfig, interpret: bool):
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
       grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"), scratch_types=scratch)
-  return call(at, w.codes, w.scales_t)
+  return call(x, w.codes, w.scales_t)
 
 
 def _check_config(config: MatmulConfig, k: int) -> None:
@@ -580,8 +590,9 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     y = _xla_product(x, w) * out_scale
   else:
     mp = -(-m // config.tile_m) * config.tile_m
-    at = jnp.pad(x, ((0, mp - m), (0, 0))).T
-    partials = _kernel_call(at, w, config, interpret)
+    m_major = config.m_major and _REGISTER_CONCAT and not interpret
+    xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+    partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)
     y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 

@@ -1,0 +1,371 @@
+"""LayerNorm / RMSNorm + adaLN + NVFP4 quantize as one Pallas Mosaic GPU kernel (Hopper).
+
+``norm_quantize(x, perm, kind=..., weight=..., ...)`` computes the same values as
+``pqjax_kernels.norm.reference(x, perm, ..., out="nvfp4", tensor_scale=ts)`` (static tensor
+scale) or ``out="bf16"``, in one pass over HBM: each CTA (one warpgroup) copies a block of
+``ROWS`` full rows into shared memory with one bulk copy, then makes three passes over it in
+column chunks: the row sums (mean), the centred sums of squares (variance, the same two-pass
+formula as the reference), and the output pass (normalize, affine, adaLN, quantize, pack).
+
+Register layout: the ``(ROWS, D)`` block is viewed as ``(ROWS, D/16, 8, 2)`` (row, 16-wide
+group, pair, element), each thread holding one pair (a 2-vector) of a group per register, a
+warp 64 consecutive columns of one row (see ``_LAYOUT``). The two 4-bit codes of an output
+byte thus lie in one register: packing is ``sum(code << 4 * element, axis=3)``, a reduction
+along the vector dimension, and the byte array ``(ROWS, D/16, 8)`` is the packed
+``(ROWS, D/2)`` codes in row-major order. Group amax and row sums reduce across lanes
+(shuffles) and chunks.
+
+Gather (``perm``): the statistics are permutation-invariant, so only the output pass
+gathers; the affine/adaLN vectors are gathered outside (they are small). On the GPU each
+thread loads its elements from the shared-memory row block at the column indices read from
+``perm`` (also in shared memory), in inline Mosaic GPU (``_gather_registers``): Pallas has no
+lane gather. Under the interpreter the same step is a ``jnp.take``. bf16 output of bf16
+input is staged in place over x, except with a gather.
+
+Arithmetic: every elementwise operation is the reference's, in the same order and precision
+(float32; E4M3 by round-to-nearest-even conversion; E2M1 by the same comparisons), with the
+multiply-adds of the affine/adaLN contracted into FMAs as XLA (CPU and GPU) and Mosaic GPU
+both do, so codes and scales equal those of ``jax.jit(norm.reference)`` bit for bit whenever
+the row statistics do. The statistics are float32 sums in another order than XLA's (and the
+GPU's ``rsqrt`` may differ from the CPU's), so on general data a value within rounding of an
+E2M1/E4M3 boundary, or of a bf16 rounding midpoint, can differ; the tests check exact equality
+on data whose sums are exact, and a tolerance otherwise. Only a static tensor scale exists.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from pqjax_kernels import norm
+
+ROWS = 16  # rows per CTA (4 per warp)
+CHUNK = 64  # columns per register chunk: 4 groups of 16 across the lanes of a warp
+SMEM_BYTES = 200 * 1024  # shared memory the kernel may use (H100/H200: 227 KiB per CTA)
+
+# (rows, groups, 8, 2) = (row, 16-wide group, pair, element): warp w holds rows w, w + 4, ...;
+# lane 8g + p holds pair p of group g (of every 4 consecutive groups); a pair is one
+# 2-vector. A warp's 32 lanes thus read 64 consecutive columns of one row (no bank conflicts,
+# which Mosaic GPU refuses to emit), the two codes of a byte share a register, and a group's
+# amax is a 3-step shuffle across 8 lanes.
+_LAYOUT = plgpu.Layout.TILED(plgpu.Tiling(((4, 4, 8, 2),)), warp_dims=(-4,),
+                             lane_dims=(-3, -2), vector_dim=-1)
+_VEC_LAYOUT = _LAYOUT.reduce(0)  # (groups, 8, 2): a per-column vector, shared by all rows
+_OutKind = Literal["bf16", "nvfp4"]
+
+
+def _layout_cast(interpret: bool):
+  # The 0.10.2 GPU interpreter has no layout_cast; layouts do not matter there.
+  return (lambda v, _: v) if interpret else plgpu.layout_cast
+
+
+def _check(x, perm, kind, weight, bias, shift, scale, out, tensor_scale) -> None:
+  norm.check_inputs(x, perm, kind=kind, weight=weight, bias=bias, shift=shift, scale=scale,
+                    out=out)
+  d = x.shape[-1]
+  if d % CHUNK:
+    raise ValueError(f"the last axis of x ({d}) must be a multiple of {CHUNK}")
+  if out == "nvfp4" and tensor_scale is None:
+    raise ValueError("tensor_scale is required (the kernel quantizes with a static scale)")
+  for name, v in (("shift", shift), ("scale", scale)):
+    if v is None or v.size == d:
+      continue
+    if not _per_sample(v, x):
+      raise ValueError(f"{name} must be (D,) or per-sample (B, D) for the kernel, got shape "
+                       f"{v.shape} for x of shape {x.shape}")
+    if x.shape[1] % ROWS:
+      raise ValueError(f"per-sample {name} needs T={x.shape[1]} to be a multiple of {ROWS}")
+  n_vec = sum(v is not None for v in (weight, bias, shift, scale))
+  in_place = _in_place(x.dtype, out) and perm is None
+  out_bytes = 0 if in_place else 2 if out == "bf16" else 9 / 16
+  smem = ROWS * d * (x.dtype.itemsize + out_bytes) + (n_vec + (perm is not None)) * d * 4
+  if smem > SMEM_BYTES:
+    raise ValueError(f"x of shape {x.shape} and dtype {x.dtype} needs {smem:.0f} bytes of "
+                     f"shared memory per CTA, more than {SMEM_BYTES}")
+
+
+def _in_place(dtype, out: str) -> bool:
+  """bf16 output of bf16 input overwrites the shared-memory copy of x (saves its size)."""
+  return out == "bf16" and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+
+
+def _per_sample(v, x) -> bool:
+  return v is not None and x.ndim == 3 and tuple(v.shape) == (x.shape[0], x.shape[-1])
+
+
+def _vectors(x, weight, bias, shift, scale):
+  """Stacks the present vectors as float32 ``(B, n, D)`` (B = 1 unless one is per-sample) in
+  the order the kernel applies them (weight, bias, 1 + scale, shift); returns it (or None)
+  and which are present."""
+  b = x.shape[0] if _per_sample(shift, x) or _per_sample(scale, x) else 1
+  d = x.shape[-1]
+  rows = []
+  for v, per_sample_op in ((weight, None), (bias, None), (scale, lambda s: 1.0 + s),
+                           (shift, None)):
+    if v is None:
+      continue
+    v = v.astype(jnp.float32)
+    if per_sample_op is not None:  # the reference adds 1 in float32, so does this
+      v = per_sample_op(v)
+    rows.append(jnp.broadcast_to(v.reshape(-1, d), (b, d)))
+  flags = tuple(v is not None for v in (weight, bias, scale, shift))
+  return (jnp.stack(rows, axis=1) if rows else None), flags
+
+
+def _bcast(v, shape, dims, interpret):
+  return _layout_cast(interpret)(lax.broadcast_in_dim(v, shape, dims), _LAYOUT)
+
+
+def _row_sum(v):
+  return jnp.sum(jnp.sum(jnp.sum(v, axis=3), axis=2), axis=1)
+
+
+def _e2m1_codes(r):
+  """``norm.e2m1_encode`` of float32 ``r`` as int32 (same comparisons, sign from the bits)."""
+  mag = jnp.abs(r)
+  code = None
+  for bound, tie_up in norm._E2M1_BOUNDS:  # noqa: SLF001 (the reference's own table)
+    step = (mag >= bound if tie_up else mag > bound).astype(jnp.int32)
+    code = step if code is None else code + step
+  sign = lax.shift_right_logical(lax.bitcast_convert_type(r, jnp.int32), jnp.int32(31))
+  return code | (sign << 3)
+
+
+def _quantize_chunk(y, s_t, inv_6st, interpret: bool):
+  """NVFP4 of a ``(ROWS, g, 8, 2)`` float32 chunk: packed int32 bytes ``(ROWS, g, 8)`` and
+  E4M3 scales ``(ROWS, g)``, with ``norm.quantize_nvfp4``'s arithmetic."""
+  shape = y.shape
+  amax = jnp.max(jnp.max(jnp.abs(y), axis=3), axis=2)
+  s_b = jnp.clip(amax * inv_6st, norm._E4M3_MIN, norm._E4M3_MAX).astype(  # noqa: SLF001
+      jnp.float8_e4m3fn)
+  s_b = jnp.where(amax == 0, jnp.float32(1.0), s_b.astype(jnp.float32))
+  inv = jnp.float32(1.0) / (s_b * s_t)
+  ratio = y * _bcast(inv, shape, (0, 1), interpret)
+  codes = _e2m1_codes(jnp.clip(ratio, -norm._E2M1_MAX, norm._E2M1_MAX))  # noqa: SLF001
+  # Element 2i in the low nibble: shift each pair's second code by 4 and add the pair.
+  shift = _layout_cast(interpret)(lax.broadcasted_iota(jnp.int32, shape, 3), _LAYOUT) * 4
+  packed = jnp.sum(codes << shift, axis=3)
+  return packed, s_b.astype(jnp.float8_e4m3fn)
+
+
+def _gather_registers(x_ref, perm_ref, gc: int):
+  """Mosaic GPU: ``x_ref[:, perm_ref]`` (SMEM ``(ROWS, D)`` and ``(gc * 16,)`` int32) as a
+  ``(ROWS, gc, 8, 2)`` ``FragmentedArray`` in ``_LAYOUT``: per element one shared-memory
+  load of its column index (shared by a thread's rows) and one of the value."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
+  from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+  index = ir.IndexType.get()
+  layout = _LAYOUT.to_mgpu()
+  shape = (ROWS, gc, 8, 2)
+  elem_ty = ir.MemRefType(x_ref.type).element_type
+  vec_ty = ir.VectorType.get((2,), elem_ty)
+  regs = np.empty(layout.registers_shape(shape), dtype=object)
+  cols: dict = {}
+  for reg_idx, (row, g, p, _) in zip(np.ndindex(regs.shape), layout.thread_idxs(shape)):
+    key = reg_idx[1:]  # register dim 0 walks the rows: the column indices repeat
+    if key not in cols:
+      first = arith.addi(arith.muli(g, mgpu.c(16, index)), arith.muli(p, mgpu.c(2, index)))
+      cols[key] = [arith.index_cast(index, memref.load(
+          perm_ref, [arith.addi(first, mgpu.c(k, index))])) for k in range(2)]
+    regs[reg_idx] = vector.from_elements(
+        vec_ty, [memref.load(x_ref, [row, col]) for col in cols[key]])
+  return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+
+def _kernel_call(x2, vecs, params, perm, *, kind: str, flags, eps: float, out: str, t: int,
+                 interpret: bool):
+  """Runs the kernel on ``x2 (M, D)`` (M a multiple of ROWS); returns its outputs (row-major,
+  in the kernel's array shapes)."""
+  m, d = x2.shape
+  groups, gc = d // 16, CHUNK // 16
+  n_chunks = d // CHUNK
+  n_vec = 0 if vecs is None else vecs.shape[1]
+  lc = _layout_cast(interpret)
+  rows_shape = (ROWS, gc, 8, 2)
+  # Each operand has a flat shape (GMEM copies need 16-byte aligned pitches and contiguous
+  # rows: the kernel reshapes its shared-memory copy) and a grouped view
+  # (row, group, pair, element). The interpreter cannot reshape refs, so there the arrays
+  # arrive grouped.
+  grouped = lambda flat, view: view if interpret else flat  # noqa: E731
+  view = (lambda ref, _: ref) if interpret else (lambda ref, shape: ref.reshape(*shape))
+  copy = dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+  in_place = _in_place(x2.dtype, out) and perm is None  # a gather reads all of x to the end
+
+  def kernel(*refs):
+    it = iter(refs)
+    x_gmem = next(it)
+    vec_gmem = next(it) if n_vec else None
+    par_gmem = next(it) if out == "nvfp4" else None
+    perm_gmem = next(it) if perm is not None else None
+    out_gmems = [next(it) for _ in range(2 if out == "nvfp4" else 1)]
+    x_smem = next(it)
+    vec_smem = next(it) if n_vec else None
+    par_smem = next(it) if out == "nvfp4" else None
+    perm_smem = next(it) if perm is not None else None
+    out_smems = [x_smem] if in_place else [next(it) for _ in out_gmems]
+    bar = next(it)
+
+    blk = lax.axis_index("rows")
+    # One bulk copy per operand: whole rows are contiguous, so no TMA box limits apply.
+    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(blk * ROWS, ROWS)], x_smem, bar, **copy)
+    if n_vec:
+      plgpu.copy_gmem_to_smem(vec_gmem.at[blk * ROWS // t], vec_smem, bar, **copy)
+    if par_gmem is not None:
+      plgpu.copy_gmem_to_smem(par_gmem, par_smem, bar, **copy)
+    if perm_gmem is not None:
+      plgpu.copy_gmem_to_smem(perm_gmem, perm_smem, bar, **copy)
+    plgpu.barrier_wait(bar)
+    xs = view(x_smem, (ROWS, groups, 8, 2))
+
+    def load(c):
+      return lc(xs.at[:, pl.ds(c * gc, gc)][...], _LAYOUT).astype(jnp.float32)
+
+    def load_gathered(c):
+      """Chunk c of ``x[:, perm]`` (the statistics need no gather: they are
+      permutation-invariant)."""
+      perm_chunk = perm_smem.at[pl.ds(c * CHUNK, CHUNK)]
+      if interpret:  # the interpreter runs jnp: gather the whole row block
+        v = jnp.take(x_smem[...].reshape(ROWS, d), perm_chunk[...], axis=1)
+        return v.reshape(rows_shape).astype(jnp.float32)
+      gather = plgpu.inline_mgpu(
+          arg_types=(plgpu.RefType(), plgpu.RefType()),
+          return_type=plgpu.ShapeDtypeStruct(rows_shape, x2.dtype, _LAYOUT))(
+              lambda _, x_ref, p_ref: _gather_registers(x_ref, p_ref, gc))
+      return gather(x_smem, perm_chunk).astype(jnp.float32)
+
+    def accumulate(fn):
+      # The first chunk starts the carry so that it has the reduction's layout.
+      return lax.fori_loop(1, n_chunks, lambda c, acc: acc + _row_sum(fn(load(c))),
+                           _row_sum(fn(load(0))))
+
+    if kind == "layer":
+      mean = accumulate(lambda v: v) / jnp.float32(d)
+      centred = lambda v: v - _bcast(mean, rows_shape, (0,), interpret)  # noqa: E731
+    else:
+      centred = lambda v: v  # noqa: E731
+    var = accumulate(lambda v: centred(v) * centred(v)) / jnp.float32(d)
+    rstd = lax.rsqrt(var + jnp.float32(eps))
+
+    def vec(j, c):
+      v = view(vec_smem, (n_vec, groups, 8, 2)).at[j, pl.ds(c * gc, gc)][...]
+      return _bcast(lc(v, _VEC_LAYOUT), rows_shape, (1, 2, 3), interpret)
+
+    @pl.loop(0, n_chunks)
+    def _(c):
+      y = centred(load(c) if perm is None else load_gathered(c))
+      y = y * _bcast(rstd, rows_shape, (0,), interpret)
+      j = 0
+      for present, op in zip(flags, (jnp.multiply, jnp.add, jnp.multiply, jnp.add)):
+        if present:
+          y = op(y, vec(j, c))
+          j += 1
+      cols = pl.ds(c * gc, gc)
+      if out == "bf16":  # in place: this chunk of x is not read again
+        view(out_smems[0], (ROWS, groups, 8, 2)).at[:, cols][...] = y.astype(jnp.bfloat16)
+      else:
+        packed, s_b = _quantize_chunk(y, par_smem[0], par_smem[1], interpret)
+        view(out_smems[0], (ROWS, groups, 8)).at[:, cols][...] = packed.astype(jnp.uint8)
+        view(out_smems[1], (ROWS, groups)).at[:, cols][...] = s_b
+
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smems[0], out_gmems[0].at[pl.ds(blk * ROWS, ROWS)])
+    if out == "nvfp4":
+      plgpu.copy_smem_to_gmem(out_smems[1], out_gmems[1].at[blk])
+    plgpu.wait_smem_to_gmem(0)
+
+  if out == "bf16":
+    outs = [(grouped((ROWS, d), (ROWS, groups, 8, 2)), jnp.bfloat16)]
+  else:
+    # Scales as one row per CTA: the (M, D/16) array's row pitch need not be the multiple
+    # of 16 bytes that copies require.
+    outs = [(grouped((ROWS, d // 2), (ROWS, groups, 8)), jnp.uint8),
+            (grouped((ROWS * groups,), (ROWS, groups)), jnp.float8_e4m3fn)]
+  out_type = [jax.ShapeDtypeStruct((m, *outs[0][0][1:]), outs[0][1])]
+  if out == "nvfp4":
+    out_type.append(jax.ShapeDtypeStruct((m // ROWS, *outs[1][0]), outs[1][1]))
+  args = [x2.reshape(m, *grouped((d,), (groups, 8, 2)))]
+  scratch = [plgpu.SMEM((ROWS, *args[0].shape[1:]), x2.dtype)]
+  if n_vec:
+    args.append(vecs.reshape(*vecs.shape[:2], *grouped((d,), (groups, 8, 2))))
+    scratch.append(plgpu.SMEM(args[-1].shape[1:], jnp.float32))
+  if out == "nvfp4":
+    args.append(params)
+    scratch.append(plgpu.SMEM(params.shape, jnp.float32))
+  if perm is not None:
+    args.append(perm)
+    scratch.append(plgpu.SMEM(perm.shape, jnp.int32))
+  if not in_place:
+    scratch += [plgpu.SMEM(shape, dtype) for shape, dtype in outs]
+  scratch.append(plgpu.Barrier(num_arrivals=len(args)))
+  call = plgpu.kernel(kernel, out_type=out_type, grid=(m // ROWS,), grid_names=("rows",),
+                      scratch_types=scratch)
+  return call(*args)
+
+
+def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
+                  kind: norm.NormKind = "layer", weight=None, bias=None, shift=None,
+                  scale=None, eps: float = 1e-6, out: _OutKind = "nvfp4", tensor_scale=None,
+                  interpret: bool = False):
+  """Fused LayerNorm/RMSNorm + adaLN (+ NVFP4 quantize) of ``x``, optionally gathered.
+
+  ``out[..., j] = f(x)[..., perm[j]]`` as in ``norm.reference``.
+
+  Args:
+    x: ``(M, D)`` or ``(B, T, D)`` float32/bfloat16/float16, D a multiple of ``CHUNK``.
+    perm: int32 ``(D,)`` output channel order, or None (in order). The gather reads x from
+      shared memory at per-thread indices (inline Mosaic GPU: runs on the GPU and under the
+      interpreter through a jnp path, but only the lowering is checked here).
+    kind: ``"layer"`` (mean and variance) or ``"rms"``.
+    weight, bias: optional ``(D,)`` norm affine parameters.
+    shift, scale: optional adaLN vectors ``(D,)``, or per-sample ``(B, D)`` for 3-D x (then
+      T must be a multiple of ``ROWS``).
+    eps: variance epsilon.
+    out: ``"nvfp4"`` (``norm.NVFP4Activation``) or ``"bf16"`` (bfloat16 array).
+    tensor_scale: NVFP4 static tensor scale (float32 scalar); required for ``"nvfp4"``.
+    interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
+
+  Returns:
+    ``norm.NVFP4Activation`` (codes ``(..., D/2)`` uint8, scales ``(..., D/16)``
+    float8_e4m3fn, tensor scale) or the bfloat16 ``(..., D)`` array, with ``x``'s leading
+    shape.
+
+  Raises:
+    ValueError: bad shapes, dtypes or options (naming the argument), D not a multiple of
+      ``CHUNK``, per-sample vectors with T not a multiple of ``ROWS``, or a row block that does
+      not fit in shared memory.
+  """
+  _check(x, perm, kind, weight, bias, shift, scale, out, tensor_scale)
+  lead, d = x.shape[:-1], x.shape[-1]
+  t = x.shape[1] if x.ndim == 3 else x.shape[0]  # rows per sample
+  x2 = x.reshape(-1, d)
+  m = x2.shape[0]
+  mp = -(-m // ROWS) * ROWS
+  if mp != m:  # only 2-D x can be ragged (3-D per-sample needs T % ROWS == 0)
+    x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
+  t = t if _per_sample(shift, x) or _per_sample(scale, x) else mp
+  vecs, flags = _vectors(x, weight, bias, shift, scale)
+  if vecs is not None and perm is not None:  # the affine / adaLN act on gathered columns
+    vecs = jnp.take(vecs, perm, axis=-1)
+  params = None
+  if out == "nvfp4":
+    s_t = jnp.maximum(jnp.asarray(tensor_scale, jnp.float32),
+                      jnp.float32(norm._TENSOR_SCALE_FLOOR))  # noqa: SLF001
+    inv_6st = jnp.float32(1.0) / (jnp.float32(norm._E2M1_MAX) * s_t)  # noqa: SLF001
+    # Copies move whole multiples of 128 bytes (one per thread of the warpgroup): pad.
+    params = jnp.zeros((32,), jnp.float32).at[0].set(s_t).at[1].set(inv_6st)
+  outs = _kernel_call(x2, vecs, params, perm, kind=kind, flags=flags, eps=eps, out=out, t=t,
+                      interpret=interpret)
+  outs = [o.reshape(mp, -1)[:m].reshape(*lead, -1) for o in outs]
+  if out == "bf16":
+    return outs[0]
+  return norm.NVFP4Activation(outs[0], outs[1], s_t)
+
+
+__all__ = ["CHUNK", "ROWS", "norm_quantize"]

@@ -1,0 +1,167 @@
+"""norm_quantize (Pallas Mosaic GPU) against the plain-jnp ``pqjax_kernels.norm.reference``.
+
+Exactness: the kernel repeats every elementwise operation of the reference in float32, in the
+same order, so its output equals the reference's bit for bit whenever the row statistics
+(mean, variance) do. Those are sums in another order than XLA's, so the exact tests use data
+whose sums are exact in any order: small integers (sums of squares are integers below 2**24)
+with, for LayerNorm, rows made of +-v pairs (mean exactly 0). On general data the statistics
+differ by a few float32 ulps: a bf16 output then differs by at most one bf16 ulp (rounding a
+value that moved by less than a bf16 ulp), and an NVFP4 code or E4M3 scale only where its
+value lies within that distance of a rounding boundary (rare: bounded by a small fraction).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pqjax_kernels import norm
+from pqjax_kernels import norm_kernel as nk
+from tests import interpret
+
+TS = 0.004  # static tensor scale: block scales then span the E4M3 range on these data
+
+
+def _exact_x(rng, shape, kind, dtype):
+  """Integer data whose row sums and sums of squares are exact (LayerNorm: zero mean)."""
+  d = shape[-1]
+  v = rng.integers(-8, 9, size=(*shape[:-1], d // 2))
+  if kind == "layer":
+    v = np.concatenate([v, -v], axis=-1)
+    v = np.take_along_axis(v, rng.permuted(np.broadcast_to(np.arange(d), v.shape), axis=-1),
+                           axis=-1)
+  else:
+    v = np.concatenate([v, rng.integers(-8, 9, size=v.shape)], axis=-1)
+  return jnp.asarray(v, dtype)
+
+
+def _vectors(rng, shape, per_sample):
+  d = shape[-1]
+  sv = (shape[0], d) if per_sample else (d,)
+  f = lambda s, k: jnp.asarray(rng.standard_normal(s) * k, jnp.float32)  # noqa: E731
+  return dict(weight=f(d, 1.0), bias=f(d, 0.5), shift=f(sv, 0.5),
+              scale=jnp.asarray(rng.standard_normal(sv) * 0.2, jnp.bfloat16))
+
+
+def _call(x, kind, out, vecs, perm=None):
+  """Kernel under the interpreter and the jitted reference (XLA contracts multiply-adds into
+  FMAs, as Mosaic GPU does; the interpreter compiles the kernel body with XLA likewise)."""
+  ts = jnp.float32(TS) if out == "nvfp4" else None
+  with interpret.gpu_interpreter():
+    got = nk.norm_quantize(x, perm, kind=kind, out=out, tensor_scale=ts, interpret=True,
+                           **vecs)
+  ref = jax.jit(norm.reference, static_argnames=("kind", "out"))(
+      x, perm, kind=kind, out=out, tensor_scale=ts, **vecs)
+  return got, ref
+
+
+def _bits(a):
+  return np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint8 if a.dtype.itemsize == 1
+                                                 else jnp.uint16))
+
+
+CASES = [  # shape, x dtype, kind, vectors, per-sample adaLN
+    ((32, 128), jnp.bfloat16, "layer", True, False),
+    ((40, 192), jnp.float32, "rms", False, False),  # ragged M: padded to 48 rows
+    ((2, 16, 256), jnp.bfloat16, "layer", True, True),
+    ((16, 1152), jnp.float16, "rms", True, False),
+]
+
+
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+class TestInterpreter:
+
+  @pytest.mark.parametrize("shape,dtype,kind,vecs,per_sample", CASES)
+  def test_nvfp4_bit_exact(self, shape, dtype, kind, vecs, per_sample):
+    rng = np.random.default_rng(sum(shape))
+    x = _exact_x(rng, shape, kind, dtype)
+    got, ref = _call(x, kind, "nvfp4", _vectors(rng, shape, per_sample) if vecs else {})
+    assert got.codes.shape == ref.codes.shape and got.codes.dtype == jnp.uint8
+    assert got.scales.shape == ref.scales.shape and got.scales.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
+    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+    assert float(got.tensor_scale) == float(ref.tensor_scale)
+
+  @pytest.mark.parametrize("shape,dtype,kind,vecs,per_sample", CASES)
+  def test_bf16_bit_exact(self, shape, dtype, kind, vecs, per_sample):
+    rng = np.random.default_rng(sum(shape) + 1)
+    x = _exact_x(rng, shape, kind, dtype)
+    got, ref = _call(x, kind, "bf16", _vectors(rng, shape, per_sample) if vecs else {})
+    assert got.shape == ref.shape and got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(_bits(got), _bits(ref))
+
+  @pytest.mark.parametrize("out", ["nvfp4", "bf16"])
+  def test_gathered_bit_exact(self, out):
+    """The interpreter runs the gather in jnp (the GPU path is inline Mosaic GPU: lowered
+    in test_lowers_for_cuda)."""
+    shape = (2, 16, 192)
+    rng = np.random.default_rng(9)
+    x = _exact_x(rng, shape, "layer", jnp.bfloat16)
+    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32)
+    got, ref = _call(x, "layer", out, _vectors(rng, shape, True), perm)
+    if out == "bf16":
+      np.testing.assert_array_equal(_bits(got), _bits(ref))
+    else:
+      np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
+      np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+
+  @pytest.mark.parametrize("kind", ["layer", "rms"])
+  def test_random_data_within_rounding(self, kind):
+    shape = (2, 32, 320)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
+    vecs = _vectors(rng, shape, True)
+    got, ref = _call(x, kind, "bf16", vecs)
+    ulps = np.abs(_bits(got).astype(np.int32) - _bits(ref).astype(np.int32))
+    assert ulps.max() <= 1  # same signs here: a bit distance is an ulp distance
+    got, ref = _call(x, kind, "nvfp4", vecs)
+    assert np.mean(np.asarray(got.codes) != np.asarray(ref.codes)) <= 1e-3
+    assert np.mean(_bits(got.scales) != _bits(ref.scales)) <= 1e-3
+
+
+LOWER_CASES = [  # shape, x dtype, kind, out, vectors, per-sample adaLN, gathered
+    ((4096, 1152), jnp.bfloat16, "layer", "nvfp4", True, False, False),
+    ((2, 1024, 3072), jnp.bfloat16, "layer", "nvfp4", True, True, False),
+    ((2, 1024, 3072), jnp.bfloat16, "layer", "bf16", True, True, False),
+    ((100, 3072), jnp.bfloat16, "rms", "nvfp4", False, False, False),
+    ((64, 1152), jnp.float32, "rms", "bf16", True, False, False),
+    ((64, 2304), jnp.float16, "layer", "nvfp4", True, False, False),
+    ((4096, 1152), jnp.bfloat16, "layer", "nvfp4", True, False, True),
+    ((2, 256, 2304), jnp.bfloat16, "rms", "bf16", True, True, True),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,kind,out,vecs,per_sample,gathered", LOWER_CASES)
+def test_lowers_for_cuda(shape, dtype, kind, out, vecs, per_sample, gathered):
+  """The real (non-interpreted) kernel, with its layout casts and inline Mosaic GPU gather,
+  lowers to Mosaic GPU."""
+  x = jax.ShapeDtypeStruct(shape, dtype)
+  kw = _vectors(np.random.default_rng(0), shape, per_sample) if vecs else {}
+  perm = jax.ShapeDtypeStruct(shape[-1:], jnp.int32) if gathered else None
+  ts = jnp.float32(TS) if out == "nvfp4" else None
+  f = lambda x, p, kw: nk.norm_quantize(x, p, kind=kind, out=out, tensor_scale=ts, **kw)  # noqa: E731
+  text = jax.jit(f).trace(x, perm, kw).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(x=jnp.zeros((16, 128), jnp.int32)), "x must be"),
+    (dict(x=jnp.zeros((16, 96), jnp.bfloat16)), "multiple of 64"),
+    (dict(kind="batch"), "kind"),
+    (dict(out="fp8"), "out"),
+    (dict(tensor_scale=None), "tensor_scale"),
+    (dict(weight=jnp.ones((64,))), "weight"),
+    (dict(x=jnp.zeros((2, 8, 128), jnp.bfloat16), shift=jnp.zeros((2, 128))), "shift"),
+    (dict(x=jnp.zeros((2, 16, 128), jnp.bfloat16), scale=jnp.zeros((16, 128))), "scale"),
+    (dict(x=jnp.zeros((16, 8192), jnp.float32)), "shared memory"),
+    (dict(x=jnp.zeros((16, 3072), jnp.bfloat16), out="bf16", weight=jnp.ones(3072),
+          bias=jnp.ones(3072), perm=jnp.arange(3072, dtype=jnp.int32)), "shared memory"),
+    (dict(perm=jnp.arange(64, dtype=jnp.int32)), "perm"),
+    (dict(perm=jnp.arange(128, dtype=jnp.float32)), "perm"),
+])
+def test_bad_input_raises(kwargs, match):
+  args = dict(x=jnp.zeros((16, 128), jnp.bfloat16), kind="layer", out="nvfp4",
+              tensor_scale=jnp.float32(1.0))
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    nk.norm_quantize(args.pop("x"), **args)

@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
 from pqjax_kernels import norm as gn  # noqa: E402
+from pqjax_kernels import norm_kernel as nk  # noqa: E402
 
 SHAPES_KN = [(3072, 12288), (12288, 3072), (3072, 3072), (1152, 4608)]
 MS = [16, 4096, 1024, 256]
@@ -228,6 +229,10 @@ def bench_norm(results, log, save, shapes, timer):
       return jax.jit(lambda xs, p: [gn.gathered_norm(xi, p, kind="layer", shift=shift,
                                                      scale=scale, out=out, tensor_scale=ts)
                                     for xi in xs])
+    def kernel_fn(out, ts):
+      return jax.jit(lambda xs, p: [nk.norm_quantize(xi, p, kind="layer", shift=shift,
+                                                     scale=scale, out=out, tensor_scale=ts)
+                                    for xi in xs])
     q_bytes = nbytes + nbytes // 4 + nbytes // 16  # read bf16, write 4-bit codes + scales
     row = dict(b=b, t=t, d=d, reps=r)
     for name, fn, args, moved in [
@@ -238,7 +243,12 @@ def bench_norm(results, log, save, shapes, timer):
          q_bytes),
         ("plain_norm_nvfp4_static", norm_fn("nvfp4", jnp.float32(0.01)), (xs, None), q_bytes),
         ("gathered_norm_nvfp4_dynamic", norm_fn("nvfp4", None), (xs, perm), q_bytes),
-        ("gathered_norm_bf16", norm_fn("bf16", None), (xs, perm), 2 * nbytes)]:
+        ("gathered_norm_bf16", norm_fn("bf16", None), (xs, perm), 2 * nbytes),
+        ("kernel_gathered_nvfp4_static", kernel_fn("nvfp4", jnp.float32(0.01)), (xs, perm),
+         q_bytes),
+        ("kernel_inorder_nvfp4_static", kernel_fn("nvfp4", jnp.float32(0.01)), (xs, None),
+         q_bytes),
+        ("kernel_gathered_bf16", kernel_fn("bf16", None), (xs, perm), 2 * nbytes)]:
       try:
         kern, wall, _ = timer(fn, args, r)
       except Exception as e:
@@ -272,6 +282,7 @@ def main():
   p.add_argument("--tiny", action="store_true", help="CPU + GPU interpreter, small shapes")
   p.add_argument("--skip-norm", action="store_true")
   p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
+  p.add_argument("--shapes", default=None, help="comma-separated KxN, e.g. 3072x12288")
   args = p.parse_args()
   dev = jax.devices()[0]
   date = datetime.date.today().isoformat()
@@ -310,7 +321,9 @@ def main():
     else:
       if not args.skip_norm:
         bench_norm(results, log, save, [(2, 4608, 3072), (4, 1024, 1152)], timer)
-      bench_matmul(results, log, save, SHAPES_KN, [int(v) for v in args.ms.split(",")],
+      shapes = SHAPES_KN if not args.shapes else [
+          tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")]
+      bench_matmul(results, log, save, shapes, [int(v) for v in args.ms.split(",")],
                    prev, timer, False)
   except Exception:
     log(traceback.format_exc())

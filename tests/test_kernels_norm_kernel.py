@@ -43,16 +43,31 @@ def _vectors(rng, shape, per_sample):
               scale=jnp.asarray(rng.standard_normal(sv) * 0.2, jnp.bfloat16))
 
 
-def _call(x, kind, out, vecs, perm=None):
-  """Kernel under the interpreter and the jitted reference (XLA contracts multiply-adds into
-  FMAs, as Mosaic GPU does; the interpreter compiles the kernel body with XLA likewise)."""
+def _call(x, kind, out, vecs, perm=None, gpu=False):
+  """Kernel (under the interpreter, or on the GPU) and the jitted reference (XLA contracts
+  multiply-adds into FMAs, as Mosaic GPU does; the interpreter compiles the kernel body with
+  XLA likewise)."""
   ts = jnp.float32(TS) if out == "nvfp4" else None
-  with interpret.gpu_interpreter():
-    got = nk.norm_quantize(x, perm, kind=kind, out=out, tensor_scale=ts, interpret=True,
-                           **vecs)
+  if gpu:
+    got = jax.jit(nk.norm_quantize, static_argnames=("kind", "out"))(
+        x, perm, kind=kind, out=out, tensor_scale=ts, **vecs)
+  else:
+    with interpret.gpu_interpreter():
+      got = nk.norm_quantize(x, perm, kind=kind, out=out, tensor_scale=ts, interpret=True,
+                             **vecs)
   ref = jax.jit(norm.reference, static_argnames=("kind", "out"))(
       x, perm, kind=kind, out=out, tensor_scale=ts, **vecs)
   return got, ref
+
+
+def _assert_within_rounding(got, ref, out):
+  """bf16: at most one ulp; NVFP4: codes and scales differ only near rounding boundaries."""
+  if out == "bf16":
+    ulps = np.abs(_bits(got).astype(np.int32) - _bits(ref).astype(np.int32))
+    assert ulps.max() <= 1  # same signs here: a bit distance is an ulp distance
+  else:
+    assert np.mean(np.asarray(got.codes) != np.asarray(ref.codes)) <= 1e-3
+    assert np.mean(_bits(got.scales) != _bits(ref.scales)) <= 1e-3
 
 
 def _bits(a):
@@ -111,12 +126,25 @@ class TestInterpreter:
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
     vecs = _vectors(rng, shape, True)
-    got, ref = _call(x, kind, "bf16", vecs)
-    ulps = np.abs(_bits(got).astype(np.int32) - _bits(ref).astype(np.int32))
-    assert ulps.max() <= 1  # same signs here: a bit distance is an ulp distance
-    got, ref = _call(x, kind, "nvfp4", vecs)
-    assert np.mean(np.asarray(got.codes) != np.asarray(ref.codes)) <= 1e-3
-    assert np.mean(_bits(got.scales) != _bits(ref.scales)) <= 1e-3
+    for out in ("bf16", "nvfp4"):
+      _assert_within_rounding(*_call(x, kind, out, vecs), out)
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+class TestGPU:
+  """The compiled kernel (inline Mosaic GPU gather included) at DiT widths on fresh random
+  data: the GPU's rsqrt and summation order differ from XLA's, so within rounding."""
+
+  @pytest.mark.parametrize("shape,kind,gathered", [
+      ((2, 256, 3072), "layer", True), ((2, 256, 3072), "layer", False),
+      ((4, 64, 1152), "rms", True), ((300, 1152), "layer", True)])
+  @pytest.mark.parametrize("out", ["nvfp4", "bf16"])
+  def test_random_data_within_rounding(self, shape, kind, gathered, out):
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
+    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
+    vecs = _vectors(rng, shape, len(shape) == 3)
+    _assert_within_rounding(*_call(x, kind, out, vecs, perm, gpu=True), out)
 
 
 LOWER_CASES = [  # shape, x dtype, kind, out, vectors, per-sample adaLN, gathered

@@ -10,10 +10,10 @@ How the kernel computes (swap-AB, one warpgroup per CTA, grid ``(N/TILE_N, M/til
 k_splits)``): the TMA pipeline brings per K step a ``(TILE_N, TILE_K)`` tile of the codes
 (int4; ``prepare_weights`` stores each tile contiguously), its ``(TILE_K/G, TILE_N)`` block
 scales and a ``(TILE_K, tile_m)`` tile of the transposed activations. The codes are decoded in
-registers and multiplied by the block scale of each 16-wide column slice; each slice is then
-the register A operand of an asynchronous ``wgmma`` with the activation slice as B, so the
-decode of slice j+1 overlaps the tensor-core work on slice j and nothing round-trips through
-shared memory. The accumulator is ``(TILE_N, tile_m)`` float32. Operand types:
+registers and multiplied by the block scale of each 16-wide column slice; the scaled tile is
+the register A operand of an asynchronous ``wgmma`` with the activation tile as B (one
+``wgmma`` group per K step on JAX >= 0.11, one per slice before), so nothing round-trips
+through shared memory. The accumulator is ``(TILE_N, tile_m)`` float32. Operand types:
 NVFP4 weights with NVFP4 activations (W4A4) run in float16: the E2M1 decode is an inline-PTX
 byte permute into E4M3 (``prmt`` table look-up, sign by a second table) and one
 ``cvt.rn.f16x2.e4m3x2`` per pair, and E2M1 x E4M3 block-scale products (|v| <= 2688,
@@ -101,8 +101,9 @@ class PreparedWeights:
   """Weights re-laid out for the kernel (see ``prepare_weights``).
 
   Every ``(TILE_N, TILE_K)`` weight tile is contiguous in memory, so one K step of a CTA is
-  one contiguous TMA read (rows of ``TILE_K/2`` bytes strided by ``K/2`` read HBM at about a
-  third of its bandwidth: NOTES_kernels.md, v3).
+  one contiguous 4 KiB TMA read instead of 64 rows of 64 bytes strided by ``K/2`` (measured
+  no faster on an H200 at M=16, NOTES_kernels.md v3c, but no slower either; larger TMA boxes
+  over several tiles need this layout).
 
   Attributes:
     codes: int4 ``(N/TILE_N, K/TILE_K, TILE_N, TILE_K)``, the uint8 codes' nibbles tiled.

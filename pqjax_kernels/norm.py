@@ -7,10 +7,9 @@ optional orthonormal 16x16 block Hadamard rotation inside each group.
 ``gathered_quantize`` is the same without the norm.
 
 This module is plain ``jax.numpy``: XLA fuses the gather, the statistics and the quantization
-into a couple of fusions. A Mosaic GPU kernel is not provided (see
-``benchmarks/NOTES_kernels.md``): Hopper has no in-register gather along the lane axis, so
-the column gather would go through shared memory with per-thread dynamic indices, which the
-Pallas Mosaic GPU lowering does not expose.
+into a couple of fusions, and it is the definition the Mosaic GPU kernel
+(``pqjax_kernels.norm_kernel``) is tested against. That kernel is not yet the shipped path:
+its GPU correctness is unverified (``benchmarks/NOTES_kernels.md``).
 
 The NVFP4 arithmetic matches ``pqjax.formats.quantize`` bit for bit (the tests check it):
 ``s_t = max(fl(amax * fl(1/2688)), 2**-117)`` (1 for an all-zero tensor),

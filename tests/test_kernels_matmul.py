@@ -41,6 +41,7 @@ class KernelCases:
 
   interpret = False
   method = "kernel"
+  m_major = False
 
   def run(self, fn):
     return fn()
@@ -48,7 +49,7 @@ class KernelCases:
   def config(self, splits=1):
     if self.method == "xla":
       return None
-    return fm.MatmulConfig(tile_m=16, k_splits=splits)
+    return fm.MatmulConfig(tile_m=16, k_splits=splits, m_major=self.m_major)
 
   @pytest.mark.parametrize("fmt,m,k,splits", [("nvfp4", 5, 512, 2), ("mxfp4", 20, 256, 1),
                                               ("int4", 3, 256, 1)])
@@ -89,6 +90,13 @@ class KernelCases:
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 class TestKernelsGPU(KernelCases):
   pass
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+class TestKernelsMMajorGPU(KernelCases):
+  """Activations kept (M, K), B read transposed by the wgmma (GPU only)."""
+
+  m_major = True
 
 
 class TestMethodXLA(KernelCases):

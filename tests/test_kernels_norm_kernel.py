@@ -144,7 +144,26 @@ class TestGPU:
     x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
     perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
     vecs = _vectors(rng, shape, len(shape) == 3)
-    _assert_within_rounding(*_call(x, kind, out, vecs, perm, gpu=True), out)
+    got, ref = _call(x, kind, out, vecs, perm, gpu=True)
+    if out == "nvfp4":
+      _assert_within_rounding(got, ref, out)
+      return
+    # The row statistics are float32 sums in another order (relative error <= D * 2**-24) and
+    # the GPU's rsqrt differs by ulps: |y - y_ref| <= (D + 8) * 2**-24 * sum of the terms'
+    # magnitudes, plus one bf16 rounding (2**-8 |y|) on each side.
+    d = shape[-1]
+    xf = np.asarray(x, np.float64)
+    xc = xf - xf.mean(-1, keepdims=True) if kind == "layer" else xf
+    xn = np.abs(xc) / np.sqrt((xc * xc).mean(-1, keepdims=True) + 1e-6)
+    f = lambda v: np.asarray(v, np.float64)[:, None, :] if len(shape) == 3 else np.asarray(  # noqa: E731
+        v, np.float64)
+    s1 = np.abs(1 + f(vecs["scale"]))
+    mag = (xn * np.abs(f(vecs["weight"])) + np.abs(f(vecs["bias"]))) * s1 + np.abs(f(vecs["shift"]))
+    if perm is not None:
+      mag = np.take(mag, np.asarray(perm), axis=-1)
+    r = np.asarray(ref, np.float64)
+    err = np.abs(np.asarray(got, np.float64) - r)
+    assert (err <= 2.0**-8 * np.abs(r) * (1 + 2.0**-7) + (d + 8) * 2.0**-24 * mag).all()
 
 
 LOWER_CASES = [  # shape, x dtype, kind, out, vectors, per-sample adaLN, gathered

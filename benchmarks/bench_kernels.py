@@ -3,8 +3,8 @@
     python benchmarks/bench_kernels.py --out DIR [--prev OLD.json] [--tiny]
 
 For every timed (shape, M): fresh random weights per shape and activations per M; each of our
-W4A4 NVFP4 candidates (``fp4_matmul`` with ``method`` "xla", "kernel" and tiling
-variants of the kernel) is checked against a float32 HIGHEST reference computed on the same GPU from the
+W4A4 NVFP4 candidates (``fp4_matmul`` with ``method`` "xla", "kernel" and tiling variants
+of the kernel) is checked against a float32 HIGHEST reference computed on the same GPU from the
 same inputs: relative Frobenius error <= 2**-8 (bf16 unit roundoff of the output; products
 are exact and the float32 accumulation adds ~1e-6) and nothing NaN. Then kernel time (CUPTI,
 summed over the kernels of one call, median) and wall time per call beside XLA bf16
@@ -12,7 +12,8 @@ summed over the kernels of one call, median) and wall time per call beside XLA b
 each timed call runs R weight buffers (each its own array, R from the candidate's own weight
 bytes so that they exceed L2) and the times are divided by R. Gathered norm: XLA's fusion of
 gather + LayerNorm + NVFP4 quantize (the shipped path) versus the same reading in order,
-versus the bf16-output norm, versus a device copy.
+versus the bf16-output norm, versus the Mosaic GPU kernel (``norm_kernel``; its fraction of
+codes differing from the reference is recorded), versus a device copy.
 The JSON (``kernels_<device>_<date>.json`` under ``--out``) is rewritten after every row, so
 a run stopped at its time limit keeps what it measured. ``--tiny``: small shapes on the CPU,
 the XLA candidates only (wall time), to test this script; the kernels are tested on the CPU
@@ -212,6 +213,14 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
           for c in cands))
 
 
+def _norm_mismatch(got, ref) -> float:
+  """Fraction of NVFP4 codes (or bf16 values) that differ from the reference's; near 0 (only
+  values at rounding boundaries) when the kernel is right."""
+  if isinstance(got, gn.NVFP4Activation):
+    return float(np.mean(np.asarray(got.codes) != np.asarray(ref.codes)))
+  return float(np.mean(np.asarray(got, np.float32) != np.asarray(ref, np.float32)))
+
+
 def bench_norm(results, log, save, shapes, timer):
   key = jax.random.key(2)
   for (b, t, d) in shapes:
@@ -250,7 +259,11 @@ def bench_norm(results, log, save, shapes, timer):
          q_bytes),
         ("kernel_gathered_bf16", kernel_fn("bf16", None), (xs, perm), 2 * nbytes)]:
       try:
-        kern, wall, _ = timer(fn, args, r)
+        kern, wall, out = timer(fn, args, r)
+        if name.startswith("kernel_"):  # the Mosaic kernel against XLA's fusion of the reference
+          ref = norm_fn("bf16" if name.endswith("bf16") else "nvfp4",
+                        None if name.endswith("bf16") else jnp.float32(0.01))(*args)[0]
+          row[name + "_mismatch"] = _norm_mismatch(out[0], ref)
       except Exception as e:
         kern, wall = float("nan"), float("nan")
         log(f"  norm {name} raised {type(e).__name__}: {str(e)[:300]}")

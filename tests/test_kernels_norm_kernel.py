@@ -60,6 +60,12 @@ def _call(x, kind, out, vecs, perm=None, gpu=False):
   return got, ref
 
 
+def _as_rows(v, shape):
+  """A (D,) or per-sample (B, D) vector as float64 broadcasting against x of ``shape``."""
+  v = np.asarray(v, np.float64)
+  return v[:, None, :] if v.ndim == 2 and len(shape) == 3 else v
+
+
 def _assert_within_rounding(got, ref, out):
   """bf16: at most one ulp; NVFP4: codes and scales differ only near rounding boundaries."""
   if out == "bf16":
@@ -155,10 +161,9 @@ class TestGPU:
     xf = np.asarray(x, np.float64)
     xc = xf - xf.mean(-1, keepdims=True) if kind == "layer" else xf
     xn = np.abs(xc) / np.sqrt((xc * xc).mean(-1, keepdims=True) + 1e-6)
-    f = lambda v: np.asarray(v, np.float64)[:, None, :] if len(shape) == 3 else np.asarray(  # noqa: E731
-        v, np.float64)
-    s1 = np.abs(1 + f(vecs["scale"]))
-    mag = (xn * np.abs(f(vecs["weight"])) + np.abs(f(vecs["bias"]))) * s1 + np.abs(f(vecs["shift"]))
+    s1 = np.abs(1 + _as_rows(vecs["scale"], shape))
+    mag = ((xn * np.abs(_as_rows(vecs["weight"], shape)) + np.abs(_as_rows(vecs["bias"], shape)))
+           * s1 + np.abs(_as_rows(vecs["shift"], shape)))
     if perm is not None:
       mag = np.take(mag, np.asarray(perm), axis=-1)
     r = np.asarray(ref, np.float64)

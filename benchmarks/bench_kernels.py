@@ -234,14 +234,13 @@ def bench_norm(results, log, save, shapes, timer):
     xs = [x + i for i in range(r)]
     copy = jax.jit(lambda xs: [xi + 1 for xi in xs])
 
-    def norm_fn(out, ts):
-      return jax.jit(lambda xs, p: [gn.gathered_norm(xi, p, kind="layer", shift=shift,
-                                                     scale=scale, out=out, tensor_scale=ts)
-                                    for xi in xs])
+    def norm_fn(out, ts, impl=gn.gathered_norm):
+      return jax.jit(lambda xs, p: [impl(xi, p, kind="layer", shift=shift, scale=scale,
+                                         out=out, tensor_scale=ts) for xi in xs])
+
     def kernel_fn(out, ts):
-      return jax.jit(lambda xs, p: [nk.norm_quantize(xi, p, kind="layer", shift=shift,
-                                                     scale=scale, out=out, tensor_scale=ts)
-                                    for xi in xs])
+      return norm_fn(out, ts, impl=nk.norm_quantize)
+
     q_bytes = nbytes + nbytes // 4 + nbytes // 16  # read bf16, write 4-bit codes + scales
     row = dict(b=b, t=t, d=d, reps=r)
     for name, fn, args, moved in [

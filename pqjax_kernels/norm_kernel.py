@@ -49,6 +49,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pqjax_kernels import norm
+from pqjax_kernels.matmul_fp4 import _layout_cast  # noqa: PLC2701 (one helper for both kernels)
 
 ROWS = 16  # rows per CTA (4 per warp)
 CHUNK = 64  # columns per register chunk: 4 groups of 16 across the lanes of a warp
@@ -63,11 +64,6 @@ _LAYOUT = plgpu.Layout.TILED(plgpu.Tiling(((4, 4, 8, 2),)), warp_dims=(-4,),
                              lane_dims=(-3, -2), vector_dim=-1)
 _VEC_LAYOUT = _LAYOUT.reduce(0)  # (groups, 8, 2): a per-column vector, shared by all rows
 _OutKind = Literal["bf16", "nvfp4"]
-
-
-def _layout_cast(interpret: bool):
-  # The 0.10.2 GPU interpreter has no layout_cast; layouts do not matter there.
-  return (lambda v, _: v) if interpret else plgpu.layout_cast
 
 
 def _check(x, perm, kind, weight, bias, shift, scale, out, tensor_scale) -> None:

@@ -234,35 +234,49 @@ def bench_norm(results, log, save, shapes, timer):
     xs = [x + i for i in range(r)]
     copy = jax.jit(lambda xs: [xi + 1 for xi in xs])
 
-    def norm_fn(out, ts, impl=gn.gathered_norm):
+    def norm_fn(out, ts, impl=gn.gathered_norm, **kw):
       return jax.jit(lambda xs, p: [impl(xi, p, kind="layer", shift=shift, scale=scale,
-                                         out=out, tensor_scale=ts) for xi in xs])
+                                         out=out, tensor_scale=ts, **kw) for xi in xs])
 
-    def kernel_fn(out, ts):
-      return norm_fn(out, ts, impl=nk.norm_quantize)
+    def quant_fn(ts, kernel=False):
+      if kernel:
+        return jax.jit(lambda xs, p: [nk.norm_quantize(xi, p, kind="none", tensor_scale=ts)
+                                      for xi in xs])
+      return jax.jit(lambda xs, p: [gn.gathered_quantize(xi, p, tensor_scale=ts) for xi in xs])
 
+    ts = jnp.float32(0.01)
     q_bytes = nbytes + nbytes // 4 + nbytes // 16  # read bf16, write 4-bit codes + scales
     row = dict(b=b, t=t, d=d, reps=r)
-    for name, fn, args, moved in [
-        ("copy", copy, (xs,), 2 * nbytes),
-        ("gathered_norm_nvfp4_static", norm_fn("nvfp4", jnp.float32(0.01)), (xs, perm),
-         q_bytes),
-        ("inorder_norm_nvfp4_static", norm_fn("nvfp4", jnp.float32(0.01)), (xs, ident),
-         q_bytes),
-        ("plain_norm_nvfp4_static", norm_fn("nvfp4", jnp.float32(0.01)), (xs, None), q_bytes),
-        ("gathered_norm_nvfp4_dynamic", norm_fn("nvfp4", None), (xs, perm), q_bytes),
-        ("gathered_norm_bf16", norm_fn("bf16", None), (xs, perm), 2 * nbytes),
-        ("kernel_gathered_nvfp4_static", kernel_fn("nvfp4", jnp.float32(0.01)), (xs, perm),
-         q_bytes),
-        ("kernel_inorder_nvfp4_static", kernel_fn("nvfp4", jnp.float32(0.01)), (xs, None),
-         q_bytes),
-        ("kernel_gathered_bf16", kernel_fn("bf16", None), (xs, perm), 2 * nbytes)]:
+    # name, jitted fn, args, bytes moved, the XLA candidate it must agree with (or None)
+    cands = [
+        ("copy", copy, (xs,), 2 * nbytes, None),
+        ("gathered_norm_nvfp4_static", norm_fn("nvfp4", ts), (xs, perm), q_bytes, None),
+        ("inorder_norm_nvfp4_static", norm_fn("nvfp4", ts), (xs, ident), q_bytes, None),
+        ("plain_norm_nvfp4_static", norm_fn("nvfp4", ts), (xs, None), q_bytes, None),
+        ("gathered_norm_nvfp4_dynamic", norm_fn("nvfp4", None), (xs, perm), q_bytes, None),
+        ("gathered_norm_bf16", norm_fn("bf16", None), (xs, perm), 2 * nbytes, None),
+        ("gathered_quantize_static", quant_fn(ts), (xs, perm), q_bytes, None)]
+    for rows in nk.ROW_CHOICES:
+      cands += [
+          (f"kernel_gathered_nvfp4_static_r{rows}",
+           norm_fn("nvfp4", ts, nk.norm_quantize, rows=rows), (xs, perm), q_bytes,
+           "gathered_norm_nvfp4_static"),
+          (f"kernel_inorder_nvfp4_static_r{rows}",
+           norm_fn("nvfp4", ts, nk.norm_quantize, rows=rows), (xs, None), q_bytes,
+           "plain_norm_nvfp4_static")]
+    cands += [
+        ("kernel_gathered_nvfp4_dynamic", norm_fn("nvfp4", None, nk.norm_quantize),
+         (xs, perm), q_bytes, "gathered_norm_nvfp4_dynamic"),
+        ("kernel_gathered_bf16", norm_fn("bf16", None, nk.norm_quantize), (xs, perm),
+         2 * nbytes, "gathered_norm_bf16"),
+        ("kernel_gathered_quantize_static", quant_fn(ts, kernel=True), (xs, perm), q_bytes,
+         "gathered_quantize_static")]
+    fns = {c[0]: c[1] for c in cands}
+    for name, fn, args, moved, ref_name in cands:
       try:
         kern, wall, out = timer(fn, args, r)
-        if name.startswith("kernel_"):  # the Mosaic kernel against XLA's fusion of the reference
-          ref = norm_fn("bf16" if name.endswith("bf16") else "nvfp4",
-                        None if name.endswith("bf16") else jnp.float32(0.01))(*args)[0]
-          row[name + "_mismatch"] = _norm_mismatch(out[0], ref)
+        if ref_name:  # the Mosaic kernel against XLA's fusion of the reference
+          row[name + "_mismatch"] = _norm_mismatch(out[0], fns[ref_name](*args)[0])
       except Exception as e:
         kern, wall = float("nan"), float("nan")
         log(f"  norm {name} raised {type(e).__name__}: {str(e)[:300]}")

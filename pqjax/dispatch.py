@@ -15,9 +15,14 @@ On ``"mosaic"`` the kernel reads weights re-laid out once by ``prepare(w)``
 store that beside the ``QTensor`` and pass it as ``linear(..., prepared=...)``, otherwise
 every call re-lays the weights out (an extra XLA pass over the scales per call).
 
+On ``"mosaic"`` running on a GPU, the gathered norm (bf16 in and out) and the NVFP4
+activation quantize of W4A4 linears (no Hadamard rotation) run the Pallas kernel
+``pqjax_kernels.norm_kernel.norm_quantize``; shapes it does not take (D not a multiple of 64,
+rows that do not fit in shared memory) and every other backend use the plain-jnp
+``pqjax_kernels.norm`` (XLA fuses it).
+
 The backend is picked from ``jax.devices()[0]``; ``use_backend(name)`` (a context manager)
-or the ``backend=`` argument overrides it. The gathered norm is plain jnp on every backend
-(XLA fuses it; see ``pqjax_kernels/norm.py``).
+or the ``backend=`` argument overrides it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 from pqjax import hadamard, qmatmul
 from pqjax.formats import QTensor
 import pqjax_kernels
-from pqjax_kernels import matmul_fp4, norm
+from pqjax_kernels import matmul_fp4, norm, norm_kernel
 
 Backend = Literal["reference", "mosaic", "scaled_matmul"]
 BACKENDS = ("reference", "mosaic", "scaled_matmul")
@@ -128,12 +133,25 @@ def _check_prepared(prepared, w: QTensor) -> None:
                      f"{getattr(prepared, 'fmt', None)} {getattr(prepared, 'shape', None)}")
 
 
+def _norm_kernel_runs() -> bool:
+  """The Mosaic norm kernel compiles only for a GPU (``use_backend("mosaic")`` on the CPU
+  keeps the reference)."""
+  return jax.devices()[0].platform == "gpu"
+
+
+def _quantize_activations(x2, act_tensor_scale) -> norm.NVFP4Activation:
+  """NVFP4 of ``(M, K)`` activations for a W4A4 kernel call (kernel where it runs)."""
+  if _norm_kernel_runs() and norm_kernel.accepts(x2, kind="none"):
+    return norm_kernel.norm_quantize(x2, kind="none", tensor_scale=act_tensor_scale)
+  return norm.quantize_nvfp4(x2, act_tensor_scale)
+
+
 def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype, prepared):
   fmt = _KERNEL_FORMATS[w.fmt]
   pw = prepared if prepared is not None else prepare(w)
   if act_format is None:
     return pqjax_kernels.fp4_matmul(x2, pw, fmt=fmt, bias=bias, out_dtype=out_dtype)
-  qa = norm.quantize_nvfp4(x2, act_tensor_scale)
+  qa = _quantize_activations(x2, act_tensor_scale)
   return pqjax_kernels.fp4_matmul(qa.codes, pw, a_scales=qa.scales,
                                   a_tensor_scale=qa.tensor_scale, fmt=fmt, bias=bias,
                                   out_dtype=out_dtype)
@@ -210,12 +228,28 @@ def gathered_norm(x: jax.Array, perm: jax.Array | None, *, kind: str, weight=Non
     shift, scale: optional adaLN vectors ending in D, broadcastable against ``x`` (e.g.
       ``(B, 1, D)``) or per-sample ``(B, D)`` (input channel order).
     eps: variance epsilon.
-    backend: accepted for symmetry with ``linear``; every backend runs the fused jnp path.
+    backend: overrides ``current_backend()``; ``"mosaic"`` on a GPU runs the Pallas kernel
+      for bfloat16 ``x`` where it takes the shapes (see the module docstring).
 
   Returns:
     Array shaped like ``x`` in ``x.dtype``.
   """
-  if backend is not None:
-    _check_backend(backend)
+  backend = _check_backend(backend) if backend is not None else current_backend()
+  if backend == "mosaic" and _norm_kernel_runs() and x.dtype == jnp.bfloat16:
+    kw = dict(kind=kind, weight=weight, bias=bias, shift=_kernel_vec(shift, x),
+              scale=_kernel_vec(scale, x), out="bf16")
+    if norm_kernel.accepts(x, perm, **kw):
+      return norm_kernel.norm_quantize(x, perm, eps=eps, **kw)
   return norm.reference(x, perm, kind=kind, weight=weight, bias=bias, shift=shift,
                         scale=scale, eps=eps, out="bf16", out_dtype=x.dtype)
+
+
+def _kernel_vec(v, x):
+  """An adaLN vector as the kernel takes it: ``(D,)``, or ``(B, D)`` from ``(B, 1, D)``."""
+  if v is None or v.ndim <= 1:
+    return v
+  if v.size == x.shape[-1]:
+    return v.reshape(-1)
+  if x.ndim == 3 and v.ndim == 3 and v.shape[1] == 1:
+    return v[:, 0, :]
+  return v  # the kernel's checks decline other shapes

@@ -1,18 +1,21 @@
 """LayerNorm / RMSNorm + adaLN + NVFP4 quantize as one Pallas Mosaic GPU kernel (Hopper).
 
 ``norm_quantize(x, perm, kind=..., weight=..., ...)`` computes the same values as
-``pqjax_kernels.norm.reference(x, perm, ..., out="nvfp4", tensor_scale=ts)`` (static tensor
-scale) or ``out="bf16"``, in one pass over HBM: each CTA (one warpgroup) copies a block of
-``ROWS`` full rows into shared memory with one bulk copy, then makes three passes over it in
-column chunks: the row sums (mean), the centred sums of squares (variance, the same two-pass
-formula as the reference), and the output pass (normalize, affine, adaLN, quantize, pack).
+``pqjax_kernels.norm.reference(x, perm, ..., out="nvfp4"|"bf16", tensor_scale=ts)``, and
+with ``kind="none"`` those of ``norm.gathered_quantize``. With a static tensor scale it makes
+one pass over HBM: each CTA (one warpgroup) copies a block of ``rows`` full rows into shared
+memory with one bulk copy, then makes up to three passes over it in column chunks: the row
+sums (mean), the centred sums of squares (variance, the same two-pass formula as the
+reference), and the output pass (normalize, affine, adaLN, quantize, pack). A dynamic tensor
+scale takes two launches: the first writes the group amax of the result, the second
+quantizes with the scale XLA reduces from it.
 
-Register layout: the ``(ROWS, D)`` block is viewed as ``(ROWS, D/16, 8, 2)`` (row, 16-wide
+Register layout: the ``(rows, D)`` block is viewed as ``(rows, D/16, 8, 2)`` (row, 16-wide
 group, pair, element), each thread holding one pair (a 2-vector) of a group per register, a
 warp 64 consecutive columns of one row (see ``_LAYOUT``). The two 4-bit codes of an output
 byte thus lie in one register: packing is ``sum(code << 4 * element, axis=3)``, a reduction
-along the vector dimension, and the byte array ``(ROWS, D/16, 8)`` is the packed
-``(ROWS, D/2)`` codes in row-major order. Group amax and row sums reduce across lanes
+along the vector dimension, and the byte array ``(rows, D/16, 8)`` is the packed
+``(rows, D/2)`` codes in row-major order. Group amax and row sums reduce across lanes
 (shuffles) and chunks.
 
 Gather (``perm``): the statistics are permutation-invariant, so only the output pass
@@ -23,22 +26,20 @@ lane gather. Under the interpreter the same step is a ``jnp.take``. bf16 output 
 input is staged in place over x, except with a gather.
 
 Arithmetic: every elementwise operation is the reference's, in the same order and precision
-(float32; E4M3 by round-to-nearest-even conversion; E2M1 by the same comparisons), with the
-multiply-adds of the affine/adaLN contracted into FMAs as XLA (CPU and GPU) and Mosaic GPU
-both do, so codes and scales equal those of ``jax.jit(norm.reference)`` bit for bit whenever
-the row statistics do. The statistics are float32 sums in another order than XLA's (and the
-GPU's ``rsqrt`` may differ from the CPU's), so on general data a value within rounding of an
-E2M1/E4M3 boundary, or of a bf16 rounding midpoint, can differ; the tests check exact equality
-on data whose sums are exact, and a tolerance otherwise. Only a static tensor scale exists.
-
-Status (H200, JAX 0.11.2, 2026-11-30): 1.6-1.9x faster than XLA's fusion of the reference,
-but before the block scale was rebuilt from its E4M3 bits (``_e4m3_value``) 8.6% of the
-codes differed on the GPU; the fix is verified under the interpreter only. Not used by
-``pqjax.dispatch`` until a GPU run passes ``TestGPU``.
+(float32; E4M3 by round-to-nearest-even conversion, read back from its bits as the reference
+does; E2M1 by the same comparisons), with the multiply-adds of the affine/adaLN contracted
+into FMAs as XLA (CPU and GPU) and Mosaic GPU both do, so codes and scales equal those of
+``jax.jit(norm.reference)`` bit for bit whenever the row statistics do. The statistics are
+float32 sums in another order than XLA's (and the GPU's ``rsqrt`` may differ from the CPU's),
+so on general data a value within rounding of an E2M1/E4M3 boundary, or of a bf16 rounding
+midpoint, can differ; the tests check exact equality on data whose sums are exact, and a
+tolerance otherwise. No block Hadamard rotation (``pqjax.dispatch`` sends those sites to the
+reference).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -51,7 +52,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from pqjax_kernels import norm
 from pqjax_kernels.matmul_fp4 import _layout_cast  # noqa: PLC2701 (one helper for both kernels)
 
-ROWS = 16  # rows per CTA (4 per warp)
+ROW_CHOICES = (4, 8, 16)  # rows per CTA (one row of each 4 per warp)
 CHUNK = 64  # columns per register chunk: 4 groups of 16 across the lanes of a warp
 SMEM_BYTES = 200 * 1024  # shared memory the kernel may use (H100/H200: 227 KiB per CTA)
 
@@ -64,31 +65,71 @@ _LAYOUT = plgpu.Layout.TILED(plgpu.Tiling(((4, 4, 8, 2),)), warp_dims=(-4,),
                              lane_dims=(-3, -2), vector_dim=-1)
 _VEC_LAYOUT = _LAYOUT.reduce(0)  # (groups, 8, 2): a per-column vector, shared by all rows
 _OutKind = Literal["bf16", "nvfp4"]
+KernelKind = Literal["layer", "rms", "none"]
 
 
-def _check(x, perm, kind, weight, bias, shift, scale, out, tensor_scale) -> None:
-  norm.check_inputs(x, perm, kind=kind, weight=weight, bias=bias, shift=shift, scale=scale,
-                    out=out)
+_ROW_PREFERENCE = (8, 4, 16)  # fastest first (H200, benchmarks/NOTES_kernels.md)
+
+
+def _smem_bytes(x, perm, out: str, n_vec: int, rows: int) -> float:
+  d = x.shape[-1]
+  in_place = _in_place(x.dtype, out) and perm is None
+  out_bytes = 0 if in_place else 2 if out == "bf16" else 9 / 16
+  return rows * d * (x.dtype.itemsize + out_bytes) + (n_vec + (perm is not None)) * d * 4
+
+
+def default_rows(x, perm=None, *, out: str = "nvfp4", n_vec: int = 0) -> int:
+  """Rows per CTA: the fastest block height whose shared memory fits (else the smallest).
+
+  Small blocks let several CTAs share an SM, so that one's copy overlaps another's
+  arithmetic; per-sample adaLN vectors also need T to be a multiple of it.
+  """
+  for rows in _ROW_PREFERENCE:
+    if _smem_bytes(x, perm, out, n_vec, rows) <= SMEM_BYTES:
+      return rows
+  return min(ROW_CHOICES)
+
+
+def accepts(x, perm=None, *, kind: str = "layer", weight=None, bias=None, shift=None,
+            scale=None, out: str = "nvfp4", rows: int | None = None) -> bool:
+  """Whether ``norm_quantize`` takes these arguments (the checks it raises from, as a test)."""
+  try:
+    _check(x, perm, kind, weight, bias, shift, scale, out,
+           rows or default_rows(x, perm, out=out, n_vec=_n_vec(weight, bias, shift, scale)))
+  except ValueError:
+    return False
+  return True
+
+
+def _n_vec(*vs) -> int:
+  return sum(v is not None for v in vs)
+
+
+def _check(x, perm, kind, weight, bias, shift, scale, out, rows) -> None:
+  if kind == "none":  # plain quantize: nothing to normalize or fold
+    if any(v is not None for v in (weight, bias, shift, scale)) or out != "nvfp4":
+      raise ValueError("kind='none' (plain quantize) takes no weight/bias/shift/scale and "
+                       "needs out='nvfp4'")
+  norm.check_inputs(x, perm, kind="rms" if kind == "none" else kind, weight=weight, bias=bias,
+                    shift=shift, scale=scale, out=out)
   d = x.shape[-1]
   if d % CHUNK:
     raise ValueError(f"the last axis of x ({d}) must be a multiple of {CHUNK}")
-  if out == "nvfp4" and tensor_scale is None:
-    raise ValueError("tensor_scale is required (the kernel quantizes with a static scale)")
+  if rows not in ROW_CHOICES:
+    raise ValueError(f"rows must be one of {ROW_CHOICES}, got {rows}")
   for name, v in (("shift", shift), ("scale", scale)):
     if v is None or v.size == d:
       continue
     if not _per_sample(v, x):
       raise ValueError(f"{name} must be (D,) or per-sample (B, D) for the kernel, got shape "
                        f"{v.shape} for x of shape {x.shape}")
-    if x.shape[1] % ROWS:
-      raise ValueError(f"per-sample {name} needs T={x.shape[1]} to be a multiple of {ROWS}")
-  n_vec = sum(v is not None for v in (weight, bias, shift, scale))
-  in_place = _in_place(x.dtype, out) and perm is None
-  out_bytes = 0 if in_place else 2 if out == "bf16" else 9 / 16
-  smem = ROWS * d * (x.dtype.itemsize + out_bytes) + (n_vec + (perm is not None)) * d * 4
+    if x.shape[1] % rows:
+      raise ValueError(f"per-sample {name} needs T={x.shape[1]} to be a multiple of "
+                       f"rows={rows}")
+  smem = _smem_bytes(x, perm, out, _n_vec(weight, bias, shift, scale), rows)
   if smem > SMEM_BYTES:
     raise ValueError(f"x of shape {x.shape} and dtype {x.dtype} needs {smem:.0f} bytes of "
-                     f"shared memory per CTA, more than {SMEM_BYTES}")
+                     f"shared memory per CTA with rows={rows}, more than {SMEM_BYTES}")
 
 
 def _in_place(dtype, out: str) -> bool:
@@ -138,17 +179,6 @@ def _e2m1_codes(r):
   return code | (sign << 3)
 
 
-def _e4m3_value(b):
-  """Float32 value of positive E4M3 ``b`` from its bits. Spelled out in integer operations:
-  on the GPU a plain f32 -> e4m3 -> f32 round trip can be folded away (seen as 8.6% of codes
-  off by up to two grid steps with every scale right), so the rounded scale must be rebuilt
-  from the stored byte."""
-  bits = lax.bitcast_convert_type(b, jnp.uint8).astype(jnp.int32)
-  exp, man = bits >> 3, bits & 7
-  normal = lax.bitcast_convert_type(((exp + 120) << 23) | (man << 20), jnp.float32)
-  return jnp.where(exp == 0, man.astype(jnp.float32) * jnp.float32(2.0**-9), normal)
-
-
 def _quantize_chunk(y, s_t, inv_6st, interpret: bool):
   """NVFP4 of a ``(ROWS, g, 8, 2)`` float32 chunk: packed int32 bytes ``(ROWS, g, 8)`` and
   E4M3 scales ``(ROWS, g)``, with ``norm.quantize_nvfp4``'s arithmetic."""
@@ -156,7 +186,7 @@ def _quantize_chunk(y, s_t, inv_6st, interpret: bool):
   amax = jnp.max(jnp.max(jnp.abs(y), axis=3), axis=2)
   s_b8 = jnp.clip(amax * inv_6st, norm._E4M3_MIN, norm._E4M3_MAX).astype(  # noqa: SLF001
       jnp.float8_e4m3fn)
-  s_b = jnp.where(amax == 0, jnp.float32(1.0), _e4m3_value(s_b8))
+  s_b = jnp.where(amax == 0, jnp.float32(1.0), norm.e4m3_value(s_b8))
   inv = jnp.float32(1.0) / (s_b * s_t)
   ratio = y * _bcast(inv, shape, (0, 1), interpret)
   codes = _e2m1_codes(jnp.clip(ratio, -norm._E2M1_MAX, norm._E2M1_MAX))  # noqa: SLF001
@@ -166,7 +196,7 @@ def _quantize_chunk(y, s_t, inv_6st, interpret: bool):
   return packed, s_b.astype(jnp.float8_e4m3fn)  # exact: s_b is an E4M3 value
 
 
-def _gather_registers(x_ref, perm_ref, gc: int):
+def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
   """Mosaic GPU: ``x_ref[:, perm_ref]`` (SMEM ``(ROWS, D)`` and ``(gc * 16,)`` int32) as a
   ``(ROWS, gc, 8, 2)`` ``FragmentedArray`` in ``_LAYOUT``: per element one shared-memory
   load of its column index (shared by a thread's rows) and one of the value."""
@@ -175,7 +205,7 @@ def _gather_registers(x_ref, perm_ref, gc: int):
   from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
   index = ir.IndexType.get()
   layout = _LAYOUT.to_mgpu()
-  shape = (ROWS, gc, 8, 2)
+  shape = (rows, gc, 8, 2)
   elem_ty = ir.MemRefType(x_ref.type).element_type
   vec_ty = ir.VectorType.get((2,), elem_ty)
   regs = np.empty(layout.registers_shape(shape), dtype=object)
@@ -191,16 +221,17 @@ def _gather_registers(x_ref, perm_ref, gc: int):
   return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
 
-def _kernel_call(x2, vecs, params, perm, *, kind: str, flags, eps: float, out: str, t: int,
-                 interpret: bool):
-  """Runs the kernel on ``x2 (M, D)`` (M a multiple of ROWS); returns its outputs (row-major,
-  in the kernel's array shapes)."""
+def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: str, t: int,
+                 rows: int, interpret: bool):
+  """Runs the kernel on ``x2 (M, D)`` (M a multiple of ``rows``); returns its outputs
+  (row-major, in the kernel's array shapes). ``out="amax"``: float32 group amax
+  ``(M/rows, rows * D/16)`` of the result instead of codes and scales (dynamic scale)."""
   m, d = x2.shape
   groups, gc = d // 16, CHUNK // 16
   n_chunks = d // CHUNK
   n_vec = 0 if vecs is None else vecs.shape[1]
   lc = _layout_cast(interpret)
-  rows_shape = (ROWS, gc, 8, 2)
+  rows_shape = (rows, gc, 8, 2)
   # Each operand has a flat shape (GMEM copies need 16-byte aligned pitches and contiguous
   # rows: the kernel reshapes its shared-memory copy) and a grouped view
   # (row, group, pair, element). The interpreter cannot reshape refs, so there the arrays
@@ -214,7 +245,7 @@ def _kernel_call(x2, vecs, params, perm, *, kind: str, flags, eps: float, out: s
     it = iter(refs)
     x_gmem = next(it)
     vec_gmem = next(it) if n_vec else None
-    par_gmem = next(it) if out == "nvfp4" else None
+    par_gmem = next(it) if out == "nvfp4" else None  # (s_t, 1 / (6 s_t))
     perm_gmem = next(it) if perm is not None else None
     out_gmems = [next(it) for _ in range(2 if out == "nvfp4" else 1)]
     x_smem = next(it)
@@ -226,15 +257,15 @@ def _kernel_call(x2, vecs, params, perm, *, kind: str, flags, eps: float, out: s
 
     blk = lax.axis_index("rows")
     # One bulk copy per operand: whole rows are contiguous, so no TMA box limits apply.
-    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(blk * ROWS, ROWS)], x_smem, bar, **copy)
+    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(blk * rows, rows)], x_smem, bar, **copy)
     if n_vec:
-      plgpu.copy_gmem_to_smem(vec_gmem.at[blk * ROWS // t], vec_smem, bar, **copy)
+      plgpu.copy_gmem_to_smem(vec_gmem.at[blk * rows // t], vec_smem, bar, **copy)
     if par_gmem is not None:
       plgpu.copy_gmem_to_smem(par_gmem, par_smem, bar, **copy)
     if perm_gmem is not None:
       plgpu.copy_gmem_to_smem(perm_gmem, perm_smem, bar, **copy)
     plgpu.barrier_wait(bar)
-    xs = view(x_smem, (ROWS, groups, 8, 2))
+    xs = view(x_smem, (rows, groups, 8, 2))
 
     def load(c):
       return lc(xs.at[:, pl.ds(c * gc, gc)][...], _LAYOUT).astype(jnp.float32)
@@ -244,12 +275,12 @@ def _kernel_call(x2, vecs, params, perm, *, kind: str, flags, eps: float, out: s
       permutation-invariant)."""
       perm_chunk = perm_smem.at[pl.ds(c * CHUNK, CHUNK)]
       if interpret:  # the interpreter runs jnp: gather the whole row block
-        v = jnp.take(x_smem[...].reshape(ROWS, d), perm_chunk[...], axis=1)
+        v = jnp.take(x_smem[...].reshape(rows, d), perm_chunk[...], axis=1)
         return v.reshape(rows_shape).astype(jnp.float32)
       gather = plgpu.inline_mgpu(
           arg_types=(plgpu.RefType(), plgpu.RefType()),
           return_type=plgpu.ShapeDtypeStruct(rows_shape, x2.dtype, _LAYOUT))(
-              lambda _, x_ref, p_ref: _gather_registers(x_ref, p_ref, gc))
+              lambda _, x_ref, p_ref: _gather_registers(x_ref, p_ref, rows, gc))
       return gather(x_smem, perm_chunk).astype(jnp.float32)
 
     def accumulate(fn):
@@ -262,8 +293,9 @@ def _kernel_call(x2, vecs, params, perm, *, kind: str, flags, eps: float, out: s
       centred = lambda v: v - _bcast(mean, rows_shape, (0,), interpret)  # noqa: E731
     else:
       centred = lambda v: v  # noqa: E731
-    var = accumulate(lambda v: centred(v) * centred(v)) / jnp.float32(d)
-    rstd = lax.rsqrt(var + jnp.float32(eps))
+    if kind != "none":
+      var = accumulate(lambda v: centred(v) * centred(v)) / jnp.float32(d)
+      rstd = lax.rsqrt(var + jnp.float32(eps))
 
     def vec(j, c):
       v = view(vec_smem, (n_vec, groups, 8, 2)).at[j, pl.ds(c * gc, gc)][...]
@@ -272,7 +304,8 @@ def _kernel_call(x2, vecs, params, perm, *, kind: str, flags, eps: float, out: s
     @pl.loop(0, n_chunks)
     def _(c):
       y = centred(load(c) if perm is None else load_gathered(c))
-      y = y * _bcast(rstd, rows_shape, (0,), interpret)
+      if kind != "none":
+        y = y * _bcast(rstd, rows_shape, (0,), interpret)
       j = 0
       for present, op in zip(flags, (jnp.multiply, jnp.add, jnp.multiply, jnp.add)):
         if present:
@@ -280,30 +313,37 @@ def _kernel_call(x2, vecs, params, perm, *, kind: str, flags, eps: float, out: s
           j += 1
       cols = pl.ds(c * gc, gc)
       if out == "bf16":  # in place: this chunk of x is not read again
-        view(out_smems[0], (ROWS, groups, 8, 2)).at[:, cols][...] = y.astype(jnp.bfloat16)
+        view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = y.astype(jnp.bfloat16)
+      elif out == "amax":
+        view(out_smems[0], (rows, groups)).at[:, cols][...] = jnp.max(
+            jnp.max(jnp.abs(y), axis=3), axis=2)
       else:
         packed, s_b = _quantize_chunk(y, par_smem[0], par_smem[1], interpret)
-        view(out_smems[0], (ROWS, groups, 8)).at[:, cols][...] = packed.astype(jnp.uint8)
-        view(out_smems[1], (ROWS, groups)).at[:, cols][...] = s_b
+        view(out_smems[0], (rows, groups, 8)).at[:, cols][...] = packed.astype(jnp.uint8)
+        view(out_smems[1], (rows, groups)).at[:, cols][...] = s_b
 
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smems[0], out_gmems[0].at[pl.ds(blk * ROWS, ROWS)])
+    plgpu.copy_smem_to_gmem(out_smems[0], out_gmems[0].at[
+        blk if out == "amax" else pl.ds(blk * rows, rows)])
     if out == "nvfp4":
       plgpu.copy_smem_to_gmem(out_smems[1], out_gmems[1].at[blk])
     plgpu.wait_smem_to_gmem(0)
 
   if out == "bf16":
-    outs = [(grouped((ROWS, d), (ROWS, groups, 8, 2)), jnp.bfloat16)]
+    outs = [(grouped((rows, d), (rows, groups, 8, 2)), jnp.bfloat16)]
+  elif out == "amax":  # one row per CTA, as the scales below
+    outs = [(grouped((rows * groups,), (rows, groups)), jnp.float32)]
   else:
     # Scales as one row per CTA: the (M, D/16) array's row pitch need not be the multiple
     # of 16 bytes that copies require.
-    outs = [(grouped((ROWS, d // 2), (ROWS, groups, 8)), jnp.uint8),
-            (grouped((ROWS * groups,), (ROWS, groups)), jnp.float8_e4m3fn)]
-  out_type = [jax.ShapeDtypeStruct((m, *outs[0][0][1:]), outs[0][1])]
+    outs = [(grouped((rows, d // 2), (rows, groups, 8)), jnp.uint8),
+            (grouped((rows * groups,), (rows, groups)), jnp.float8_e4m3fn)]
+  out_type = [jax.ShapeDtypeStruct((m // rows, *outs[0][0]) if out == "amax" else
+                                   (m, *outs[0][0][1:]), outs[0][1])]
   if out == "nvfp4":
-    out_type.append(jax.ShapeDtypeStruct((m // ROWS, *outs[1][0]), outs[1][1]))
+    out_type.append(jax.ShapeDtypeStruct((m // rows, *outs[1][0]), outs[1][1]))
   args = [x2.reshape(m, *grouped((d,), (groups, 8, 2)))]
-  scratch = [plgpu.SMEM((ROWS, *args[0].shape[1:]), x2.dtype)]
+  scratch = [plgpu.SMEM((rows, *args[0].shape[1:]), x2.dtype)]
   if n_vec:
     args.append(vecs.reshape(*vecs.shape[:2], *grouped((d,), (groups, 8, 2))))
     scratch.append(plgpu.SMEM(args[-1].shape[1:], jnp.float32))
@@ -316,31 +356,35 @@ def _kernel_call(x2, vecs, params, perm, *, kind: str, flags, eps: float, out: s
   if not in_place:
     scratch += [plgpu.SMEM(shape, dtype) for shape, dtype in outs]
   scratch.append(plgpu.Barrier(num_arrivals=len(args)))
-  call = plgpu.kernel(kernel, out_type=out_type, grid=(m // ROWS,), grid_names=("rows",),
+  call = plgpu.kernel(kernel, out_type=out_type, grid=(m // rows,), grid_names=("rows",),
                       scratch_types=scratch)
   return call(*args)
 
 
 def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
-                  kind: norm.NormKind = "layer", weight=None, bias=None, shift=None,
+                  kind: KernelKind = "layer", weight=None, bias=None, shift=None,
                   scale=None, eps: float = 1e-6, out: _OutKind = "nvfp4", tensor_scale=None,
-                  interpret: bool = False):
+                  rows: int | None = None, interpret: bool = False):
   """Fused LayerNorm/RMSNorm + adaLN (+ NVFP4 quantize) of ``x``, optionally gathered.
 
-  ``out[..., j] = f(x)[..., perm[j]]`` as in ``norm.reference``.
+  ``out[..., j] = f(x)[..., perm[j]]`` as in ``norm.reference``; ``kind="none"`` is
+  ``norm.gathered_quantize`` (no norm).
 
   Args:
     x: ``(M, D)`` or ``(B, T, D)`` float32/bfloat16/float16, D a multiple of ``CHUNK``.
     perm: int32 ``(D,)`` output channel order, or None (in order). The gather reads x from
-      shared memory at per-thread indices (inline Mosaic GPU: runs on the GPU and under the
-      interpreter through a jnp path, but only the lowering is checked here).
-    kind: ``"layer"`` (mean and variance) or ``"rms"``.
+      shared memory at per-thread indices (inline Mosaic GPU; a ``jnp.take`` under the
+      interpreter).
+    kind: ``"layer"`` (mean and variance), ``"rms"``, or ``"none"`` (plain quantize).
     weight, bias: optional ``(D,)`` norm affine parameters.
     shift, scale: optional adaLN vectors ``(D,)``, or per-sample ``(B, D)`` for 3-D x (then
-      T must be a multiple of ``ROWS``).
+      T must be a multiple of ``rows``).
     eps: variance epsilon.
     out: ``"nvfp4"`` (``norm.NVFP4Activation``) or ``"bf16"`` (bfloat16 array).
-    tensor_scale: NVFP4 static tensor scale (float32 scalar); required for ``"nvfp4"``.
+    tensor_scale: NVFP4 static tensor scale (float32 scalar): one pass over x. None: dynamic,
+      a first pass of the same kernel writes the group amax of the result, XLA reduces it to
+      the tensor scale, and a second pass quantizes.
+    rows: rows per CTA (``ROW_CHOICES``); None picks ``default_rows``.
     interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
 
   Returns:
@@ -350,34 +394,39 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
 
   Raises:
     ValueError: bad shapes, dtypes or options (naming the argument), D not a multiple of
-      ``CHUNK``, per-sample vectors with T not a multiple of ``ROWS``, or a row block that does
-      not fit in shared memory.
+      ``CHUNK``, per-sample vectors with T not a multiple of ``rows``, or a row block that
+      does not fit in shared memory.
   """
-  _check(x, perm, kind, weight, bias, shift, scale, out, tensor_scale)
+  if rows is None and hasattr(x, "shape") and hasattr(x, "dtype"):
+    rows = default_rows(x, perm, out=out, n_vec=_n_vec(weight, bias, shift, scale))
+  _check(x, perm, kind, weight, bias, shift, scale, out, rows)
   lead, d = x.shape[:-1], x.shape[-1]
   t = x.shape[1] if x.ndim == 3 else x.shape[0]  # rows per sample
   x2 = x.reshape(-1, d)
   m = x2.shape[0]
-  mp = -(-m // ROWS) * ROWS
-  if mp != m:  # only 2-D x can be ragged (3-D per-sample needs T % ROWS == 0)
+  mp = -(-m // rows) * rows
+  if mp != m:  # only 2-D x can be ragged (3-D per-sample needs T % rows == 0)
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
   t = t if _per_sample(shift, x) or _per_sample(scale, x) else mp
   vecs, flags = _vectors(x, weight, bias, shift, scale)
   if vecs is not None and perm is not None:  # the affine / adaLN act on gathered columns
     vecs = jnp.take(vecs, perm, axis=-1)
-  params = None
-  if out == "nvfp4":
+  call = functools.partial(_kernel_call, x2, vecs, perm=perm, kind=kind, flags=flags, eps=eps,
+                           t=t, rows=rows, interpret=interpret)
+  if out == "bf16":
+    return call(None, out="bf16")[0].reshape(mp, d)[:m].reshape(x.shape)
+  if tensor_scale is None:  # dynamic: amax of the result, then the static pass
+    amax = call(None, out="amax")[0].reshape(mp, -1)[:m]
+    s_t = norm.nvfp4_tensor_scale(amax)
+  else:
     s_t = jnp.maximum(jnp.asarray(tensor_scale, jnp.float32),
                       jnp.float32(norm._TENSOR_SCALE_FLOOR))  # noqa: SLF001
-    inv_6st = jnp.float32(1.0) / (jnp.float32(norm._E2M1_MAX) * s_t)  # noqa: SLF001
-    # Copies move whole multiples of 128 bytes (one per thread of the warpgroup): pad.
-    params = jnp.zeros((32,), jnp.float32).at[0].set(s_t).at[1].set(inv_6st)
-  outs = _kernel_call(x2, vecs, params, perm, kind=kind, flags=flags, eps=eps, out=out, t=t,
-                      interpret=interpret)
-  outs = [o.reshape(mp, -1)[:m].reshape(*lead, -1) for o in outs]
-  if out == "bf16":
-    return outs[0]
-  return norm.NVFP4Activation(outs[0], outs[1], s_t)
+  inv_6st = jnp.float32(1.0) / (jnp.float32(norm._E2M1_MAX) * s_t)  # noqa: SLF001
+  # Copies move whole multiples of 128 bytes (one per thread of the warpgroup): pad.
+  params = jnp.zeros((32,), jnp.float32).at[0].set(s_t).at[1].set(inv_6st)
+  codes, scales = (o.reshape(mp, -1)[:m].reshape(*lead, -1)
+                   for o in call(params, out="nvfp4"))
+  return norm.NVFP4Activation(codes, scales, s_t)
 
 
-__all__ = ["CHUNK", "ROWS", "norm_quantize"]
+__all__ = ["CHUNK", "ROW_CHOICES", "accepts", "default_rows", "norm_quantize"]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pqjax import dispatch, hadamard, qmatmul
+from tests import interpret
 
 
 def test_cpu_picks_reference_and_override():
@@ -74,3 +75,42 @@ def test_prepare_declines_and_checks():
   other = dispatch.prepare(qmatmul.quantize_weight(np.ones((256, 128), np.float32), "nvfp4"))
   with pytest.raises(ValueError, match="prepared"):
     dispatch.linear(jnp.ones((2, 128)), w, act_format=None, prepared=other)
+
+
+def _norm_args(rng, b=2, t=32, d=256):
+  x = jnp.asarray(rng.standard_normal((b, t, d)) * 2 + 1, jnp.bfloat16)
+  perm = jnp.asarray(rng.permutation(d), jnp.int32)
+  vec = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)  # noqa: E731
+  return x, perm, dict(kind="layer", weight=vec(d), bias=vec(d), shift=vec(b, 1, d),
+                       scale=vec(b, 1, d), eps=1e-6)
+
+
+@pytest.mark.parametrize("dtype,d,uses_kernel", [(jnp.bfloat16, 256, True),
+                                                 (jnp.float32, 256, False),  # bf16 only
+                                                 (jnp.bfloat16, 80, False)])  # D % 64
+def test_mosaic_norm_picks_kernel_where_it_runs(monkeypatch, dtype, d, uses_kernel):
+  """On a GPU the mosaic backend's gathered norm and W4A4 activation quantize are the Pallas
+  kernel (seen in the CUDA lowering, made here on the CPU); other inputs keep the reference."""
+  import jax
+  monkeypatch.setattr(dispatch, "_norm_kernel_runs", lambda: True)
+  x, perm, kw = _norm_args(np.random.default_rng(4), d=d)
+  x = x.astype(dtype)
+  f = lambda x, p: dispatch.gathered_norm(x, p, backend="mosaic", **kw)  # noqa: E731
+  text = jax.jit(f).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
+  assert ("mosaic_gpu" in text) == uses_kernel
+  if d % 128 == 0:  # the W4A4 activation quantize
+    g = lambda x: dispatch._quantize_activations(x, jnp.float32(0.01))  # noqa: E731, SLF001
+    text = jax.jit(g).trace(x.reshape(-1, d)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+def test_mosaic_norm_matches_reference_on_gpu():
+  """The kernel path against the reference path: statistics summed in another order, so
+  within one bf16 ulp (see tests/test_kernels_norm_kernel.py)."""
+  x, perm, kw = _norm_args(np.random.default_rng(5), b=2, t=256, d=3072)
+  got = dispatch.gathered_norm(x, perm, backend="mosaic", **kw)
+  ref = dispatch.gathered_norm(x, perm, backend="reference", **kw)
+  bits = lambda a: np.asarray(a).view(np.uint16).astype(np.int32)  # noqa: E731
+  assert got.dtype == ref.dtype == jnp.bfloat16
+  assert np.abs(bits(got) - bits(ref)).max() <= 1

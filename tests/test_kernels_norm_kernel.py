@@ -43,20 +43,22 @@ def _vectors(rng, shape, per_sample):
               scale=jnp.asarray(rng.standard_normal(sv) * 0.2, jnp.bfloat16))
 
 
-def _call(x, kind, out, vecs, perm=None, gpu=False):
+def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False):
   """Kernel (under the interpreter, or on the GPU) and the jitted reference (XLA contracts
   multiply-adds into FMAs, as Mosaic GPU does; the interpreter compiles the kernel body with
-  XLA likewise)."""
-  ts = jnp.float32(TS) if out == "nvfp4" else None
+  XLA likewise). ``kind="none"``: the plain quantize, against ``norm.gathered_quantize``."""
+  ts = jnp.float32(TS) if out == "nvfp4" and not dynamic else None
+  kw = dict(kind=kind, out=out, tensor_scale=ts, rows=rows, **vecs)
   if gpu:
-    got = jax.jit(nk.norm_quantize, static_argnames=("kind", "out"))(
-        x, perm, kind=kind, out=out, tensor_scale=ts, **vecs)
+    got = jax.jit(nk.norm_quantize, static_argnames=("kind", "out", "rows"))(x, perm, **kw)
   else:
     with interpret.gpu_interpreter():
-      got = nk.norm_quantize(x, perm, kind=kind, out=out, tensor_scale=ts, interpret=True,
-                             **vecs)
-  ref = jax.jit(norm.reference, static_argnames=("kind", "out"))(
-      x, perm, kind=kind, out=out, tensor_scale=ts, **vecs)
+      got = nk.norm_quantize(x, perm, interpret=True, **kw)
+  if kind == "none":
+    ref = jax.jit(norm.gathered_quantize)(x, perm, tensor_scale=ts)
+  else:
+    ref = jax.jit(norm.reference, static_argnames=("kind", "out"))(
+        x, perm, kind=kind, out=out, tensor_scale=ts, **vecs)
   return got, ref
 
 
@@ -81,33 +83,35 @@ def _bits(a):
                                                  else jnp.uint16))
 
 
-CASES = [  # shape, x dtype, kind, vectors, per-sample adaLN
-    ((32, 128), jnp.bfloat16, "layer", True, False),
-    ((40, 192), jnp.float32, "rms", False, False),  # ragged M: padded to 48 rows
-    ((2, 16, 256), jnp.bfloat16, "layer", True, True),
-    ((16, 1152), jnp.float16, "rms", True, False),
+CASES = [  # shape, x dtype, kind, vectors, per-sample adaLN, rows per CTA
+    ((32, 128), jnp.bfloat16, "layer", True, False, 16),
+    ((40, 192), jnp.float32, "rms", False, False, 16),  # ragged M: padded to 48 rows
+    ((2, 16, 256), jnp.bfloat16, "layer", True, True, 4),
+    ((16, 1152), jnp.float16, "rms", True, False, 8),
 ]
 
 
 @pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
 class TestInterpreter:
 
-  @pytest.mark.parametrize("shape,dtype,kind,vecs,per_sample", CASES)
-  def test_nvfp4_bit_exact(self, shape, dtype, kind, vecs, per_sample):
+  @pytest.mark.parametrize("shape,dtype,kind,vecs,per_sample,rows", CASES)
+  def test_nvfp4_bit_exact(self, shape, dtype, kind, vecs, per_sample, rows):
     rng = np.random.default_rng(sum(shape))
     x = _exact_x(rng, shape, kind, dtype)
-    got, ref = _call(x, kind, "nvfp4", _vectors(rng, shape, per_sample) if vecs else {})
+    got, ref = _call(x, kind, "nvfp4", _vectors(rng, shape, per_sample) if vecs else {},
+                     rows=rows)
     assert got.codes.shape == ref.codes.shape and got.codes.dtype == jnp.uint8
     assert got.scales.shape == ref.scales.shape and got.scales.dtype == jnp.float8_e4m3fn
     np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
     np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
     assert float(got.tensor_scale) == float(ref.tensor_scale)
 
-  @pytest.mark.parametrize("shape,dtype,kind,vecs,per_sample", CASES)
-  def test_bf16_bit_exact(self, shape, dtype, kind, vecs, per_sample):
+  @pytest.mark.parametrize("shape,dtype,kind,vecs,per_sample,rows", CASES)
+  def test_bf16_bit_exact(self, shape, dtype, kind, vecs, per_sample, rows):
     rng = np.random.default_rng(sum(shape) + 1)
     x = _exact_x(rng, shape, kind, dtype)
-    got, ref = _call(x, kind, "bf16", _vectors(rng, shape, per_sample) if vecs else {})
+    got, ref = _call(x, kind, "bf16", _vectors(rng, shape, per_sample) if vecs else {},
+                     rows=rows)
     assert got.shape == ref.shape and got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(_bits(got), _bits(ref))
 
@@ -125,6 +129,30 @@ class TestInterpreter:
     else:
       np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
       np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+
+  @pytest.mark.parametrize("gathered", [False, True])
+  @pytest.mark.parametrize("dynamic", [False, True])
+  def test_plain_quantize_bit_exact(self, gathered, dynamic):
+    """kind='none' has no sums (the dynamic amax is a max: exact in any order), so it equals
+    ``norm.gathered_quantize`` bit for bit on any data."""
+    shape = (2, 24, 192)  # 48 rows: ragged for rows=16
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal(shape) * 3, jnp.bfloat16)
+    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
+    got, ref = _call(x, "none", "nvfp4", {}, perm, rows=16, dynamic=dynamic)
+    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
+    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+    assert float(got.tensor_scale) == float(ref.tensor_scale)
+
+  def test_dynamic_scale_bit_exact(self):
+    """Dynamic tensor scale: the amax pass and the quantize pass, on exact-sum data."""
+    shape = (2, 16, 256)
+    rng = np.random.default_rng(12)
+    x = _exact_x(rng, shape, "layer", jnp.bfloat16)
+    got, ref = _call(x, "layer", "nvfp4", _vectors(rng, shape, True), rows=8, dynamic=True)
+    assert float(got.tensor_scale) == float(ref.tensor_scale)
+    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
+    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
 
   @pytest.mark.parametrize("kind", ["layer", "rms"])
   def test_random_data_within_rounding(self, kind):
@@ -170,6 +198,20 @@ class TestGPU:
     err = np.abs(np.asarray(got, np.float64) - r)
     assert (err <= 2.0**-8 * np.abs(r) * (1 + 2.0**-7) + (d + 8) * 2.0**-24 * mag).all()
 
+  @pytest.mark.parametrize("kind,gathered,rows", [
+      ("none", True, 4), ("none", False, 16), ("layer", True, 4), ("rms", False, 16)])
+  @pytest.mark.parametrize("dynamic", [False, True])
+  def test_plain_dynamic_and_rows(self, kind, gathered, rows, dynamic):
+    """Plain quantize, the two-launch dynamic scale and the other block heights on the GPU."""
+    shape = (2, 512, 3072)
+    rng = np.random.default_rng(rows + 7 * dynamic)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
+    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
+    vecs = {} if kind == "none" else _vectors(rng, shape, True)
+    got, ref = _call(x, kind, "nvfp4", vecs, perm, gpu=True, rows=rows, dynamic=dynamic)
+    np.testing.assert_allclose(float(got.tensor_scale), float(ref.tensor_scale), rtol=2**-20)
+    _assert_within_rounding(got, ref, "nvfp4")
+
 
 LOWER_CASES = [  # shape, x dtype, kind, out, vectors, per-sample adaLN, gathered
     ((4096, 1152), jnp.bfloat16, "layer", "nvfp4", True, False, False),
@@ -196,18 +238,33 @@ def test_lowers_for_cuda(shape, dtype, kind, out, vecs, per_sample, gathered):
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("kind,gathered,rows", [("none", True, 4), ("layer", False, 16),
+                                                ("rms", True, 8)])
+def test_dynamic_scale_lowers_for_cuda(kind, gathered, rows):
+  """Both launches of the dynamic path (group amax, then quantize) lower to Mosaic GPU."""
+  shape = (2, 512, 3072)
+  x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  perm = jax.ShapeDtypeStruct(shape[-1:], jnp.int32) if gathered else None
+  f = lambda x, p: nk.norm_quantize(x, p, kind=kind, rows=rows)  # noqa: E731
+  text = jax.jit(f).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 2
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(x=jnp.zeros((16, 128), jnp.int32)), "x must be"),
     (dict(x=jnp.zeros((16, 96), jnp.bfloat16)), "multiple of 64"),
     (dict(kind="batch"), "kind"),
     (dict(out="fp8"), "out"),
-    (dict(tensor_scale=None), "tensor_scale"),
+    (dict(rows=12), "rows"),
+    (dict(kind="none", weight=jnp.ones(128)), "kind='none'"),
+    (dict(kind="none", out="bf16"), "kind='none'"),
     (dict(weight=jnp.ones((64,))), "weight"),
-    (dict(x=jnp.zeros((2, 8, 128), jnp.bfloat16), shift=jnp.zeros((2, 128))), "shift"),
+    (dict(x=jnp.zeros((2, 4, 128), jnp.bfloat16), shift=jnp.zeros((2, 128))), "shift"),
     (dict(x=jnp.zeros((2, 16, 128), jnp.bfloat16), scale=jnp.zeros((16, 128))), "scale"),
-    (dict(x=jnp.zeros((16, 8192), jnp.float32)), "shared memory"),
+    (dict(x=jnp.zeros((16, 16384), jnp.float32)), "shared memory"),
     (dict(x=jnp.zeros((16, 3072), jnp.bfloat16), out="bf16", weight=jnp.ones(3072),
-          bias=jnp.ones(3072), perm=jnp.arange(3072, dtype=jnp.int32)), "shared memory"),
+          bias=jnp.ones(3072), perm=jnp.arange(3072, dtype=jnp.int32), rows=16),
+     "shared memory"),
     (dict(perm=jnp.arange(64, dtype=jnp.int32)), "perm"),
     (dict(perm=jnp.arange(128, dtype=jnp.float32)), "perm"),
 ])

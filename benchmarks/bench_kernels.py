@@ -131,6 +131,41 @@ def _stream_only(pw, at, k_splits, tile_m):
   return call(at, pw.codes, pw.scales_t)
 
 
+def _stream_variant(codes_u8, scales_t, at, k_splits, tile_m, with_a: bool, tiles: int):
+  """Diagnostic: a TMA pipeline with an empty body over the weight tiles read as contiguous
+  ``(16, 256)`` byte boxes (256-byte rows instead of 64), ``tiles`` K tiles per step, with or
+  without the activation tiles: which of box shape, step size and A traffic limits the
+  stream."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  nt, kt = codes_u8.shape[:2]
+  steps = kt // k_splits // tiles
+  tk = fm.TILE_K * tiles
+
+  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem):
+    ni, mi, si = (jax.lax.axis_index(a) for a in ("n", "m", "s"))
+    step_sl = pl.ds(si * steps * tiles, steps * tiles)
+    specs = [plgpu.BlockSpec((tiles, 16, 256), lambda kk: (kk, 0, 0)),
+             plgpu.BlockSpec((tiles, scales_t.shape[2], fm.TILE_N), lambda kk: (kk, 0, 0))]
+    refs = [wq_gmem.at[ni, step_sl], ws_gmem.at[ni, step_sl]]
+    if with_a:
+      specs.append(plgpu.BlockSpec((tk, tile_m), lambda kk: (kk, 0),
+                                   transforms=fm._swz(fm._SWIZZLE)))
+      refs.append(at_gmem.at[pl.ds(si * steps * tk, steps * tk), pl.ds(mi * tile_m, tile_m)])
+    plgpu.emit_pipeline(lambda *_: None, grid=(steps,), max_concurrent_steps=4,
+                        in_specs=specs)(*refs)
+
+  call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((8,), jnp.float32),
+                      grid=(nt, at.shape[1] // tile_m, k_splits), grid_names=("n", "m", "s"))
+  return call(at, codes_u8, scales_t)
+
+
+def _byte_tiles(pw):
+  """``pw.codes`` (int4 ``(N/64, K/128, 64, 128)``) as the same bytes, ``(.., 16, 256)``."""
+  b = jax.lax.bitcast_convert_type(pw.codes.reshape(*pw.codes.shape[:3], 64, 2), jnp.uint8)
+  return b.reshape(*pw.codes.shape[:2], 16, 256)
+
+
 def _candidates(m, n, k, interpret):
   """Our W4A4 candidates for this M: name -> (method, config)."""
   c = {"ours_w4a4_xla": ("xla", None)}
@@ -182,6 +217,13 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
             fm._kernel_call(at, p, cfg0, False, False) for p in pws]), (at, pws), r4)
         cands["diag_stream_only"] = (jax.jit(lambda at, pws: [
             _stream_only(p, at, cfg0.k_splits, cfg0.tile_m) for p in pws]), (at, pws), r4)
+        bts = [(_byte_tiles(p), p.scales_t) for p in pws]
+        for with_a, tiles in ((True, 1), (False, 1), (True, 2), (False, 2)):
+          if (k // fm.TILE_K // cfg0.k_splits) % tiles == 0:
+            cands[f"diag_stream_bytes_t{tiles}{'' if with_a else '_noA'}"] = (jax.jit(
+                lambda at, bts, wa=with_a, t=tiles: [_stream_variant(
+                    c, sc, at, cfg0.k_splits, cfg0.tile_m, wa, t) for c, sc in bts]),
+                (at, bts), r4)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
         cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
         if cfg is not None:

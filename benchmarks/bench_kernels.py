@@ -174,8 +174,9 @@ def _candidates(m, n, k, interpret):
   if m <= 64:
     for occ in (2, 4):
       c[f"ours_w4a4_kernel_occ{occ}"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=occ))
-    c["ours_w4a4_kernel_mmajor"] = ("kernel", dataclasses.replace(
-        fm.default_config(m, n, k), m_major=True))
+    cfg = fm.default_config(m, n, k)  # the other activation layout
+    c["ours_w4a4_kernel_" + ("kmajor" if cfg.m_major else "mmajor")] = (
+        "kernel", dataclasses.replace(cfg, m_major=not cfg.m_major))
   if interpret:  # kernels under the interpreter inside jit hang on the CPU: XLA path only
     c = {"ours_w4a4_xla": c["ours_w4a4_xla"]}
   return c
@@ -306,6 +307,10 @@ def bench_norm(results, log, save, shapes, timer):
           (f"kernel_inorder_nvfp4_static_r{rows}",
            norm_fn("nvfp4", ts, nk.norm_quantize, rows=rows), (xs, None), q_bytes,
            "plain_norm_nvfp4_static")]
+    for chunk in nk.CHUNK_CHOICES[1:]:
+      cands.append((f"kernel_gathered_nvfp4_static_r8_c{chunk}",
+                    norm_fn("nvfp4", ts, nk.norm_quantize, rows=8, chunk=chunk), (xs, perm),
+                    q_bytes, "gathered_norm_nvfp4_static"))
     cands += [
         ("kernel_gathered_nvfp4_dynamic", norm_fn("nvfp4", None, nk.norm_quantize),
          (xs, perm), q_bytes, "gathered_norm_nvfp4_dynamic"),

@@ -8,8 +8,7 @@ optional orthonormal 16x16 block Hadamard rotation inside each group.
 
 This module is plain ``jax.numpy``: XLA fuses the gather, the statistics and the quantization
 into a couple of fusions, and it is the definition the Mosaic GPU kernel
-(``pqjax_kernels.norm_kernel``) is tested against. That kernel is not yet the shipped path:
-its GPU correctness is unverified (``benchmarks/NOTES_kernels.md``).
+(``pqjax_kernels.norm_kernel``, what ``pqjax.dispatch`` runs on Hopper) is tested against.
 
 The NVFP4 arithmetic matches ``pqjax.formats.quantize`` bit for bit (the tests check it):
 ``s_t = max(fl(amax * fl(1/2688)), 2**-117)`` (1 for an all-zero tensor),

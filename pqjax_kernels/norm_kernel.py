@@ -54,6 +54,7 @@ from pqjax_kernels.matmul_fp4 import _layout_cast  # noqa: PLC2701 (one helper f
 
 ROW_CHOICES = (4, 8, 16)  # rows per CTA (one row of each 4 per warp)
 CHUNK = 64  # columns per register chunk: 4 groups of 16 across the lanes of a warp
+CHUNK_CHOICES = (64, 128, 256)  # wider chunks: more independent registers per thread
 SMEM_BYTES = 200 * 1024  # shared memory the kernel may use (H100/H200: 227 KiB per CTA)
 
 # (rows, groups, 8, 2) = (row, 16-wide group, pair, element): warp w holds rows w, w + 4, ...;
@@ -105,7 +106,7 @@ def _n_vec(*vs) -> int:
   return sum(v is not None for v in vs)
 
 
-def _check(x, perm, kind, weight, bias, shift, scale, out, rows) -> None:
+def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk=CHUNK) -> None:
   if kind == "none":  # plain quantize: nothing to normalize or fold
     if any(v is not None for v in (weight, bias, shift, scale)) or out != "nvfp4":
       raise ValueError("kind='none' (plain quantize) takes no weight/bias/shift/scale and "
@@ -113,8 +114,10 @@ def _check(x, perm, kind, weight, bias, shift, scale, out, rows) -> None:
   norm.check_inputs(x, perm, kind="rms" if kind == "none" else kind, weight=weight, bias=bias,
                     shift=shift, scale=scale, out=out)
   d = x.shape[-1]
-  if d % CHUNK:
-    raise ValueError(f"the last axis of x ({d}) must be a multiple of {CHUNK}")
+  if chunk not in CHUNK_CHOICES:
+    raise ValueError(f"chunk must be one of {CHUNK_CHOICES}, got {chunk}")
+  if d % chunk:
+    raise ValueError(f"the last axis of x ({d}) must be a multiple of {chunk} (chunk)")
   if rows not in ROW_CHOICES:
     raise ValueError(f"rows must be one of {ROW_CHOICES}, got {rows}")
   for name, v in (("shift", shift), ("scale", scale)):
@@ -222,13 +225,13 @@ def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
 
 
 def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: str, t: int,
-                 rows: int, interpret: bool):
+                 rows: int, chunk: int, interpret: bool):
   """Runs the kernel on ``x2 (M, D)`` (M a multiple of ``rows``); returns its outputs
   (row-major, in the kernel's array shapes). ``out="amax"``: float32 group amax
   ``(M/rows, rows * D/16)`` of the result instead of codes and scales (dynamic scale)."""
   m, d = x2.shape
-  groups, gc = d // 16, CHUNK // 16
-  n_chunks = d // CHUNK
+  groups, gc = d // 16, chunk // 16
+  n_chunks = d // chunk
   n_vec = 0 if vecs is None else vecs.shape[1]
   lc = _layout_cast(interpret)
   rows_shape = (rows, gc, 8, 2)
@@ -273,7 +276,7 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
     def load_gathered(c):
       """Chunk c of ``x[:, perm]`` (the statistics need no gather: they are
       permutation-invariant)."""
-      perm_chunk = perm_smem.at[pl.ds(c * CHUNK, CHUNK)]
+      perm_chunk = perm_smem.at[pl.ds(c * chunk, chunk)]
       if interpret:  # the interpreter runs jnp: gather the whole row block
         v = jnp.take(x_smem[...].reshape(rows, d), perm_chunk[...], axis=1)
         return v.reshape(rows_shape).astype(jnp.float32)
@@ -364,7 +367,7 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
 def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
                   kind: KernelKind = "layer", weight=None, bias=None, shift=None,
                   scale=None, eps: float = 1e-6, out: _OutKind = "nvfp4", tensor_scale=None,
-                  rows: int | None = None, interpret: bool = False):
+                  rows: int | None = None, chunk: int = CHUNK, interpret: bool = False):
   """Fused LayerNorm/RMSNorm + adaLN (+ NVFP4 quantize) of ``x``, optionally gathered.
 
   ``out[..., j] = f(x)[..., perm[j]]`` as in ``norm.reference``; ``kind="none"`` is
@@ -385,6 +388,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
       a first pass of the same kernel writes the group amax of the result, XLA reduces it to
       the tensor scale, and a second pass quantizes.
     rows: rows per CTA (``ROW_CHOICES``); None picks ``default_rows``.
+    chunk: columns per register chunk (``CHUNK_CHOICES``; D must be a multiple).
     interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
 
   Returns:
@@ -399,7 +403,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   """
   if rows is None and hasattr(x, "shape") and hasattr(x, "dtype"):
     rows = default_rows(x, perm, out=out, n_vec=_n_vec(weight, bias, shift, scale))
-  _check(x, perm, kind, weight, bias, shift, scale, out, rows)
+  _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk)
   lead, d = x.shape[:-1], x.shape[-1]
   t = x.shape[1] if x.ndim == 3 else x.shape[0]  # rows per sample
   x2 = x.reshape(-1, d)
@@ -412,7 +416,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   if vecs is not None and perm is not None:  # the affine / adaLN act on gathered columns
     vecs = jnp.take(vecs, perm, axis=-1)
   call = functools.partial(_kernel_call, x2, vecs, perm=perm, kind=kind, flags=flags, eps=eps,
-                           t=t, rows=rows, interpret=interpret)
+                           t=t, rows=rows, chunk=chunk, interpret=interpret)
   if out == "bf16":
     return call(None, out="bf16")[0].reshape(mp, d)[:m].reshape(x.shape)
   if tensor_scale is None:  # dynamic: amax of the result, then the static pass
@@ -429,4 +433,4 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   return norm.NVFP4Activation(codes, scales, s_t)
 
 
-__all__ = ["CHUNK", "ROW_CHOICES", "accepts", "default_rows", "norm_quantize"]
+__all__ = ["CHUNK", "CHUNK_CHOICES", "ROW_CHOICES", "accepts", "default_rows", "norm_quantize"]

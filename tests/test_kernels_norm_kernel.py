@@ -138,6 +138,22 @@ class TestInterpreter:
     np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
     assert float(got.tensor_scale) == float(ref.tensor_scale)
 
+  @pytest.mark.parametrize("chunk", [128, 256])
+  def test_wide_chunks_bit_exact(self, chunk):
+    shape = (2, 16, 512)
+    rng = np.random.default_rng(chunk)
+    x = _exact_x(rng, shape, "layer", jnp.bfloat16)
+    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32)
+    vecs = _vectors(rng, shape, True)
+    ts = jnp.float32(TS)
+    with interpret.gpu_interpreter():
+      got = nk.norm_quantize(x, perm, kind="layer", tensor_scale=ts, chunk=chunk,
+                             interpret=True, **vecs)
+    ref = jax.jit(norm.reference, static_argnames=("kind", "out"))(
+        x, perm, kind="layer", out="nvfp4", tensor_scale=ts, **vecs)
+    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
+    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+
   def test_dynamic_scale_bit_exact(self):
     """Dynamic tensor scale: the amax pass and the quantize pass, on exact-sum data."""
     shape = (2, 16, 256)
@@ -219,14 +235,15 @@ def test_lowers_for_cuda(shape, dtype, kind, out, vecs, per_sample, gathered):
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("kind,gathered,rows", [("none", True, 4), ("layer", False, 16),
-                                                ("rms", True, 8)])
-def test_dynamic_scale_lowers_for_cuda(kind, gathered, rows):
-  """Both launches of the dynamic path (group amax, then quantize) lower to Mosaic GPU."""
+@pytest.mark.parametrize("kind,gathered,rows,chunk", [
+    ("none", True, 4, 64), ("layer", False, 16, 128), ("rms", True, 8, 256)])
+def test_dynamic_scale_lowers_for_cuda(kind, gathered, rows, chunk):
+  """Both launches of the dynamic path (group amax, then quantize) lower to Mosaic GPU, at
+  each chunk width (the gather included)."""
   shape = (2, 512, 3072)
   x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   perm = jax.ShapeDtypeStruct(shape[-1:], jnp.int32) if gathered else None
-  f = lambda x, p: nk.norm_quantize(x, p, kind=kind, rows=rows)  # noqa: E731
+  f = lambda x, p: nk.norm_quantize(x, p, kind=kind, rows=rows, chunk=chunk)  # noqa: E731
   text = jax.jit(f).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 2
 
@@ -237,6 +254,8 @@ def test_dynamic_scale_lowers_for_cuda(kind, gathered, rows):
     (dict(kind="batch"), "kind"),
     (dict(out="fp8"), "out"),
     (dict(rows=12), "rows"),
+    (dict(chunk=96), "chunk"),
+    (dict(x=jnp.zeros((16, 192), jnp.bfloat16), chunk=128), "multiple of 128"),
     (dict(kind="none", weight=jnp.ones(128)), "kind='none'"),
     (dict(kind="none", out="bf16"), "kind='none'"),
     (dict(weight=jnp.ones((64,))), "weight"),

@@ -348,9 +348,9 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
   tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
   ctas = (n // TILE_N) * (-(-m // tile_m))
   splits = _splits(ctas, k // TILE_K, ctas_per_sm * num_sms, 2)
-  # (M, K) activations read transposed: 5-10% faster at M=16 on all four DiT shapes (H200,
-  # benchmarks/NOTES_kernels.md); M=64 not measured that way, so it keeps (K, M).
-  return MatmulConfig(tile_m=tile_m, k_splits=splits, m_major=tile_m <= 32)
+  # (M, K) activations read transposed: 5-10% faster at M=16 and 11-14% at M=64 on the DiT
+  # shapes measured (H200, benchmarks/NOTES_kernels.md); larger tiles were not measured so.
+  return MatmulConfig(tile_m=tile_m, k_splits=splits, m_major=tile_m <= 64)
 
 
 def _layout_cast(interpret: bool):

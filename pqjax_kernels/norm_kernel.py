@@ -55,6 +55,12 @@ from pqjax_kernels.matmul_fp4 import _layout_cast  # noqa: PLC2701 (one helper f
 ROW_CHOICES = (4, 8, 16)  # rows per CTA (one row of each 4 per warp)
 CHUNK = 64  # columns per register chunk: 4 groups of 16 across the lanes of a warp
 CHUNK_CHOICES = (64, 128, 256)  # wider chunks: more independent registers per thread
+
+
+def default_chunk(d: int) -> int:
+  """The widest chunk dividing ``d``: wider chunks give each thread more independent loads
+  and arithmetic (H200, 2 x 4608 x 3072 gathered: 151 / 116 / 94 us at 64 / 128 / 256)."""
+  return max(c for c in CHUNK_CHOICES if d % c == 0) if d % CHUNK == 0 else CHUNK
 SMEM_BYTES = 200 * 1024  # shared memory the kernel may use (H100/H200: 227 KiB per CTA)
 
 # (rows, groups, 8, 2) = (row, 16-wide group, pair, element): warp w holds rows w, w + 4, ...;
@@ -367,7 +373,8 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
 def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
                   kind: KernelKind = "layer", weight=None, bias=None, shift=None,
                   scale=None, eps: float = 1e-6, out: _OutKind = "nvfp4", tensor_scale=None,
-                  rows: int | None = None, chunk: int = CHUNK, interpret: bool = False):
+                  rows: int | None = None, chunk: int | None = None,
+                  interpret: bool = False):
   """Fused LayerNorm/RMSNorm + adaLN (+ NVFP4 quantize) of ``x``, optionally gathered.
 
   ``out[..., j] = f(x)[..., perm[j]]`` as in ``norm.reference``; ``kind="none"`` is
@@ -388,7 +395,8 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
       a first pass of the same kernel writes the group amax of the result, XLA reduces it to
       the tensor scale, and a second pass quantizes.
     rows: rows per CTA (``ROW_CHOICES``); None picks ``default_rows``.
-    chunk: columns per register chunk (``CHUNK_CHOICES``; D must be a multiple).
+    chunk: columns per register chunk (``CHUNK_CHOICES``; D must be a multiple); None picks
+      ``default_chunk``.
     interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
 
   Returns:
@@ -403,6 +411,8 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   """
   if rows is None and hasattr(x, "shape") and hasattr(x, "dtype"):
     rows = default_rows(x, perm, out=out, n_vec=_n_vec(weight, bias, shift, scale))
+  if chunk is None and hasattr(x, "shape"):
+    chunk = default_chunk(x.shape[-1])
   _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk)
   lead, d = x.shape[:-1], x.shape[-1]
   t = x.shape[1] if x.ndim == 3 else x.shape[0]  # rows per sample
@@ -433,4 +443,5 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   return norm.NVFP4Activation(codes, scales, s_t)
 
 
-__all__ = ["CHUNK", "CHUNK_CHOICES", "ROW_CHOICES", "accepts", "default_rows", "norm_quantize"]
+__all__ = ["CHUNK", "CHUNK_CHOICES", "ROW_CHOICES", "accepts", "default_chunk", "default_rows",
+           "norm_quantize"]

@@ -426,11 +426,13 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   if vecs is not None and perm is not None:  # the affine / adaLN act on gathered columns
     vecs = jnp.take(vecs, perm, axis=-1)
   call = functools.partial(_kernel_call, x2, vecs, perm=perm, kind=kind, flags=flags, eps=eps,
-                           t=t, rows=rows, chunk=chunk, interpret=interpret)
+                           t=t, rows=rows, interpret=interpret)
   if out == "bf16":
-    return call(None, out="bf16")[0].reshape(mp, d)[:m].reshape(x.shape)
+    return call(None, out="bf16", chunk=chunk)[0].reshape(mp, d)[:m].reshape(x.shape)
   if tensor_scale is None:  # dynamic: amax of the result, then the static pass
-    amax = call(None, out="amax")[0].reshape(mp, -1)[:m]
+    # The amax launch at the 64-column chunk: wider ones raised IndexError while compiling
+    # on JAX 0.11.2 (H200; they lower on 0.10.2): not diagnosed.
+    amax = call(None, out="amax", chunk=CHUNK)[0].reshape(mp, -1)[:m]
     s_t = norm.nvfp4_tensor_scale(amax)
   else:
     s_t = jnp.maximum(jnp.asarray(tensor_scale, jnp.float32),
@@ -439,7 +441,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   # Copies move whole multiples of 128 bytes (one per thread of the warpgroup): pad.
   params = jnp.zeros((32,), jnp.float32).at[0].set(s_t).at[1].set(inv_6st)
   codes, scales = (o.reshape(mp, -1)[:m].reshape(*lead, -1)
-                   for o in call(params, out="nvfp4"))
+                   for o in call(params, out="nvfp4", chunk=chunk))
   return norm.NVFP4Activation(codes, scales, s_t)
 
 

@@ -148,6 +148,11 @@ def e4m3_value(b: jax.Array) -> jax.Array:
   return jnp.where(exp == 0, man.astype(jnp.float32) * jnp.float32(2.0**-9), normal)
 
 
+def static_tensor_scale(tensor_scale) -> jax.Array:
+  """A given (static, calibrated) NVFP4 tensor scale as float32, floored at ``2**-117``."""
+  return jnp.maximum(jnp.asarray(tensor_scale, jnp.float32), jnp.float32(_TENSOR_SCALE_FLOOR))
+
+
 def nvfp4_tensor_scale(y: jax.Array) -> jax.Array:
   """Dynamic NVFP4 tensor scale ``max(amax / 2688, 2**-117)`` (1 for all-zero ``y``)."""
   amax = jnp.max(jnp.abs(y.astype(jnp.float32)))
@@ -162,7 +167,7 @@ def quantize_nvfp4(y: jax.Array, tensor_scale=None) -> NVFP4Activation:
   if tensor_scale is None:
     s_t = nvfp4_tensor_scale(y)
   else:
-    s_t = jnp.maximum(jnp.asarray(tensor_scale, jnp.float32), jnp.float32(_TENSOR_SCALE_FLOOR))
+    s_t = static_tensor_scale(tensor_scale)
   yg = y.reshape(*y.shape[:-1], y.shape[-1] // GROUP, GROUP)
   amax = jnp.max(jnp.abs(yg), axis=-1)
   inv_6st = jnp.float32(1.0) / (jnp.float32(_E2M1_MAX) * s_t)

@@ -55,12 +55,6 @@ from pqjax_kernels.matmul_fp4 import _layout_cast  # noqa: PLC2701 (one helper f
 ROW_CHOICES = (4, 8, 16)  # rows per CTA (one row of each 4 per warp)
 CHUNK = 64  # columns per register chunk: 4 groups of 16 across the lanes of a warp
 CHUNK_CHOICES = (64, 128, 256)  # wider chunks: more independent registers per thread
-
-
-def default_chunk(d: int) -> int:
-  """The widest chunk dividing ``d``: wider chunks give each thread more independent loads
-  and arithmetic (H200, 2 x 4608 x 3072 gathered: 151 / 116 / 94 us at 64 / 128 / 256)."""
-  return max(c for c in CHUNK_CHOICES if d % c == 0) if d % CHUNK == 0 else CHUNK
 SMEM_BYTES = 200 * 1024  # shared memory the kernel may use (H100/H200: 227 KiB per CTA)
 
 # (rows, groups, 8, 2) = (row, 16-wide group, pair, element): warp w holds rows w, w + 4, ...;
@@ -78,9 +72,15 @@ KernelKind = Literal["layer", "rms", "none"]
 _ROW_PREFERENCE = (8, 4, 16)  # fastest first (H200, benchmarks/NOTES_kernels.md)
 
 
+def default_chunk(d: int) -> int:
+  """The widest chunk dividing ``d``: wider chunks give each thread more independent loads
+  and arithmetic (H200, 2 x 4608 x 3072 gathered: 151 / 116 / 94 us at 64 / 128 / 256)."""
+  return max(c for c in CHUNK_CHOICES if d % c == 0) if d % CHUNK == 0 else CHUNK
+
+
 def _smem_bytes(x, perm, out: str, n_vec: int, rows: int) -> float:
   d = x.shape[-1]
-  in_place = _in_place(x.dtype, out) and perm is None
+  in_place = _in_place(x.dtype, out, perm)
   out_bytes = 0 if in_place else 2 if out == "bf16" else 9 / 16
   return rows * d * (x.dtype.itemsize + out_bytes) + (n_vec + (perm is not None)) * d * 4
 
@@ -98,21 +98,31 @@ def default_rows(x, perm=None, *, out: str = "nvfp4", n_vec: int = 0) -> int:
 
 
 def accepts(x, perm=None, *, kind: str = "layer", weight=None, bias=None, shift=None,
-            scale=None, out: str = "nvfp4", rows: int | None = None) -> bool:
+            scale=None, out: str = "nvfp4", rows: int | None = None,
+            chunk: int | None = None) -> bool:
   """Whether ``norm_quantize`` takes these arguments (the checks it raises from, as a test)."""
   try:
     _check(x, perm, kind, weight, bias, shift, scale, out,
-           rows or default_rows(x, perm, out=out, n_vec=_n_vec(weight, bias, shift, scale)))
+           *_resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk))
   except ValueError:
     return False
   return True
+
+
+def _resolve(x, perm, out: str, vecs, rows: int | None, chunk: int | None):
+  """``rows`` and ``chunk``, with None replaced by the defaults (left None for a non-array
+  ``x``: ``_check`` then names it)."""
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    rows = default_rows(x, perm, out=out, n_vec=_n_vec(*vecs)) if rows is None else rows
+    chunk = default_chunk(x.shape[-1]) if chunk is None else chunk
+  return rows, chunk
 
 
 def _n_vec(*vs) -> int:
   return sum(v is not None for v in vs)
 
 
-def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk=CHUNK) -> None:
+def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk) -> None:
   if kind == "none":  # plain quantize: nothing to normalize or fold
     if any(v is not None for v in (weight, bias, shift, scale)) or out != "nvfp4":
       raise ValueError("kind='none' (plain quantize) takes no weight/bias/shift/scale and "
@@ -141,9 +151,10 @@ def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk=CHUNK) ->
                      f"shared memory per CTA with rows={rows}, more than {SMEM_BYTES}")
 
 
-def _in_place(dtype, out: str) -> bool:
-  """bf16 output of bf16 input overwrites the shared-memory copy of x (saves its size)."""
-  return out == "bf16" and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+def _in_place(dtype, out: str, perm) -> bool:
+  """bf16 output of bf16 input overwrites the shared-memory copy of x (saves its size),
+  except with a gather, which reads all of x to the end."""
+  return out == "bf16" and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and perm is None
 
 
 def _per_sample(v, x) -> bool:
@@ -248,7 +259,7 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
   grouped = lambda flat, view: view if interpret else flat  # noqa: E731
   view = (lambda ref, _: ref) if interpret else (lambda ref, shape: ref.reshape(*shape))
   copy = dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
-  in_place = _in_place(x2.dtype, out) and perm is None  # a gather reads all of x to the end
+  in_place = _in_place(x2.dtype, out, perm)
 
   def kernel(*refs):
     it = iter(refs)
@@ -409,10 +420,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
       ``CHUNK``, per-sample vectors with T not a multiple of ``rows``, or a row block that
       does not fit in shared memory.
   """
-  if rows is None and hasattr(x, "shape") and hasattr(x, "dtype"):
-    rows = default_rows(x, perm, out=out, n_vec=_n_vec(weight, bias, shift, scale))
-  if chunk is None and hasattr(x, "shape"):
-    chunk = default_chunk(x.shape[-1])
+  rows, chunk = _resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk)
   _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk)
   lead, d = x.shape[:-1], x.shape[-1]
   t = x.shape[1] if x.ndim == 3 else x.shape[0]  # rows per sample
@@ -435,8 +443,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
     amax = call(None, out="amax", chunk=CHUNK)[0].reshape(mp, -1)[:m]
     s_t = norm.nvfp4_tensor_scale(amax)
   else:
-    s_t = jnp.maximum(jnp.asarray(tensor_scale, jnp.float32),
-                      jnp.float32(norm._TENSOR_SCALE_FLOOR))  # noqa: SLF001
+    s_t = norm.static_tensor_scale(tensor_scale)
   inv_6st = jnp.float32(1.0) / (jnp.float32(norm._E2M1_MAX) * s_t)  # noqa: SLF001
   # Copies move whole multiples of 128 bytes (one per thread of the warpgroup): pad.
   params = jnp.zeros((32,), jnp.float32).at[0].set(s_t).at[1].set(inv_6st)

@@ -43,14 +43,15 @@ def _vectors(rng, shape, per_sample):
               scale=jnp.asarray(rng.standard_normal(sv) * 0.2, jnp.bfloat16))
 
 
-def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False):
+def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, chunk=None):
   """Kernel (under the interpreter, or on the GPU) and the jitted reference (XLA contracts
   multiply-adds into FMAs, as Mosaic GPU does; the interpreter compiles the kernel body with
   XLA likewise). ``kind="none"``: the plain quantize, against ``norm.gathered_quantize``."""
   ts = jnp.float32(TS) if out == "nvfp4" and not dynamic else None
-  kw = dict(kind=kind, out=out, tensor_scale=ts, rows=rows, **vecs)
+  kw = dict(kind=kind, out=out, tensor_scale=ts, rows=rows, chunk=chunk, **vecs)
   if gpu:
-    got = jax.jit(nk.norm_quantize, static_argnames=("kind", "out", "rows"))(x, perm, **kw)
+    got = jax.jit(nk.norm_quantize, static_argnames=("kind", "out", "rows", "chunk"))(
+        x, perm, **kw)
   else:
     with interpret.gpu_interpreter():
       got = nk.norm_quantize(x, perm, interpret=True, **kw)
@@ -144,13 +145,7 @@ class TestInterpreter:
     rng = np.random.default_rng(chunk)
     x = _exact_x(rng, shape, "layer", jnp.bfloat16)
     perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32)
-    vecs = _vectors(rng, shape, True)
-    ts = jnp.float32(TS)
-    with interpret.gpu_interpreter():
-      got = nk.norm_quantize(x, perm, kind="layer", tensor_scale=ts, chunk=chunk,
-                             interpret=True, **vecs)
-    ref = jax.jit(norm.reference, static_argnames=("kind", "out"))(
-        x, perm, kind="layer", out="nvfp4", tensor_scale=ts, **vecs)
+    got, ref = _call(x, "layer", "nvfp4", _vectors(rng, shape, True), perm, chunk=chunk)
     np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
     np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
 

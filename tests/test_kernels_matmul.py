@@ -5,7 +5,8 @@ activation is exact in float32, so kernel and reference differ only in the float
 summation order: |err| <= (K + 2) * 2**-24 * sum_k |a_k w_k| per output (a standard
 recursive-summation bound, K terms plus the tensor-scale multiply and the split-K add).
 For int4 the kernel rounds the float32 scales to bf16 (relative 2**-9 per weight), adding
-2**-9 * sum_k |a_k w_k|.
+2**-9 * sum_k |a_k w_k|. The XLA method folds the tensor scales into the activations, one
+bf16 rounding each (relative <= 2**-8), adding 2**-8 * sum_k |a_k w_k|.
 """
 
 import jax
@@ -42,6 +43,8 @@ class KernelCases:
   interpret = False
   method = "kernel"
   m_major = False
+  compute_wgs = 1
+  extra = 0.0  # relative rounding of the operands beyond the exact products
 
   def run(self, fn):
     return fn()
@@ -49,7 +52,8 @@ class KernelCases:
   def config(self, splits=1):
     if self.method == "xla":
       return None
-    return fm.MatmulConfig(tile_m=16, k_splits=splits, m_major=self.m_major)
+    return fm.MatmulConfig(tile_m=16, k_splits=splits, m_major=self.m_major,
+                           compute_wgs=self.compute_wgs)
 
   @pytest.mark.parametrize("fmt,m,k,splits", [("nvfp4", 5, 512, 2), ("mxfp4", 20, 256, 1),
                                               ("int4", 3, 256, 1)])
@@ -60,7 +64,7 @@ class KernelCases:
                                          out_dtype=jnp.float32, config=cfg,
                                          method=self.method, interpret=self.interpret))
     ref = fm.reference(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32)
-    extra = 2.0**-9 if fmt == "int4" else 0.0
+    extra = (2.0**-9 if fmt == "int4" else 0.0) + self.extra
     err = np.abs(np.asarray(out) - np.asarray(ref))
     assert np.isfinite(np.asarray(out)).all()
     assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt, extra)).all()
@@ -82,7 +86,7 @@ class KernelCases:
     ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
     # gelu and the gate are 1-Lipschitz up to max|gate|; the matmul bound carries through.
     ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
-    bound = _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4") * float(
+    bound = _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4", self.extra) * float(
         jnp.abs(gate).max()) * 1.13 + 1e-6
     assert (np.abs(np.asarray(out) - np.asarray(ref)) <= bound).all()
 
@@ -99,10 +103,19 @@ class TestKernelsMMajorGPU(KernelCases):
   m_major = True
 
 
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+class TestKernelsWarpSpecializedGPU(KernelCases):
+  """Two compute warpgroups (one per 64-row weight tile) and a producer warp (GPU only)."""
+
+  m_major = True
+  compute_wgs = 2
+
+
 class TestMethodXLA(KernelCases):
   """The decode + XLA dot path: plain XLA, so it runs on any backend."""
 
   method = "xla"
+  extra = 2.0**-8
 
 
 @pytest.mark.slow
@@ -115,11 +128,12 @@ class TestKernelsInterpreter(KernelCases):
       return fn()
 
 
-def test_decode_weights_bf16_is_exact():
-  _, qt = _case(11, 1, 128, 256, "nvfp4")
-  pw = fm.prepare_weights(qt.codes, qt.scales, qt.tensor_scale)
-  got = np.asarray(fm.decode_weights_bf16(pw), np.float32)
-  want = np.asarray(fm.dequantize(qt.codes, qt.scales, 1.0, "nvfp4"))
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_decode_weights_bf16_is_exact(fmt):
+  _, qt = _case(11, 1, 128, 256, fmt)
+  pw = fm.prepare_weights(qt.codes, qt.scales, qt.tensor_scale, fmt=fmt)
+  got = np.asarray(jax.jit(fm.decode_weights_bf16)(pw), np.float32)
+  want = np.asarray(fm.dequantize(qt.codes, qt.scales, 1.0, fmt))
   np.testing.assert_array_equal(got, want)
 
 
@@ -159,6 +173,9 @@ def test_w4a4_reference_matches_oracle():
     (dict(method="cuda"), "method"),
     (dict(method="kernel", config=fm.MatmulConfig(tile_m=12)), "tile_m"),
     (dict(method="kernel", config=fm.MatmulConfig(k_splits=3)), "k_splits"),
+    (dict(method="kernel", config=fm.MatmulConfig(compute_wgs=3)), "compute_wgs"),
+    (dict(method="kernel", config=fm.MatmulConfig(compute_wgs=2), interpret=True),
+     "interpreter"),
 ])
 def test_bad_input_raises(kwargs, match):
   n, k = kwargs.get("n", 128), kwargs.get("k", 256)
@@ -169,4 +186,4 @@ def test_bad_input_raises(kwargs, match):
   with pytest.raises(ValueError, match=match):
     fm.fp4_matmul(a, codes, scales, jnp.float32(1), bias=bias,
                   epilogue=kwargs.get("epilogue"), method=kwargs.get("method", "auto"),
-                  config=kwargs.get("config"))
+                  config=kwargs.get("config"), interpret=kwargs.get("interpret", False))

@@ -1,0 +1,109 @@
+"""Where the large-M W4A4 time goes: per-kernel CUPTI breakdown of the decode + XLA dot path.
+
+    python benchmarks/diag_large_m.py --out DIR
+
+Times (median of 10 calls, per weight buffer) XLA bf16 in both weight layouts, our "xla"
+method for W4A4 and W4A16, the weight decode alone, the activation decode alone, and lists
+each kernel of our call by name; writes ``diag_large_m.json`` and the optimized HLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.bench_kernels import _rand_act, _rand_weights  # noqa: E402
+from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
+from pqjax_kernels import norm as gn  # noqa: E402
+from pqjax_kernels import norm_kernel as nk  # noqa: E402
+
+REPS = 2
+
+
+def _measure(fn, args):
+  from jax.experimental.mosaic.gpu import profiler
+  _, per = profiler.measure(fn, aggregate=False, iterations=10)(*args)
+  totals = [sum(t for _, t in it) * 1e3 / REPS for it in per]
+  kernels = {}
+  for it in per:  # sum each kernel name within a call (one launch per weight buffer)
+    sums = {}
+    for name, t in it:
+      sums[name[:120]] = sums.get(name[:120], 0.0) + t * 1e3 / REPS
+    for name, t in sums.items():
+      kernels.setdefault(name, []).append(t)
+  return statistics.median(totals), {k: statistics.median(v) for k, v in kernels.items()}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", default=os.environ.get("OUT", "."))
+  p.add_argument("--shapes", default="4608x3072x12288,4608x12288x3072,4608x3072x3072")
+  p.add_argument("--tag", default="")
+  args = p.parse_args()
+  res = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
+             xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
+  key = jax.random.key(0)
+  for shape in args.shapes.split(","):
+    m, k, n = (int(v) for v in shape.split("x"))
+    q = [_rand_weights(jax.random.fold_in(key, i), n, k) for i in range(REPS)]
+    pws = [fm.prepare_weights(*qi) for qi in q]
+    wkn = [jax.random.normal(jax.random.fold_in(key, 10 + i), (k, n), jnp.bfloat16)
+           for i in range(REPS)]
+    wnk = [w.T.copy() for w in wkn]
+    a = _rand_act(jax.random.fold_in(key, 99), m, k)
+    qa = gn.quantize_nvfp4(a)
+    cands = {
+        "bf16_kn": (jax.jit(lambda a, ws: [a @ w for w in ws]), (a, wkn)),
+        "bf16_nk": (jax.jit(lambda a, ws: [jax.lax.dot_general(
+            a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(
+                jnp.bfloat16) for w in ws]), (a, wnk)),
+        "w4a4_xla": (jax.jit(lambda c, s, t, ps: [fm.fp4_matmul(
+            c, p, a_scales=s, a_tensor_scale=t, method="xla") for p in ps]),
+            (qa.codes, qa.scales, qa.tensor_scale, pws)),
+        "w4a16_xla": (jax.jit(lambda a, ps: [fm.fp4_matmul(a, p, method="xla") for p in ps]),
+                      (a, pws)),
+        "decode_w": (jax.jit(lambda ps: [fm.decode_weights_bf16(p) for p in ps]), (pws,)),
+        "decode_a": (jax.jit(lambda c, s: [fm._decode_pairs_bf16(
+            c, s, 16, "nvfp4", scale=1.0) for _ in range(REPS)]), (qa.codes, qa.scales)),
+    }
+    ts = qa.tensor_scale
+    cands["e2e_jnp_quantize"] = (jax.jit(lambda a, ps: [fm.fp4_matmul(
+        q.codes, p, a_scales=q.scales, a_tensor_scale=q.tensor_scale, method="xla")
+        for p in ps for q in [gn.quantize_nvfp4(a, ts)]]), (a, pws))
+    cands["e2e_kernel_quantize"] = (jax.jit(lambda a, ps: [fm.fp4_matmul(
+        q.codes, p, a_scales=q.scales, a_tensor_scale=q.tensor_scale, method="xla")
+        for p in ps for q in [nk.norm_quantize(a, kind="none", tensor_scale=ts)]]), (a, pws))
+    if m <= 256:
+      cands["w4a4_kernel"] = (jax.jit(lambda c, s, t, ps: [fm.fp4_matmul(
+          c, p, a_scales=s, a_tensor_scale=t, method="kernel") for p in ps]),
+          (qa.codes, qa.scales, qa.tensor_scale, pws))
+    row = dict(m=m, k=k, n=n)
+    for name, (fn, fargs) in cands.items():
+      try:
+        total, kernels = _measure(fn, fargs)
+        row[name] = dict(us=total, kernels=kernels)
+        if name == "w4a4_xla":
+          with open(os.path.join(args.out, f"hlo_{m}x{k}x{n}{args.tag}.txt"), "w") as f:
+            f.write(fn.lower(*fargs).compile().as_text())
+      except Exception as e:  # noqa: BLE001 (report and go on)
+        row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    res["rows"].append(row)
+    print(f"{m}x{k}x{n}{args.tag}: " + " ".join(
+        f"{c}={row[c]['us']:.1f}" if "us" in row[c] else f"{c}=ERR" for c in cands),
+        flush=True)
+    for name in ("w4a4_xla", "e2e_jnp_quantize", "e2e_kernel_quantize", "w4a4_kernel"):
+      for kname, t in row.get(name, {}).get("kernels", {}).items():
+        print(f"   {name}: {t:8.1f} us  {kname}", flush=True)
+  with open(os.path.join(args.out, f"diag_large_m{args.tag}.json"), "w") as f:
+    json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -354,6 +354,7 @@ def main():
   p.add_argument("--prev", default=None, help="earlier results JSON: skip its scaled_matmul")
   p.add_argument("--tiny", action="store_true", help="CPU + GPU interpreter, small shapes")
   p.add_argument("--skip-norm", action="store_true")
+  p.add_argument("--skip-matmul", action="store_true")
   p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
   p.add_argument("--shapes", default=None, help="comma-separated KxN, e.g. 3072x12288")
   args = p.parse_args()
@@ -394,7 +395,7 @@ def main():
     else:
       if not args.skip_norm:
         bench_norm(results, log, save, [(2, 4608, 3072), (4, 1024, 1152)], timer)
-      shapes = SHAPES_KN if not args.shapes else [
+      shapes = [] if args.skip_matmul else SHAPES_KN if not args.shapes else [
           tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")]
       bench_matmul(results, log, save, shapes, [int(v) for v in args.ms.split(",")],
                    prev, timer, False)

@@ -88,12 +88,13 @@ def _act_group(act_format: str | None, w: QTensor) -> int:
   return {"nvfp4": 16, "mxfp4": 32}.get(act_format, 64)
 
 
-def _prepare_input(x, w: QTensor, act_format, in_perm, rotate):
+def _prepare_input(x, w: QTensor, act_format, in_perm, rotate, gather: bool = True):
   if in_perm is not None:
     if jnp.dtype(in_perm.dtype) != jnp.int32 or in_perm.shape != (w.shape[1],):
       raise ValueError(f"in_perm must be int32 of shape ({w.shape[1]},), got "
                        f"{in_perm.dtype} {in_perm.shape}")
-    x = jnp.take(x, in_perm, axis=-1)
+    if gather:
+      x = jnp.take(x, in_perm, axis=-1)
   if rotate:
     x = hadamard.block_hadamard(x, _act_group(act_format, w))
   return x
@@ -106,7 +107,7 @@ def _kernel_takes(w: QTensor) -> bool:
           and g % 16 == 0 and 128 % g == 0)
 
 
-def _mosaic_ok(x, w: QTensor, act_format) -> bool:
+def _mosaic_ok(w: QTensor, act_format) -> bool:
   return (_kernel_takes(w) and act_format in (None, "nvfp4")
           and (act_format is None or _act_group(act_format, w) == 16))
 
@@ -139,19 +140,27 @@ def _norm_kernel_runs() -> bool:
   return jax.devices()[0].platform == "gpu"
 
 
-def _quantize_activations(x2, act_tensor_scale) -> norm.NVFP4Activation:
-  """NVFP4 of ``(M, K)`` activations for a W4A4 kernel call (kernel where it runs)."""
-  if _norm_kernel_runs() and norm_kernel.accepts(x2, kind="none"):
-    return norm_kernel.norm_quantize(x2, kind="none", tensor_scale=act_tensor_scale)
+def _quantize_activations(x2, act_tensor_scale, perm) -> norm.NVFP4Activation:
+  """NVFP4 of ``x2[:, perm]`` for a W4A4 kernel call.
+
+  The norm kernel where there is a gather to fuse (XLA's gather + quantize: 130.8 us at
+  9216 x 3072 against the kernel's 62.7, H200); in order XLA's own fusion, which is faster
+  than the kernel (15.8 us at 4608 x 3072 against 35.7, benchmarks/NOTES_kernels.md).
+  """
+  if perm is not None and _norm_kernel_runs() and norm_kernel.accepts(x2, perm, kind="none"):
+    return norm_kernel.norm_quantize(x2, perm, kind="none", tensor_scale=act_tensor_scale)
+  if perm is not None:
+    x2 = jnp.take(x2, perm, axis=-1)
   return norm.quantize_nvfp4(x2, act_tensor_scale)
 
 
-def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype, prepared):
+def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype, prepared,
+                   perm):
   fmt = _KERNEL_FORMATS[w.fmt]
   pw = prepared if prepared is not None else prepare(w)
   if act_format is None:
     return pqjax_kernels.fp4_matmul(x2, pw, fmt=fmt, bias=bias, out_dtype=out_dtype)
-  qa = _quantize_activations(x2, act_tensor_scale)
+  qa = _quantize_activations(x2, act_tensor_scale, perm)
   return pqjax_kernels.fp4_matmul(qa.codes, pw, a_scales=qa.scales,
                                   a_tensor_scale=qa.tensor_scale, fmt=fmt, bias=bias,
                                   out_dtype=out_dtype)
@@ -200,11 +209,15 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
     raise ValueError(f"x of shape {x.shape} does not match w of shape (N, K) = {w.shape} "
                      f"(axis {w.axis})")
   _check_prepared(prepared, w)
-  x = _prepare_input(x, w, act_format, in_perm, rotate)
+  mosaic = backend == "mosaic" and _mosaic_ok(w, act_format)
+  # W4A4 on the mosaic path gathers inside the activation quantize (fused in the kernel).
+  fused_gather = mosaic and act_format is not None and not rotate
+  x = _prepare_input(x, w, act_format, in_perm, rotate, gather=not fused_gather)
   n, k = w.shape
   x2 = x.reshape(-1, k)
-  if backend == "mosaic" and _mosaic_ok(x2, w, act_format):
-    y = _linear_mosaic(x2, w, bias, act_format, act_tensor_scale, out_dtype, prepared)
+  if mosaic:
+    y = _linear_mosaic(x2, w, bias, act_format, act_tensor_scale, out_dtype, prepared,
+                       in_perm if fused_gather else None)
   elif (backend == "scaled_matmul" and w.fmt == "nvfp4" and act_format == "nvfp4"
         and w.group_size == 16):
     y = _linear_scaled_matmul(x2, w, bias, act_tensor_scale, out_dtype)

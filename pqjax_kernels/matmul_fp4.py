@@ -88,18 +88,12 @@ class MatmulConfig:
     m_major: keep the activations ``(M, K)`` (TMA rows of ``2 * TILE_K`` bytes) and let the
       ``wgmma`` read B transposed, instead of transposing them to ``(K, M)`` in XLA first
       (rows of ``2 * tile_m`` bytes). GPU only (JAX >= 0.11); ignored under the interpreter.
-    compute_wgs: 1: one warpgroup per CTA that waits for its own loads (``emit_pipeline``).
-      2-4: warp-specialized (``emit_pipeline_warp_specialized``): a producer warp issues
-      the TMA loads while that many compute warpgroups each decode and multiply their own
-      ``TILE_N``-row weight tile against one shared activation tile (each activation tile
-      is read once per ``compute_wgs * TILE_N`` weight rows). GPU only.
   """
 
   tile_m: int = 16
   k_splits: int = 1
   max_concurrent_steps: int = 4
   m_major: bool = False
-  compute_wgs: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,17 +385,16 @@ def _splits(ctas: int, k_steps: int, target: int, min_steps: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132,
-                   ctas_per_sm: int = 8, compute_wgs: int = 1) -> MatmulConfig:
+                   ctas_per_sm: int = 8) -> MatmulConfig:
   """A tiling for ``(M, K) x (K, N)``: tile_m from M, split-K until ``ctas_per_sm * num_sms``
   CTAs exist (several CTAs per SM hide one CTA's decode and ``wgmma`` waits behind
   another's loads; 8 measured best or tied at M <= 64 on an H200, 2 and 4 slower)."""
   tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-  ctas = (n // (TILE_N * compute_wgs)) * (-(-m // tile_m))
+  ctas = (n // TILE_N) * (-(-m // tile_m))
   splits = _splits(ctas, k // TILE_K, ctas_per_sm * num_sms, 2)
   # (M, K) activations read transposed: 5-10% faster at M=16 and 11-14% at M=64 on the DiT
   # shapes measured (H200, benchmarks/NOTES_kernels.md); larger tiles were not measured so.
-  return MatmulConfig(tile_m=tile_m, k_splits=splits, m_major=tile_m <= 64,
-                      compute_wgs=compute_wgs)
+  return MatmulConfig(tile_m=tile_m, k_splits=splits, m_major=tile_m <= 64)
 
 
 def _layout_cast(interpret: bool):
@@ -416,9 +409,9 @@ def _swz(bytes_):
 _CODES_TRANSFORMS = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))
 
 
-def _out_smem(rows: int, tm: int, lead: tuple[int, ...] = ()):
+def _out_smem(rows: int, tm: int):
   sw = min(128, tm * 4)
-  return plgpu.SMEM((*lead, rows, tm), jnp.float32,
+  return plgpu.SMEM((rows, tm), jnp.float32,
                     transforms=(plgpu.TilingTransform((8, sw // 4)), plgpu.SwizzleTransform(sw)))
 
 
@@ -583,62 +576,7 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   return call(x, w.codes, w.scales_t)
 
 
-def _kernel_call_ws(x, w: PreparedWeights, config: MatmulConfig, m_major: bool):
-  """``_kernel_call`` warp-specialized: ``config.compute_wgs`` compute warpgroups per CTA,
-  warpgroup ``i`` on weight tile ``i`` of the CTA's ``compute_wgs``, all sharing the
-  activation tile; a producer warp keeps the TMA loads in flight. GPU only."""
-  mp, k = x.shape if m_major else x.shape[::-1]
-  n = w.shape[0]
-  g, dtype = w.group_size, x.dtype
-  tn, tk = TILE_N, TILE_K
-  tm, splits, wgs = config.tile_m, config.k_splits, config.compute_wgs
-  k_steps = k // tk // splits
-
-  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, out_smem):
-    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
-    m_sl = pl.ds(mi * tm, tm)
-    k_sl = pl.ds(si * k_steps * tk, k_steps * tk)
-    step_sl = pl.ds(si * k_steps, k_steps)
-
-    def body(_, at_smem, wq_smem, ws_smem, acc_ref):
-      wg = lax.axis_index("wg")
-      vals = _decode(wq_smem.at[wg, 0], tn, tk, w.fmt, dtype, False)
-      _register_wgmma(acc_ref, _scaled_slices(vals, ws_smem.at[wg, 0], g, dtype, False),
-                      at_smem, m_major)
-      return acc_ref
-
-    def compute_context(eval_pipeline):
-      def scoped(acc_ref):
-        wg = lax.axis_index("wg")
-        eval_pipeline(acc_ref)
-        out_smem.at[wg][...] = acc_ref[...]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                out_gmem.at[si, pl.ds((ni * wgs + wg) * tn, tn), m_sl])
-        plgpu.wait_smem_to_gmem(0)
-      pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
-
-    plgpu.emit_pipeline_warp_specialized(
-        body, grid=(k_steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=wgs,
-        max_concurrent_steps=config.max_concurrent_steps, compute_context=compute_context,
-        in_specs=[
-            plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=_swz(128))
-            if m_major else
-            plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(_SWIZZLE)),
-            plgpu.BlockSpec((wgs, 1, tn, tk), lambda kk: (0, kk, 0, 0),
-                            transforms=_CODES_TRANSFORMS),
-            plgpu.BlockSpec((wgs, 1, tk // g, tn), lambda kk: (0, kk, 0, 0)),
-        ])(at_gmem.at[m_sl, k_sl] if m_major else at_gmem.at[k_sl, m_sl],
-           wq_gmem.at[pl.ds(ni * wgs, wgs), step_sl], ws_gmem.at[pl.ds(ni * wgs, wgs), step_sl])
-
-  call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
-      grid=(n // (tn * wgs), mp // tm, splits), grid_names=("n", "m", "s"),
-      num_threads=wgs + 1, thread_name="wg", scratch_types=[_out_smem(tn, tm, (wgs,))])
-  return call(x, w.codes, w.scales_t)
-
-
-def _check_config(config: MatmulConfig, k: int, n: int, interpret: bool) -> None:
+def _check_config(config: MatmulConfig, k: int) -> None:
   tm, s = config.tile_m, config.k_splits
   if tm % 8 or not 8 <= tm <= 256:
     raise ValueError(f"tile_m={tm} must be a multiple of 8 in [8, 256]")
@@ -646,12 +584,6 @@ def _check_config(config: MatmulConfig, k: int, n: int, interpret: bool) -> None
     raise ValueError(f"k_splits={s} must divide the {k // TILE_K} K steps")
   if config.max_concurrent_steps < 1:
     raise ValueError(f"max_concurrent_steps={config.max_concurrent_steps} must be >= 1")
-  if not 1 <= config.compute_wgs <= 4 or (n // TILE_N) % config.compute_wgs:
-    raise ValueError(f"compute_wgs={config.compute_wgs} must be in [1, 4] and divide the "
-                     f"{n // TILE_N} weight tiles of {TILE_N} rows")
-  if config.compute_wgs > 1 and interpret:
-    raise ValueError("compute_wgs > 1 (warp-specialized) runs on a GPU only, not under the "
-                     "interpreter")
 
 
 def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
@@ -705,7 +637,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   method = pick_method(m) if method == "auto" else method
   if method != "xla":
     config = config or default_config(m, n, k)
-    _check_config(config, k, n, interpret)
+    _check_config(config, k)
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)
@@ -723,9 +655,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     mp = -(-m // config.tile_m) * config.tile_m
     m_major = config.m_major and _REGISTER_CONCAT and not interpret
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
-    xk = xp if m_major else xp.T
-    partials = (_kernel_call_ws(xk, w, config, m_major) if config.compute_wgs > 1 else
-                _kernel_call(xk, w, config, interpret, m_major))
+    partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)
     y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 

@@ -100,10 +100,12 @@ def test_mosaic_norm_picks_kernel_where_it_runs(monkeypatch, dtype, d, uses_kern
   f = lambda x, p: dispatch.gathered_norm(x, p, backend="mosaic", **kw)  # noqa: E731
   text = jax.jit(f).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
   assert ("mosaic_gpu" in text) == uses_kernel
-  if d % 128 == 0:  # the W4A4 activation quantize
-    g = lambda x: dispatch._quantize_activations(x, jnp.float32(0.01))  # noqa: E731, SLF001
-    text = jax.jit(g).trace(x.reshape(-1, d)).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+  if d % 128 == 0:  # the W4A4 activation quantize: the kernel when it fuses a gather
+    for p in (perm, None):
+      g = lambda x, p=p: dispatch._quantize_activations(  # noqa: E731, SLF001
+          x, jnp.float32(0.01), p)
+      text = jax.jit(g).trace(x.reshape(-1, d)).lower(lowering_platforms=("cuda",)).as_text()
+      assert ("mosaic_gpu" in text) == (p is not None)
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
@@ -117,3 +119,28 @@ def test_mosaic_norm_matches_reference_on_gpu():
   err = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64))
   kw.pop("eps")
   assert (err <= bounds.norm_bf16_tolerance(x, ref, perm=perm, **kw)).all()
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [32, 80])  # the Mosaic matmul and the decode + XLA dot path
+def test_mosaic_w4a4_gathered_linear_on_gpu(m):
+  """W4A4 with an input permutation: the gather fused into the kernel's activation quantize
+  gives what gathering first gives, and the product of the ``norm.quantize_nvfp4`` codes
+  within the XLA path's activation rounding (2**-8) plus float32 sums in another order."""
+  from pqjax_kernels import matmul_fp4 as fm
+  from pqjax_kernels import norm
+  rng = np.random.default_rng(6)
+  k = 256
+  w = qmatmul.quantize_weight(rng.standard_normal((k, 128)).astype(np.float32), "nvfp4")
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  perm = jnp.asarray(rng.permutation(k), jnp.int32)
+  ts = jnp.float32(0.01)
+  kw = dict(act_format="nvfp4", act_tensor_scale=ts, out_dtype=jnp.float32, backend="mosaic")
+  got = np.asarray(dispatch.linear(x, w, in_perm=perm, **kw))
+  xg = jnp.take(x, perm, axis=-1)
+  np.testing.assert_array_equal(got, np.asarray(dispatch.linear(xg, w, **kw)))
+  q = norm.quantize_nvfp4(xg, ts)
+  xd = np.asarray(fm.dequantize(q.codes, q.scales, q.tensor_scale, "nvfp4"), np.float64)
+  wd = np.asarray(fm.dequantize(w.codes, w.scales, w.tensor_scale, "nvfp4"), np.float64)
+  bound = np.abs(xd) @ np.abs(wd).T * (2.0**-8 + (k + 2) * 2.0**-24) + 1e-30
+  assert (np.abs(got - xd @ wd.T) <= bound).all()

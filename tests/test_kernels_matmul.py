@@ -43,7 +43,6 @@ class KernelCases:
   interpret = False
   method = "kernel"
   m_major = False
-  compute_wgs = 1
   extra = 0.0  # relative rounding of the operands beyond the exact products
 
   def run(self, fn):
@@ -52,8 +51,7 @@ class KernelCases:
   def config(self, splits=1):
     if self.method == "xla":
       return None
-    return fm.MatmulConfig(tile_m=16, k_splits=splits, m_major=self.m_major,
-                           compute_wgs=self.compute_wgs)
+    return fm.MatmulConfig(tile_m=16, k_splits=splits, m_major=self.m_major)
 
   @pytest.mark.parametrize("fmt,m,k,splits", [("nvfp4", 5, 512, 2), ("mxfp4", 20, 256, 1),
                                               ("int4", 3, 256, 1)])
@@ -101,14 +99,6 @@ class TestKernelsMMajorGPU(KernelCases):
   """Activations kept (M, K), B read transposed by the wgmma (GPU only)."""
 
   m_major = True
-
-
-@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
-class TestKernelsWarpSpecializedGPU(KernelCases):
-  """Two compute warpgroups (one per 64-row weight tile) and a producer warp (GPU only)."""
-
-  m_major = True
-  compute_wgs = 2
 
 
 class TestMethodXLA(KernelCases):
@@ -173,9 +163,6 @@ def test_w4a4_reference_matches_oracle():
     (dict(method="cuda"), "method"),
     (dict(method="kernel", config=fm.MatmulConfig(tile_m=12)), "tile_m"),
     (dict(method="kernel", config=fm.MatmulConfig(k_splits=3)), "k_splits"),
-    (dict(method="kernel", config=fm.MatmulConfig(compute_wgs=3)), "compute_wgs"),
-    (dict(method="kernel", config=fm.MatmulConfig(compute_wgs=2), interpret=True),
-     "interpreter"),
 ])
 def test_bad_input_raises(kwargs, match):
   n, k = kwargs.get("n", 128), kwargs.get("k", 256)
@@ -186,4 +173,4 @@ def test_bad_input_raises(kwargs, match):
   with pytest.raises(ValueError, match=match):
     fm.fp4_matmul(a, codes, scales, jnp.float32(1), bias=bias,
                   epilogue=kwargs.get("epilogue"), method=kwargs.get("method", "auto"),
-                  config=kwargs.get("config"), interpret=kwargs.get("interpret", False))
+                  config=kwargs.get("config"))

@@ -33,10 +33,10 @@ and the decoded tile staged in shared memory (the interpreter has neither inline
 register A operand); the GPU tests cover the register path.
 
 Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
-``"xla"`` (large M, compute-bound): an elementwise decode of the weights (and W4A4
-activations) to exact bf16, fused by XLA, then XLA's bf16 dot with float32 accumulation:
-the decode pass is bandwidth-bound (~4.5 + 16 bits per weight) and the dot runs at cuBLAS
-speed. ``"kernel"``: the fused kernel above (memory-bound small M).
+``"xla"`` (large M, compute-bound): one elementwise XLA pass decodes the weights to exact
+bf16 (~4.5 + 16 bits per weight moved), another the activations times both tensor scales
+(one bf16 rounding each, relative <= 2**-8), then XLA's bf16 GEMM (cuBLAS, float32
+accumulation) writes the output dtype itself: no float32 product and no scaling pass. ``"kernel"``: the fused kernel above (memory-bound small M).
 
 ``prepare_weights`` does the one-time re-layout (int4 view of the codes and the scales, cut
 into contiguous tiles); call it once at quantize time and pass the result as ``w_codes``
@@ -239,19 +239,14 @@ def _pairs_bf16(lo, hi):
 
 
 def _nibble_values(nib, fmt: str):
-  """Float32 values of nibbles ``nib`` (int32 0..15): int4, or E2M1 through the
-  piecewise-linear map of ``_e2m1_from_signed`` on the magnitude index."""
-  if fmt == "int4":
-    return jnp.where(nib >= 8, nib - 16, nib).astype(jnp.float32)
-  u = (nib & 7).astype(jnp.float32)
-  mag = 2.0 * u - 0.5 * jnp.minimum(u, 4.0) - jnp.minimum(u, 6.0)
-  return jnp.where(nib >= 8, -mag, mag)
+  """Float32 values of nibbles ``nib`` (int32 0..15): int4, or E2M1."""
+  v = jnp.where(nib >= 8, nib - 16, nib).astype(jnp.float32)
+  return v if fmt == "int4" else _e2m1_from_signed(v)
 
 
 def _decode_pairs_bf16(codes, scales, g: int, fmt: str, scale=None):
   """bf16 ``(R, K)`` of uint8 codes ``(R, K/2)`` times float32 block scales ``(R, K/g)``
   (times an optional scalar ``scale``, one rounding) in one elementwise XLA pass."""
-  r, kh = codes.shape
   s = scales.astype(jnp.float32)
   if scale is not None:
     s = s * jnp.asarray(scale, jnp.float32)

@@ -118,6 +118,14 @@ class TestKernelsInterpreter(KernelCases):
       return fn()
 
 
+def test_untiled_inverts_prepare_weights():
+  _, qt = _case(12, 1, 128, 384, "nvfp4")
+  codes, scales = fm.prepare_weights(qt.codes, qt.scales, qt.tensor_scale).untiled()
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(qt.codes))
+  np.testing.assert_array_equal(np.asarray(scales, np.float32),
+                                np.asarray(qt.scales.astype(jnp.float32)))
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_decode_weights_bf16_is_exact(fmt):
   _, qt = _case(11, 1, 128, 256, fmt)

@@ -10,10 +10,16 @@ This module is plain ``jax.numpy``: XLA fuses the gather, the statistics and the
 into a couple of fusions, and it is the definition the Mosaic GPU kernel
 (``pqjax_kernels.norm_kernel``, what ``pqjax.dispatch`` runs on Hopper) is tested against.
 
-The NVFP4 arithmetic matches ``pqjax.formats.quantize`` bit for bit (the tests check it):
-``s_t = max(fl(amax * fl(1/2688)), 2**-117)`` (1 for an all-zero tensor),
-``s_b = e4m3(clip(fl(amax_b * fl(1 / fl(6 * s_t))), 2**-9, 448))`` (1 for an all-zero
-group), ``q = e2m1(clip(fl(x * fl(1 / fl(s_b * s_t))), -6, 6))``.
+The NVFP4 arithmetic: ``s_t = max(fl(amax * fl(1/2688)), 2**-117)`` (1 for an all-zero
+tensor), ``s_b = e4m3(clip(fl(amax_b * fl(1 / fl(6 * s_t))), 2**-9, 448))`` (1 for an
+all-zero group), ``q = e2m1(clip(fl(x * fl(1 / fl(s_b * s_t))), -6, 6))``. It matches
+``pqjax.formats.quantize`` bit for bit (the tests check it on float32 data) except where
+``amax_b / (6 s_t)`` lies on, or within float32 rounding of, an E4M3 rounding midpoint:
+``formats`` rounds the quotient itself (ties to even), this module the product with the
+rounded reciprocal. Exact midpoints are common with bf16 activations and a round static
+tensor scale (0.3% of the groups of N(0, 1) bf16 data with ``s_t = 0.01``, e.g. amax 1.5:
+25 lies between 24 and 26, ``formats`` picks 24, this module 26). Open: one definition
+should serve both (``benchmarks/NOTES_kernels.md``, version 5).
 
 The E4M3 rounding of ``s_b`` is read back from the stored byte (``e4m3_value``), not by
 converting the float8 array back to float32: XLA's GPU pipeline (``simplify-fp-conversions``)

@@ -264,7 +264,7 @@ def _norm_mismatch(got, ref) -> float:
   return float(np.mean(np.asarray(got, np.float32) != np.asarray(ref, np.float32)))
 
 
-def bench_norm(results, log, save, shapes, timer):
+def bench_norm(results, log, save, shapes, timer, sweep=False):
   key = jax.random.key(2)
   for (b, t, d) in shapes:
     k1, k2, k3 = jax.random.split(jax.random.fold_in(key, d * t), 3)
@@ -281,11 +281,12 @@ def bench_norm(results, log, save, shapes, timer):
       return jax.jit(lambda xs, p: [impl(xi, p, kind="layer", shift=shift, scale=scale,
                                          out=out, tensor_scale=ts, **kw) for xi in xs])
 
-    def quant_fn(ts, kernel=False):
+    def quant_fn(ts, kernel=False, hadamard=False):
       if kernel:
-        return jax.jit(lambda xs, p: [nk.norm_quantize(xi, p, kind="none", tensor_scale=ts)
-                                      for xi in xs])
-      return jax.jit(lambda xs, p: [gn.gathered_quantize(xi, p, tensor_scale=ts) for xi in xs])
+        return jax.jit(lambda xs, p: [nk.norm_quantize(xi, p, kind="none", tensor_scale=ts,
+                                                       hadamard=hadamard) for xi in xs])
+      return jax.jit(lambda xs, p: [gn.gathered_quantize(xi, p, tensor_scale=ts,
+                                                         hadamard=hadamard) for xi in xs])
 
     ts = jnp.float32(0.01)
     q_bytes = nbytes + nbytes // 4 + nbytes // 16  # read bf16, write 4-bit codes + scales
@@ -297,27 +298,43 @@ def bench_norm(results, log, save, shapes, timer):
         ("inorder_norm_nvfp4_static", norm_fn("nvfp4", ts), (xs, ident), q_bytes, None),
         ("plain_norm_nvfp4_static", norm_fn("nvfp4", ts), (xs, None), q_bytes, None),
         ("gathered_norm_nvfp4_dynamic", norm_fn("nvfp4", None), (xs, perm), q_bytes, None),
+        ("gathered_norm_hadamard_static", norm_fn("nvfp4", ts, hadamard=True), (xs, perm),
+         q_bytes, None),
         ("gathered_norm_bf16", norm_fn("bf16", None), (xs, perm), 2 * nbytes, None),
-        ("gathered_quantize_static", quant_fn(ts), (xs, perm), q_bytes, None)]
-    for rows in nk.ROW_CHOICES:
-      cands += [
-          (f"kernel_gathered_nvfp4_static_r{rows}",
-           norm_fn("nvfp4", ts, nk.norm_quantize, rows=rows), (xs, perm), q_bytes,
-           "gathered_norm_nvfp4_static"),
-          (f"kernel_inorder_nvfp4_static_r{rows}",
-           norm_fn("nvfp4", ts, nk.norm_quantize, rows=rows), (xs, None), q_bytes,
-           "plain_norm_nvfp4_static")]
-    for chunk in nk.CHUNK_CHOICES[1:]:
-      cands.append((f"kernel_gathered_nvfp4_static_r8_c{chunk}",
-                    norm_fn("nvfp4", ts, nk.norm_quantize, rows=8, chunk=chunk), (xs, perm),
-                    q_bytes, "gathered_norm_nvfp4_static"))
+        ("gathered_quantize_static", quant_fn(ts), (xs, perm), q_bytes, None),
+        ("plain_quantize_static", quant_fn(ts), (xs, None), q_bytes, None),
+        ("gathered_quantize_hadamard_static", quant_fn(ts, hadamard=True), (xs, perm),
+         q_bytes, None),
+        ("plain_quantize_hadamard_static", quant_fn(ts, hadamard=True), (xs, None), q_bytes,
+         None)]
     cands += [
+        ("kernel_gathered_nvfp4_static", norm_fn("nvfp4", ts, nk.norm_quantize), (xs, perm),
+         q_bytes, "gathered_norm_nvfp4_static"),
+        ("kernel_inorder_nvfp4_static", norm_fn("nvfp4", ts, nk.norm_quantize), (xs, None),
+         q_bytes, "plain_norm_nvfp4_static"),
         ("kernel_gathered_nvfp4_dynamic", norm_fn("nvfp4", None, nk.norm_quantize),
          (xs, perm), q_bytes, "gathered_norm_nvfp4_dynamic"),
+        ("kernel_gathered_hadamard_static", norm_fn("nvfp4", ts, nk.norm_quantize,
+                                                    hadamard=True), (xs, perm), q_bytes,
+         "gathered_norm_hadamard_static"),
         ("kernel_gathered_bf16", norm_fn("bf16", None, nk.norm_quantize), (xs, perm),
          2 * nbytes, "gathered_norm_bf16"),
         ("kernel_gathered_quantize_static", quant_fn(ts, kernel=True), (xs, perm), q_bytes,
-         "gathered_quantize_static")]
+         "gathered_quantize_static"),
+        ("kernel_plain_quantize_static", quant_fn(ts, kernel=True), (xs, None), q_bytes,
+         "plain_quantize_static"),
+        ("kernel_gathered_quantize_hadamard_static", quant_fn(ts, kernel=True, hadamard=True),
+         (xs, perm), q_bytes, "gathered_quantize_hadamard_static"),
+        ("kernel_plain_quantize_hadamard_static", quant_fn(ts, kernel=True, hadamard=True),
+         (xs, None), q_bytes, "plain_quantize_hadamard_static")]
+    for rows in nk.ROW_CHOICES if sweep else ():
+      cands.append((f"kernel_gathered_nvfp4_static_r{rows}",
+                    norm_fn("nvfp4", ts, nk.norm_quantize, rows=rows), (xs, perm), q_bytes,
+                    "gathered_norm_nvfp4_static"))
+    for chunk in nk.CHUNK_CHOICES if sweep else ():
+      cands.append((f"kernel_gathered_nvfp4_static_r8_c{chunk}",
+                    norm_fn("nvfp4", ts, nk.norm_quantize, rows=8, chunk=chunk), (xs, perm),
+                    q_bytes, "gathered_norm_nvfp4_static"))
     fns = {c[0]: c[1] for c in cands}
     for name, fn, args, moved, ref_name in cands:
       try:
@@ -355,6 +372,7 @@ def main():
   p.add_argument("--tiny", action="store_true", help="CPU + GPU interpreter, small shapes")
   p.add_argument("--skip-norm", action="store_true")
   p.add_argument("--skip-matmul", action="store_true")
+  p.add_argument("--norm-sweep", action="store_true", help="also time rows / chunk choices")
   p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
   p.add_argument("--shapes", default=None, help="comma-separated KxN, e.g. 3072x12288")
   args = p.parse_args()
@@ -394,7 +412,8 @@ def main():
         bench_norm(results, log, save, [(2, 8, 64)], timer)
     else:
       if not args.skip_norm:
-        bench_norm(results, log, save, [(2, 4608, 3072), (4, 1024, 1152)], timer)
+        bench_norm(results, log, save, [(2, 4608, 3072), (4, 1024, 1152)], timer,
+                   args.norm_sweep)
       shapes = [] if args.skip_matmul else SHAPES_KN if not args.shapes else [
           tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")]
       bench_matmul(results, log, save, shapes, [int(v) for v in args.ms.split(",")],

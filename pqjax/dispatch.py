@@ -16,10 +16,10 @@ store that beside the ``QTensor`` and pass it as ``linear(..., prepared=...)``, 
 every call re-lays the weights out (an extra XLA pass over the scales per call).
 
 On ``"mosaic"`` running on a GPU, the gathered norm (bf16 in and out) and the NVFP4
-activation quantize of W4A4 linears (no Hadamard rotation) run the Pallas kernel
-``pqjax_kernels.norm_kernel.norm_quantize``; shapes it does not take (D not a multiple of 64,
-rows that do not fit in shared memory) and every other backend use the plain-jnp
-``pqjax_kernels.norm`` (XLA fuses it).
+activation quantize of W4A4 linears with an input permutation or a block Hadamard rotation
+(both fused into it) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
+shapes it does not take (D not a multiple of 64, rows that do not fit in shared memory) and
+every other backend use the plain-jnp ``pqjax_kernels.norm`` (XLA fuses it).
 
 The backend is picked from ``jax.devices()[0]``; ``use_backend(name)`` (a context manager)
 or the ``backend=`` argument overrides it.
@@ -96,7 +96,9 @@ def _prepare_input(x, w: QTensor, act_format, in_perm, rotate, gather: bool = Tr
     if gather:
       x = jnp.take(x, in_perm, axis=-1)
   if rotate:
-    x = hadamard.block_hadamard(x, _act_group(act_format, w))
+    # W4A4 quantizes the rotation in float32 (as the kernel does); W4A16 multiplies it.
+    x = hadamard.block_hadamard(x if act_format is None else x.astype(jnp.float32),
+                                _act_group(act_format, w))
   return x
 
 
@@ -140,27 +142,28 @@ def _norm_kernel_runs() -> bool:
   return jax.devices()[0].platform == "gpu"
 
 
-def _quantize_activations(x2, act_tensor_scale, perm) -> norm.NVFP4Activation:
-  """NVFP4 of ``x2[:, perm]`` for a W4A4 kernel call.
+def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP4Activation:
+  """NVFP4 of ``x2[:, perm]`` (block-Hadamard rotated if ``rotate``) for a W4A4 kernel call.
 
-  The norm kernel where there is a gather to fuse (XLA's gather + quantize: 130.8 us at
-  9216 x 3072 against the kernel's 62.7, H200); in order XLA's own fusion, which is faster
-  than the kernel (15.8 us at 4608 x 3072 against 35.7, benchmarks/NOTES_kernels.md).
+  The norm kernel where there is a gather or a rotation to fuse (XLA's gather + quantize:
+  130.8 us at 9216 x 3072 against the kernel's 62.7, H200); a plain quantize in order with
+  XLA's own fusion, which is faster than the kernel (15.8 us at 4608 x 3072 against 35.7,
+  benchmarks/NOTES_kernels.md).
   """
-  if perm is not None and _norm_kernel_runs() and norm_kernel.accepts(x2, perm, kind="none"):
-    return norm_kernel.norm_quantize(x2, perm, kind="none", tensor_scale=act_tensor_scale)
-  if perm is not None:
-    x2 = jnp.take(x2, perm, axis=-1)
-  return norm.quantize_nvfp4(x2, act_tensor_scale)
+  if (perm is not None or rotate) and _norm_kernel_runs() and norm_kernel.accepts(
+      x2, perm, kind="none", hadamard=rotate):
+    return norm_kernel.norm_quantize(x2, perm, kind="none", tensor_scale=act_tensor_scale,
+                                     hadamard=rotate)
+  return norm.gathered_quantize(x2, perm, tensor_scale=act_tensor_scale, hadamard=rotate)
 
 
 def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype, prepared,
-                   perm):
+                   perm, rotate: bool):
   fmt = _KERNEL_FORMATS[w.fmt]
   pw = prepared if prepared is not None else prepare(w)
   if act_format is None:
     return pqjax_kernels.fp4_matmul(x2, pw, fmt=fmt, bias=bias, out_dtype=out_dtype)
-  qa = _quantize_activations(x2, act_tensor_scale, perm)
+  qa = _quantize_activations(x2, act_tensor_scale, perm, rotate)
   return pqjax_kernels.fp4_matmul(qa.codes, pw, a_scales=qa.scales,
                                   a_tensor_scale=qa.tensor_scale, fmt=fmt, bias=bias,
                                   out_dtype=out_dtype)
@@ -210,14 +213,14 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
                      f"(axis {w.axis})")
   _check_prepared(prepared, w)
   mosaic = backend == "mosaic" and _mosaic_ok(w, act_format)
-  # W4A4 on the mosaic path gathers inside the activation quantize (fused in the kernel).
-  fused_gather = mosaic and act_format is not None and not rotate
-  x = _prepare_input(x, w, act_format, in_perm, rotate, gather=not fused_gather)
+  # W4A4 on the mosaic path gathers and rotates inside the activation quantize (the kernel).
+  fused = mosaic and act_format is not None
+  x = _prepare_input(x, w, act_format, in_perm, rotate and not fused, gather=not fused)
   n, k = w.shape
   x2 = x.reshape(-1, k)
   if mosaic:
     y = _linear_mosaic(x2, w, bias, act_format, act_tensor_scale, out_dtype, prepared,
-                       in_perm if fused_gather else None)
+                       in_perm if fused else None, rotate and fused)
   elif (backend == "scaled_matmul" and w.fmt == "nvfp4" and act_format == "nvfp4"
         and w.group_size == 16):
     y = _linear_scaled_matmul(x2, w, bias, act_tensor_scale, out_dtype)

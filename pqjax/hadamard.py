@@ -24,6 +24,11 @@ def _sylvester(n: int) -> np.ndarray:
   return h
 
 
+def _check_size(n) -> None:
+  if not isinstance(n, (int, np.integer)) or n < 1 or n & (n - 1):
+    raise ValueError(f"Hadamard size must be a power of two, got {n!r}")
+
+
 def hadamard_matrix(n: int) -> np.ndarray:
   """Returns the orthonormal ``(n, n)`` Sylvester Hadamard matrix (float32, symmetric).
 
@@ -33,15 +38,16 @@ def hadamard_matrix(n: int) -> np.ndarray:
   Returns:
     ``H`` with ``H @ H == I``.
   """
-  if not isinstance(n, (int, np.integer)) or n < 1 or n & (n - 1):
-    raise ValueError(f"Hadamard size must be a power of two, got {n!r}")
+  _check_size(n)
   return (_sylvester(int(n)) / np.sqrt(n)).astype(np.float32)
 
 
 def block_hadamard(x: ArrayLike, group_size: int, axis: int = -1) -> jax.Array:
   """Multiplies every contiguous group of ``group_size`` elements along ``axis`` by ``H``.
 
-  Computed in float32 at HIGHEST precision and returned in the dtype of ``x``.
+  Computed in float32 as the fast Walsh-Hadamard butterfly over the index bits 0, 1, ...,
+  scaled by ``1 / sqrt(group_size)`` (exact for 16 and 64), and returned in the dtype of
+  ``x``.
 
   Args:
     x: floating-point array.
@@ -52,17 +58,25 @@ def block_hadamard(x: ArrayLike, group_size: int, axis: int = -1) -> jax.Array:
     The rotated array, shaped like ``x``.
   """
   x = jnp.asarray(x)
-  h = hadamard_matrix(group_size)
+  _check_size(group_size)
   if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
     raise ValueError(f"axis {axis} out of range for shape {x.shape}")
   length = x.shape[axis]
   if length % group_size:
     raise ValueError(f"axis {axis} of shape {x.shape} has length {length}, not divisible by "
                      f"group_size {group_size}")
-  xl = jnp.moveaxis(x, axis, -1).astype(jnp.float32)
-  xg = xl.reshape(*xl.shape[:-1], length // group_size, group_size)
-  y = jnp.einsum("...g,gh->...h", xg, jnp.asarray(h), precision=jax.lax.Precision.HIGHEST)
-  return jnp.moveaxis(y.reshape(xl.shape), -1, axis).astype(x.dtype)
+  y = jnp.moveaxis(x, axis, -1).astype(jnp.float32)
+  # The butterfly (log2 G passes of a + b, a - b) instead of a product with ``hadamard_matrix``: exact
+  # float32 additions in a fixed order, which the Pallas kernel repeats bit for bit
+  # (``pqjax_kernels.norm.walsh_hadamard``, whose order this matches), and fewer flops.
+  shape, half = y.shape, 1
+  while half < group_size:
+    v = y.reshape(*shape[:-1], shape[-1] // (2 * half), 2, half)
+    y = jnp.stack([v[..., 0, :] + v[..., 1, :], v[..., 0, :] - v[..., 1, :]], axis=-2)
+    y = y.reshape(shape)
+    half *= 2
+  y = y * jnp.float32(1.0 / np.sqrt(group_size))
+  return jnp.moveaxis(y, -1, axis).astype(x.dtype)
 
 
 def rotate_kernel_rows(kernel: ArrayLike, group_size: int) -> jax.Array:

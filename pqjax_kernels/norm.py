@@ -10,16 +10,16 @@ This module is plain ``jax.numpy``: XLA fuses the gather, the statistics and the
 into a couple of fusions, and it is the definition the Mosaic GPU kernel
 (``pqjax_kernels.norm_kernel``, what ``pqjax.dispatch`` runs on Hopper) is tested against.
 
-The NVFP4 arithmetic: ``s_t = max(fl(amax * fl(1/2688)), 2**-117)`` (1 for an all-zero
-tensor), ``s_b = e4m3(clip(fl(amax_b * fl(1 / fl(6 * s_t))), 2**-9, 448))`` (1 for an
-all-zero group), ``q = e2m1(clip(fl(x * fl(1 / fl(s_b * s_t))), -6, 6))``. It matches
-``pqjax.formats.quantize`` bit for bit (the tests check it on float32 data) except where
-``amax_b / (6 s_t)`` lies on, or within float32 rounding of, an E4M3 rounding midpoint:
-``formats`` rounds the quotient itself (ties to even), this module the product with the
-rounded reciprocal. Exact midpoints are common with bf16 activations and a round static
-tensor scale (0.3% of the groups of N(0, 1) bf16 data with ``s_t = 0.01``, e.g. amax 1.5:
-25 lies between 24 and 26, ``formats`` picks 24, this module 26). Open: one definition
-should serve both (``benchmarks/NOTES_kernels.md``, version 5).
+The NVFP4 arithmetic is ``pqjax.formats.quantize``'s, bit for bit on finite input (both
+round the exact quotients, ties to even): ``s_t = max(fl(amax * fl(1/2688)), 2**-117)`` (1
+for an all-zero tensor); ``s_b`` the E4M3 value in ``[2**-9, 448]`` nearest
+``amax_b / fl(6 s_t)`` (1 for an all-zero group), decided by comparing ``amax_b`` with
+``fl(midpoint * fl(6 s_t))`` for the E4M3 midpoints on either side of a first guess; the
+code of ``x`` counts the E2M1 boundaries ``b`` with ``|x|`` above ``fl(b * fl(s_b s_t))``
+(at or above where a tie goes up). Comparing with products instead of rounding a computed
+quotient is what makes the two agree at exact rounding midpoints, which are common with bf16
+activations and a round static tensor scale (amax 1.5 and ``s_t = 0.01``: 25 lies between
+the E4M3 values 24 and 26 and goes to 24).
 
 The E4M3 rounding of ``s_b`` is read back from the stored byte (``e4m3_value``), not by
 converting the float8 array back to float32: XLA's GPU pipeline (``simplify-fp-conversions``)
@@ -133,13 +133,30 @@ def _per_sample(v, x):
   return v.reshape((1,) * (x.ndim - v.ndim) + v.shape)
 
 
-def e2m1_encode(y: jax.Array) -> jax.Array:
-  """Round-to-nearest-even E2M1 codes (uint8, ``s<<3|e<<1|m``) of float32 ``y``, saturating."""
+def e2m1_thresholds(s: jax.Array) -> list[tuple[jax.Array, bool]]:
+  """The E2M1 rounding boundaries of a group with scale ``s``: ``(fl(b * s), tie_up)``.
+
+  ``s >= 2**-126`` (the floors of both scales), so no threshold is zero: a zero stays zero.
+  """
+  return [(jnp.float32(bound) * s, tie_up) for bound, tie_up in _E2M1_BOUNDS]
+
+
+def e2m1_codes(y: jax.Array, thresholds) -> jax.Array:
+  """E2M1 codes (int32, ``s<<3|e<<1|m``) of float32 ``y`` given its ``e2m1_thresholds``
+  (broadcast against ``y``): the boundaries ``|y|`` passes, saturating, sign from the bits."""
   mag = jnp.abs(y)
-  code = jnp.zeros(y.shape, jnp.uint8)
-  for bound, tie_up in _E2M1_BOUNDS:
-    code = code + (mag >= bound if tie_up else mag > bound).astype(jnp.uint8)
-  return code | (jnp.signbit(y).astype(jnp.uint8) << 3)
+  code = None
+  for t, tie_up in thresholds:
+    step = (mag >= t if tie_up else mag > t).astype(jnp.int32)
+    code = step if code is None else code + step
+  sign = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(y, jnp.int32), jnp.int32(31))
+  return code | (sign << 3)
+
+
+def _e4m3_from_bits(bits: jax.Array) -> jax.Array:
+  exp, man = bits >> 3, bits & 7
+  normal = jax.lax.bitcast_convert_type(((exp + 120) << 23) | (man << 20), jnp.float32)
+  return jnp.where(exp == 0, man.astype(jnp.float32) * jnp.float32(2.0**-9), normal)
 
 
 def e4m3_value(b: jax.Array) -> jax.Array:
@@ -148,10 +165,33 @@ def e4m3_value(b: jax.Array) -> jax.Array:
   Integer operations on purpose: a float convert chain through float8 is folded away by XLA
   on the GPU (see the module docstring), a bitcast is not.
   """
-  bits = jax.lax.bitcast_convert_type(b, jnp.uint8).astype(jnp.int32)
-  exp, man = bits >> 3, bits & 7
-  normal = jax.lax.bitcast_convert_type(((exp + 120) << 23) | (man << 20), jnp.float32)
-  return jnp.where(exp == 0, man.astype(jnp.float32) * jnp.float32(2.0**-9), normal)
+  return _e4m3_from_bits(jax.lax.bitcast_convert_type(b, jnp.uint8).astype(jnp.int32))
+
+
+def e4m3_block_scale(amax: jax.Array, d: jax.Array, inv_d: jax.Array) -> jax.Array:
+  """The E4M3 value in ``[2**-9, 448]`` nearest ``amax / d`` (ties to even), float32; 1 where
+  ``amax == 0``. ``d = fl(6 s_t)``, ``inv_d = fl(1 / d)``.
+
+  The rounded product ``amax * inv_d`` is within a few float32 ulps of the quotient, so its
+  E4M3 rounding (byte ``k``) is the answer or a neighbour; comparing ``amax`` with
+  ``fl(midpoint * d)`` for the midpoints below and above ``k`` settles it exactly as
+  ``pqjax.formats`` does. Elementwise only: the Mosaic GPU kernel runs it as is. A NaN
+  ``amax`` gives NaN.
+  """
+  guess = jnp.clip(amax * inv_d, _E4M3_MIN, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+  k = jax.lax.bitcast_convert_type(guess, jnp.uint8).astype(jnp.int32)
+  value = _e4m3_from_bits(k)
+  # Bytes 1..126 are [2**-9, 448]; a tie goes to the even byte. (int32 flags: the kernel
+  # selects between integers, not between booleans.)
+  i32 = lambda b: b.astype(jnp.int32)  # noqa: E731
+  odd = (k & 1) == 1
+  t_up = (value + _e4m3_from_bits(k + 1)) * jnp.float32(0.5) * d
+  up = jnp.where(odd, i32(amax >= t_up), i32(amax > t_up)) * i32(k < 126)
+  t_down = (value + _e4m3_from_bits(k - 1)) * jnp.float32(0.5) * d
+  down = jnp.where(odd, i32(amax <= t_down), i32(amax < t_down)) * i32(k > 1)
+  k = k + up - down
+  s_b = jnp.where(amax == 0, jnp.float32(1.0), _e4m3_from_bits(k))
+  return jnp.where(amax != amax, jnp.float32(jnp.nan), s_b)
 
 
 def static_tensor_scale(tensor_scale) -> jax.Array:
@@ -176,22 +216,37 @@ def quantize_nvfp4(y: jax.Array, tensor_scale=None) -> NVFP4Activation:
     s_t = static_tensor_scale(tensor_scale)
   yg = y.reshape(*y.shape[:-1], y.shape[-1] // GROUP, GROUP)
   amax = jnp.max(jnp.abs(yg), axis=-1)
-  inv_6st = jnp.float32(1.0) / (jnp.float32(_E2M1_MAX) * s_t)
-  s_b = jnp.clip(amax * inv_6st, _E4M3_MIN, _E4M3_MAX).astype(jnp.float8_e4m3fn)
-  s_b = jnp.where(amax == 0, jnp.float32(1.0), e4m3_value(s_b))
-  ratio = yg * (jnp.float32(1.0) / (s_b * s_t))[..., None]
-  codes = e2m1_encode(jnp.clip(ratio, -_E2M1_MAX, _E2M1_MAX)).reshape(y.shape)
+  d = jnp.float32(_E2M1_MAX) * s_t
+  s_b = e4m3_block_scale(amax, d, jnp.float32(1.0) / d)
+  codes = e2m1_codes(yg, [(t[..., None], up) for t, up in e2m1_thresholds(s_b * s_t)])
   codes = codes.reshape(*y.shape[:-1], y.shape[-1] // 2, 2)
-  packed = codes[..., 0] | (codes[..., 1] << 4)
+  packed = (codes[..., 0] | (codes[..., 1] << 4)).astype(jnp.uint8)
   return NVFP4Activation(packed, s_b.astype(jnp.float8_e4m3fn), s_t)
 
 
+def walsh_hadamard(y: jax.Array, n: int) -> jax.Array:
+  """Unnormalized Walsh-Hadamard transform of every contiguous ``n``-wide group of the last
+  axis (``n`` a power of two dividing it): ``y @ (sqrt(n) * H_n)`` as the butterfly over
+  the index bits 0, 1, ... (``a + b`` and ``a - b`` of the pairs differing in one bit).
+
+  This order of float32 additions is the definition: the kernel's butterfly (bit 0 inside a
+  thread's register pair, bits 1-3 across lanes) makes the same additions, so it agrees bit
+  for bit, which a matrix product (an unspecified summation order) would not.
+  """
+  shape = y.shape
+  h = 1
+  while h < n:
+    v = y.reshape(*shape[:-1], shape[-1] // (2 * h), 2, h)
+    a, b = v[..., 0, :], v[..., 1, :]
+    y = jnp.stack([a + b, a - b], axis=-2).reshape(shape)
+    h *= 2
+  return y
+
+
 def block_hadamard(y: jax.Array) -> jax.Array:
-  """Applies the orthonormal 16x16 Hadamard inside each 16-wide group of the last axis."""
-  yg = y.reshape(*y.shape[:-1], y.shape[-1] // GROUP, GROUP)
-  out = jnp.einsum("...gi,ij->...gj", yg, jnp.asarray(hadamard_16()),
-                   precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(y.shape)
+  """Applies the orthonormal 16x16 Hadamard ``hadamard_16()`` inside each 16-wide group of
+  the last axis: the butterfly ``walsh_hadamard(y, 16)``, then the exact scaling by 1/4."""
+  return walsh_hadamard(y, GROUP) * jnp.float32(0.25)
 
 
 def _finish(y, out: str, tensor_scale, hadamard: bool, out_dtype):

@@ -26,15 +26,15 @@ lane gather. Under the interpreter the same step is a ``jnp.take``. bf16 output 
 input is staged in place over x, except with a gather.
 
 Arithmetic: every elementwise operation is the reference's, in the same order and precision
-(float32; E4M3 by round-to-nearest-even conversion, read back from its bits as the reference
-does; E2M1 by the same comparisons), with the multiply-adds of the affine/adaLN contracted
-into FMAs as XLA (CPU and GPU) and Mosaic GPU both do, so codes and scales equal those of
-``jax.jit(norm.reference)`` bit for bit whenever the row statistics do. The statistics are
-float32 sums in another order than XLA's (and the GPU's ``rsqrt`` may differ from the CPU's),
-so on general data a value within rounding of an E2M1/E4M3 boundary, or of a bf16 rounding
-midpoint, can differ; the tests check exact equality on data whose sums are exact, and a
-tolerance otherwise. No block Hadamard rotation (``pqjax.dispatch`` sends those sites to the
-reference).
+(float32; the E4M3 block scale and E2M1 codes by ``norm``'s own comparisons with rounded
+products, which ``pqjax.formats`` makes too; the block Hadamard as ``norm.walsh_hadamard``'s
+butterfly: the first stage inside a thread's register pair, the other three across lanes by
+``shfl.bfly``), with the multiply-adds of the affine/adaLN contracted into FMAs as XLA (CPU
+and GPU) and Mosaic GPU both do, so codes and scales equal those of ``jax.jit(norm.reference)``
+bit for bit whenever the row statistics do. The statistics are float32 sums in another order
+than XLA's (and the GPU's ``rsqrt`` may differ from the CPU's), so on general data a value
+within rounding of an E2M1/E4M3 boundary, or of a bf16 rounding midpoint, can differ; the
+tests check exact equality on data whose sums are exact, and a tolerance otherwise.
 """
 
 from __future__ import annotations
@@ -98,12 +98,12 @@ def default_rows(x, perm=None, *, out: str = "nvfp4", n_vec: int = 0) -> int:
 
 
 def accepts(x, perm=None, *, kind: str = "layer", weight=None, bias=None, shift=None,
-            scale=None, out: str = "nvfp4", rows: int | None = None,
+            scale=None, out: str = "nvfp4", hadamard: bool = False, rows: int | None = None,
             chunk: int | None = None) -> bool:
   """Whether ``norm_quantize`` takes these arguments (the checks it raises from, as a test)."""
   try:
     _check(x, perm, kind, weight, bias, shift, scale, out,
-           *_resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk))
+           *_resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk), hadamard)
   except ValueError:
     return False
   return True
@@ -122,13 +122,14 @@ def _n_vec(*vs) -> int:
   return sum(v is not None for v in vs)
 
 
-def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk) -> None:
+def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk,
+           hadamard=False) -> None:
   if kind == "none":  # plain quantize: nothing to normalize or fold
     if any(v is not None for v in (weight, bias, shift, scale)) or out != "nvfp4":
       raise ValueError("kind='none' (plain quantize) takes no weight/bias/shift/scale and "
                        "needs out='nvfp4'")
   norm.check_inputs(x, perm, kind="rms" if kind == "none" else kind, weight=weight, bias=bias,
-                    shift=shift, scale=scale, out=out)
+                    shift=shift, scale=scale, out=out, hadamard=hadamard)
   d = x.shape[-1]
   if chunk not in CHUNK_CHOICES:
     raise ValueError(f"chunk must be one of {CHUNK_CHOICES}, got {chunk}")
@@ -188,32 +189,58 @@ def _row_sum(v):
   return jnp.sum(jnp.sum(jnp.sum(v, axis=3), axis=2), axis=1)
 
 
-def _e2m1_codes(r):
-  """``norm.e2m1_encode`` of float32 ``r`` as int32 (same comparisons, sign from the bits)."""
-  mag = jnp.abs(r)
-  code = None
-  for bound, tie_up in norm._E2M1_BOUNDS:  # noqa: SLF001 (the reference's own table)
-    step = (mag >= bound if tie_up else mag > bound).astype(jnp.int32)
-    code = step if code is None else code + step
-  sign = lax.shift_right_logical(lax.bitcast_convert_type(r, jnp.int32), jnp.int32(31))
-  return code | (sign << 3)
-
-
-def _quantize_chunk(y, s_t, inv_6st, interpret: bool):
+def _quantize_chunk(y, params, interpret: bool):
   """NVFP4 of a ``(ROWS, g, 8, 2)`` float32 chunk: packed int32 bytes ``(ROWS, g, 8)`` and
-  E4M3 scales ``(ROWS, g)``, with ``norm.quantize_nvfp4``'s arithmetic."""
+  E4M3 scales ``(ROWS, g)``, with ``norm.quantize_nvfp4``'s arithmetic (its functions,
+  run on the chunk). ``params`` holds ``(s_t, fl(6 s_t), fl(1 / fl(6 s_t)))``."""
   shape = y.shape
+  s_t, d, inv_d = params[0], params[1], params[2]
   amax = jnp.max(jnp.max(jnp.abs(y), axis=3), axis=2)
-  s_b8 = jnp.clip(amax * inv_6st, norm._E4M3_MIN, norm._E4M3_MAX).astype(  # noqa: SLF001
-      jnp.float8_e4m3fn)
-  s_b = jnp.where(amax == 0, jnp.float32(1.0), norm.e4m3_value(s_b8))
-  inv = jnp.float32(1.0) / (s_b * s_t)
-  ratio = y * _bcast(inv, shape, (0, 1), interpret)
-  codes = _e2m1_codes(jnp.clip(ratio, -norm._E2M1_MAX, norm._E2M1_MAX))  # noqa: SLF001
+  s_b = norm.e4m3_block_scale(amax, d, inv_d)
+  # Per-group thresholds broadcast to the elements: |y| is compared with them directly.
+  thresholds = [(_bcast(t, shape, (0, 1), interpret), up)
+                for t, up in norm.e2m1_thresholds(s_b * s_t)]
+  codes = norm.e2m1_codes(y, thresholds)
   # Element 2i in the low nibble: shift each pair's second code by 4 and add the pair.
   shift = _layout_cast(interpret)(lax.broadcasted_iota(jnp.int32, shape, 3), _LAYOUT) * 4
   packed = jnp.sum(codes << shift, axis=3)
   return packed, s_b.astype(jnp.float8_e4m3fn)  # exact: s_b is an E4M3 value
+
+
+def _hadamard_registers(y):
+  """Mosaic GPU: ``norm.walsh_hadamard(., 16)`` of a float32 ``(ROWS, g, 8, 2)``
+  ``FragmentedArray`` in ``_LAYOUT``: bit 0 of the in-group index is the element of a
+  register pair, bits 1-3 the lane bits 0-2 (lane 8g + p holds pair p), so the first stage
+  stays in the register and the others exchange with ``shfl.bfly`` 1, 2, 4 (the lane whose
+  bit is set keeps the difference ``partner - own``, the other the sum)."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
+  from jax._src.lib.mlir.dialects import arith, gpu, vector  # noqa: PLC0415
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+  i32 = ir.IntegerType.get_signless(32)
+  lane = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
+  at = lambda i: ir.DenseI64ArrayAttr.get([i])  # noqa: E731
+  out = np.empty_like(y.registers)
+  for idx, reg in np.ndenumerate(y.registers):
+    a, b = (vector.extract(reg, dynamic_position=[], static_position=at(i)) for i in (0, 1))
+    pair = vector.from_elements(reg.type, [arith.addf(a, b), arith.subf(a, b)])
+    for dist in (1, 2, 4):
+      other = mgpu.utils.shfl_bfly(pair, dist)
+      upper = arith.cmpi(arith.CmpIPredicate.ne,
+                         arith.andi(lane, mgpu.c(dist, i32)), mgpu.c(0, i32))
+      pair = arith.select(upper, arith.subf(other, pair), arith.addf(pair, other))
+    out[idx] = pair
+  return mgpu.FragmentedArray(_registers=out, _layout=y.layout, _is_signed=None)
+
+
+def _hadamard_chunk(y, interpret: bool):
+  """``norm.block_hadamard`` of a ``(ROWS, g, 8, 2)`` float32 chunk (16-groups along g)."""
+  if interpret:  # the interpreter runs jnp
+    return norm.block_hadamard(y.reshape(y.shape[0], -1)).reshape(y.shape)
+  butterfly = plgpu.inline_mgpu(
+      arg_types=(_LAYOUT,),
+      return_type=plgpu.ShapeDtypeStruct(y.shape, jnp.float32, _LAYOUT))(
+          lambda _, v: _hadamard_registers(v))
+  return butterfly(y) * jnp.float32(0.25)
 
 
 def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
@@ -242,7 +269,7 @@ def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
 
 
 def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: str, t: int,
-                 rows: int, chunk: int, interpret: bool):
+                 rows: int, chunk: int, hadamard: bool, interpret: bool):
   """Runs the kernel on ``x2 (M, D)`` (M a multiple of ``rows``); returns its outputs
   (row-major, in the kernel's array shapes). ``out="amax"``: float32 group amax
   ``(M/rows, rows * D/16)`` of the result instead of codes and scales (dynamic scale)."""
@@ -265,7 +292,7 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
     it = iter(refs)
     x_gmem = next(it)
     vec_gmem = next(it) if n_vec else None
-    par_gmem = next(it) if out == "nvfp4" else None  # (s_t, 1 / (6 s_t))
+    par_gmem = next(it) if out == "nvfp4" else None  # (s_t, 6 s_t, 1 / (6 s_t))
     perm_gmem = next(it) if perm is not None else None
     out_gmems = [next(it) for _ in range(2 if out == "nvfp4" else 1)]
     x_smem = next(it)
@@ -331,6 +358,8 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
         if present:
           y = op(y, vec(j, c))
           j += 1
+      if hadamard:  # rotates what is quantized (and what the dynamic amax sees)
+        y = _hadamard_chunk(y, interpret)
       cols = pl.ds(c * gc, gc)
       if out == "bf16":  # in place: this chunk of x is not read again
         view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = y.astype(jnp.bfloat16)
@@ -338,7 +367,7 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
         view(out_smems[0], (rows, groups)).at[:, cols][...] = jnp.max(
             jnp.max(jnp.abs(y), axis=3), axis=2)
       else:
-        packed, s_b = _quantize_chunk(y, par_smem[0], par_smem[1], interpret)
+        packed, s_b = _quantize_chunk(y, par_smem, interpret)
         view(out_smems[0], (rows, groups, 8)).at[:, cols][...] = packed.astype(jnp.uint8)
         view(out_smems[1], (rows, groups)).at[:, cols][...] = s_b
 
@@ -384,8 +413,8 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
 def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
                   kind: KernelKind = "layer", weight=None, bias=None, shift=None,
                   scale=None, eps: float = 1e-6, out: _OutKind = "nvfp4", tensor_scale=None,
-                  rows: int | None = None, chunk: int | None = None,
-                  interpret: bool = False):
+                  hadamard: bool = False, rows: int | None = None,
+                  chunk: int | None = None, interpret: bool = False):
   """Fused LayerNorm/RMSNorm + adaLN (+ NVFP4 quantize) of ``x``, optionally gathered.
 
   ``out[..., j] = f(x)[..., perm[j]]`` as in ``norm.reference``; ``kind="none"`` is
@@ -408,6 +437,8 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
     rows: rows per CTA (``ROW_CHOICES``); None picks ``default_rows``.
     chunk: columns per register chunk (``CHUNK_CHOICES``; D must be a multiple); None picks
       ``default_chunk``.
+    hadamard: rotate each 16-group by ``norm.hadamard_16()`` before quantizing (needs
+      ``out="nvfp4"``; a dynamic tensor scale is the amax of the rotated values).
     interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
 
   Returns:
@@ -421,7 +452,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
       does not fit in shared memory.
   """
   rows, chunk = _resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk)
-  _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk)
+  _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk, hadamard)
   lead, d = x.shape[:-1], x.shape[-1]
   t = x.shape[1] if x.ndim == 3 else x.shape[0]  # rows per sample
   x2 = x.reshape(-1, d)
@@ -434,7 +465,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   if vecs is not None and perm is not None:  # the affine / adaLN act on gathered columns
     vecs = jnp.take(vecs, perm, axis=-1)
   call = functools.partial(_kernel_call, x2, vecs, perm=perm, kind=kind, flags=flags, eps=eps,
-                           t=t, rows=rows, interpret=interpret)
+                           t=t, rows=rows, hadamard=hadamard, interpret=interpret)
   if out == "bf16":
     return call(None, out="bf16", chunk=chunk)[0].reshape(mp, d)[:m].reshape(x.shape)
   if tensor_scale is None:  # dynamic: amax of the result, then the static pass
@@ -444,9 +475,9 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
     s_t = norm.nvfp4_tensor_scale(amax)
   else:
     s_t = norm.static_tensor_scale(tensor_scale)
-  inv_6st = jnp.float32(1.0) / (jnp.float32(norm._E2M1_MAX) * s_t)  # noqa: SLF001
+  d6 = jnp.float32(norm._E2M1_MAX) * s_t  # noqa: SLF001
   # Copies move whole multiples of 128 bytes (one per thread of the warpgroup): pad.
-  params = jnp.zeros((32,), jnp.float32).at[0].set(s_t).at[1].set(inv_6st)
+  params = jnp.zeros((32,), jnp.float32).at[:3].set(jnp.stack([s_t, d6, 1.0 / d6]))
   codes, scales = (o.reshape(mp, -1)[:m].reshape(*lead, -1)
                    for o in call(params, out="nvfp4", chunk=chunk))
   return norm.NVFP4Activation(codes, scales, s_t)

@@ -44,29 +44,29 @@ def test_bad_in_perm_raises():
                     in_perm=jnp.arange(64, dtype=jnp.int16))
 
 
-def test_prepared_weights_used_by_mosaic_xla_path():
-  """M >= XLA_MIN_M takes the decode + XLA dot path, which runs on any backend."""
+@pytest.mark.parametrize("gathered,rotate", [(False, False), (True, True)])
+def test_prepared_weights_used_by_mosaic_xla_path(gathered, rotate):
+  """M >= XLA_MIN_M takes the decode + XLA dot path, which runs on any backend; its
+  activation quantize (``pqjax_kernels.norm``) and the reference's (``pqjax.formats``) pick
+  the same codes, so the two backends differ only in the product's arithmetic."""
   from pqjax_kernels import matmul_fp4 as fm
+  from pqjax_kernels import norm
   rng = np.random.default_rng(2)
   w = qmatmul.quantize_weight(rng.standard_normal((128, 256)).astype(np.float32), "nvfp4")
-  x = jnp.asarray(rng.standard_normal((fm.XLA_MIN_M, 128)), jnp.float32)
-  pw = dispatch.prepare(w)
-  y = dispatch.linear(x, w, act_format="nvfp4", backend="mosaic", prepared=pw,
-                      out_dtype=jnp.float32)
-  ref = qmatmul.reference_matmul(x, w, act_format="nvfp4", out_dtype=jnp.float32)
+  x = jnp.asarray(rng.standard_normal((fm.XLA_MIN_M, 128)), jnp.bfloat16)
+  perm = jnp.asarray(rng.permutation(128), jnp.int32) if gathered else None
+  kw = dict(act_format="nvfp4", act_tensor_scale=jnp.float32(0.01), in_perm=perm,
+            rotate=rotate, out_dtype=jnp.float32)
+  y = dispatch.linear(x, w, backend="mosaic", prepared=dispatch.prepare(w), **kw)
+  ref = dispatch.linear(x, w, backend="reference", **kw)
   # The tensor scales folded into the activations (one bf16 rounding each, relative
   # <= 2**-8), then float32 sums in another order:
   # |err| <= (2**-8 + (K + 2) 2**-24) sum |x_k w_k|.
-  xa = jnp.abs(fm.dequantize(*_act(x), "nvfp4"))
+  q = norm.gathered_quantize(x, perm, tensor_scale=jnp.float32(0.01), hadamard=rotate)
+  xa = jnp.abs(fm.dequantize(q.codes, q.scales, q.tensor_scale, "nvfp4"))
   wa = jnp.abs(fm.dequantize(w.codes, w.scales, w.tensor_scale, "nvfp4"))
   bound = np.asarray(xa @ wa.T) * (2.0**-8 + (128 + 2) * 2.0**-24) + 1e-30
   assert (np.abs(np.asarray(y) - np.asarray(ref)) <= bound).all()
-
-
-def _act(x):
-  from pqjax_kernels import norm
-  q = norm.quantize_nvfp4(x)
-  return q.codes, q.scales, q.tensor_scale
 
 
 def test_prepare_declines_and_checks():
@@ -100,12 +100,12 @@ def test_mosaic_norm_picks_kernel_where_it_runs(monkeypatch, dtype, d, uses_kern
   f = lambda x, p: dispatch.gathered_norm(x, p, backend="mosaic", **kw)  # noqa: E731
   text = jax.jit(f).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
   assert ("mosaic_gpu" in text) == uses_kernel
-  if d % 128 == 0:  # the W4A4 activation quantize: the kernel when it fuses a gather
-    for p in (perm, None):
-      g = lambda x, p=p: dispatch._quantize_activations(  # noqa: E731, SLF001
-          x, jnp.float32(0.01), p)
+  if d % 128 == 0:  # the W4A4 activation quantize: the kernel when it fuses a gather or a
+    for p, rotate in ((perm, False), (None, False), (None, True), (perm, True)):  # rotation
+      g = lambda x, p=p, r=rotate: dispatch._quantize_activations(  # noqa: E731, SLF001
+          x, jnp.float32(0.01), p, r)
       text = jax.jit(g).trace(x.reshape(-1, d)).lower(lowering_platforms=("cuda",)).as_text()
-      assert ("mosaic_gpu" in text) == (p is not None)
+      assert ("mosaic_gpu" in text) == (p is not None or rotate)
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
@@ -123,24 +123,29 @@ def test_mosaic_norm_matches_reference_on_gpu():
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [32, 80])  # the Mosaic matmul and the decode + XLA dot path
-def test_mosaic_w4a4_gathered_linear_on_gpu(m):
-  """W4A4 with an input permutation: the gather fused into the kernel's activation quantize
-  gives what gathering first gives, and the product of the ``norm.quantize_nvfp4`` codes
-  within the XLA path's activation rounding (2**-8) plus float32 sums in another order."""
+@pytest.mark.parametrize("rotate", [False, True])
+def test_mosaic_w4a4_gathered_linear_on_gpu(m, rotate):
+  """W4A4 with an input permutation (and block Hadamard): the gather fused into the kernel's
+  activation quantize gives what gathering first gives; the product of the
+  ``norm.gathered_quantize`` codes is within the XLA path's activation rounding (2**-8)
+  plus float32 sums in another order, of the float64 product and of the reference backend
+  (which quantizes with ``pqjax.formats``: the same codes)."""
   from pqjax_kernels import matmul_fp4 as fm
   from pqjax_kernels import norm
-  rng = np.random.default_rng(6)
+  rng = np.random.default_rng(6 + rotate)
   k = 256
   w = qmatmul.quantize_weight(rng.standard_normal((k, 128)).astype(np.float32), "nvfp4")
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
   perm = jnp.asarray(rng.permutation(k), jnp.int32)
   ts = jnp.float32(0.01)
-  kw = dict(act_format="nvfp4", act_tensor_scale=ts, out_dtype=jnp.float32, backend="mosaic")
-  got = np.asarray(dispatch.linear(x, w, in_perm=perm, **kw))
+  kw = dict(act_format="nvfp4", act_tensor_scale=ts, out_dtype=jnp.float32, rotate=rotate)
+  got = np.asarray(dispatch.linear(x, w, in_perm=perm, backend="mosaic", **kw))
   xg = jnp.take(x, perm, axis=-1)
-  np.testing.assert_array_equal(got, np.asarray(dispatch.linear(xg, w, **kw)))
-  q = norm.quantize_nvfp4(xg, ts)
+  np.testing.assert_array_equal(got, np.asarray(dispatch.linear(xg, w, backend="mosaic", **kw)))
+  q = norm.gathered_quantize(x, perm, tensor_scale=ts, hadamard=rotate)
   xd = np.asarray(fm.dequantize(q.codes, q.scales, q.tensor_scale, "nvfp4"), np.float64)
   wd = np.asarray(fm.dequantize(w.codes, w.scales, w.tensor_scale, "nvfp4"), np.float64)
   bound = np.abs(xd) @ np.abs(wd).T * (2.0**-8 + (k + 2) * 2.0**-24) + 1e-30
   assert (np.abs(got - xd @ wd.T) <= bound).all()
+  ref = np.asarray(dispatch.linear(x, w, in_perm=perm, backend="reference", **kw), np.float64)
+  assert (np.abs(got - ref) <= 2 * bound).all()

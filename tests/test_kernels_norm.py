@@ -23,6 +23,41 @@ def test_nvfp4_quantize_bit_exact_with_formats():
     assert float(q.tensor_scale) == float(qt.tensor_scale)
 
 
+def _assert_same_quantization(q, qt):
+  np.testing.assert_array_equal(np.asarray(q.scales.astype(jnp.float32)),
+                                np.asarray(qt.scales.astype(jnp.float32)))
+  np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(qt.codes))
+
+
+@pytest.mark.parametrize("ts", [0.01, 0.0037, 1 / 3, None])
+def test_nvfp4_quantize_bit_exact_with_formats_on_bf16(ts):
+  """bf16 data with round static tensor scales land on E4M3 and E2M1 rounding midpoints
+  (amax 1.5 with s_t = 0.01 gives exactly 25, between 24 and 26): both modules round the
+  exact quotient there, ties to even."""
+  rng = np.random.default_rng(7)
+  x = (rng.standard_normal((512, 256)) * rng.choice([0.01, 1.0, 30.0], (512, 1)))
+  x = jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)
+  ts = None if ts is None else jnp.float32(ts)
+  _assert_same_quantization(gn.quantize_nvfp4(x, ts), formats.quantize(x, "nvfp4",
+                                                                        tensor_scale=ts))
+
+
+def test_nvfp4_block_scale_ties_go_to_even():
+  """Groups whose ``amax / (6 s_t)`` is exactly each E4M3 midpoint, and its float32
+  neighbours: the block scale is the even neighbour at the tie, the nearer one beside it."""
+  e4m3 = np.arange(1, 127, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
+  mids = (e4m3[1:] + e4m3[:-1]) / 2
+  ts = np.float32(2.0**-4)  # a power of two: the quotients below are exact
+  amax = np.concatenate([mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf)]) * 6 * ts
+  x = np.zeros((amax.size, 16), np.float32)
+  x[:, 3] = amax
+  q = gn.quantize_nvfp4(jnp.asarray(x), jnp.float32(ts))
+  expected = (amax / (6 * ts)).astype(jnp.float8_e4m3fn).astype(np.float32)  # ml_dtypes RNE
+  np.testing.assert_array_equal(np.asarray(q.scales.astype(jnp.float32))[:, 0], expected)
+  _assert_same_quantization(q, formats.quantize(jnp.asarray(x), "nvfp4",
+                                                tensor_scale=jnp.float32(ts)))
+
+
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_gathered_norm_equals_norm_of_gathered_input(kind):
   b, t, d = 2, 3, 32

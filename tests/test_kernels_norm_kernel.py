@@ -43,23 +43,26 @@ def _vectors(rng, shape, per_sample):
               scale=jnp.asarray(rng.standard_normal(sv) * 0.2, jnp.bfloat16))
 
 
-def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, chunk=None):
+def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, chunk=None,
+          hadamard=False):
   """Kernel (under the interpreter, or on the GPU) and the jitted reference (XLA contracts
   multiply-adds into FMAs, as Mosaic GPU does; the interpreter compiles the kernel body with
   XLA likewise). ``kind="none"``: the plain quantize, against ``norm.gathered_quantize``."""
   ts = jnp.float32(TS) if out == "nvfp4" and not dynamic else None
-  kw = dict(kind=kind, out=out, tensor_scale=ts, rows=rows, chunk=chunk, **vecs)
+  kw = dict(kind=kind, out=out, tensor_scale=ts, rows=rows, chunk=chunk, hadamard=hadamard,
+            **vecs)
   if gpu:
-    got = jax.jit(nk.norm_quantize, static_argnames=("kind", "out", "rows", "chunk"))(
-        x, perm, **kw)
+    got = jax.jit(nk.norm_quantize,
+                  static_argnames=("kind", "out", "rows", "chunk", "hadamard"))(x, perm, **kw)
   else:
     with interpret.gpu_interpreter():
       got = nk.norm_quantize(x, perm, interpret=True, **kw)
   if kind == "none":
-    ref = jax.jit(norm.gathered_quantize)(x, perm, tensor_scale=ts)
+    ref = jax.jit(norm.gathered_quantize, static_argnames=("hadamard",))(
+        x, perm, tensor_scale=ts, hadamard=hadamard)
   else:
-    ref = jax.jit(norm.reference, static_argnames=("kind", "out"))(
-        x, perm, kind=kind, out=out, tensor_scale=ts, **vecs)
+    ref = jax.jit(norm.reference, static_argnames=("kind", "out", "hadamard"))(
+        x, perm, kind=kind, out=out, tensor_scale=ts, hadamard=hadamard, **vecs)
   return got, ref
 
 
@@ -139,6 +142,28 @@ class TestInterpreter:
     np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
     assert float(got.tensor_scale) == float(ref.tensor_scale)
 
+  @pytest.mark.parametrize("kind,dynamic", [("none", False), ("none", True), ("layer", False),
+                                            ("layer", True)])
+  def test_hadamard_bit_exact(self, kind, dynamic):
+    """The block Hadamard is the reference's butterfly, addition for addition: with the
+    gather, both tensor scales, after a norm whose adaLN ends in an add (the shift), so that
+    no multiply can be contracted into the butterfly's first addition."""
+    shape = (2, 16, 256)
+    rng = np.random.default_rng(13 + dynamic)
+    if kind == "none":
+      x = jnp.asarray(rng.standard_normal(shape) * 3, jnp.bfloat16)
+      vecs = {}
+    else:
+      x = _exact_x(rng, shape, kind, jnp.bfloat16)
+      vecs = _vectors(rng, shape, True)
+    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32)
+    got, ref = _call(x, kind, "nvfp4", vecs, perm, rows=8, dynamic=dynamic, hadamard=True)
+    unrotated = _call(x, kind, "nvfp4", vecs, perm, rows=8, dynamic=dynamic)[1]
+    assert np.mean(np.asarray(ref.codes) != np.asarray(unrotated.codes)) > 0.5  # it rotates
+    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
+    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+    assert float(got.tensor_scale) == float(ref.tensor_scale)
+
   @pytest.mark.parametrize("chunk", [128, 256])
   def test_wide_chunks_bit_exact(self, chunk):
     shape = (2, 16, 512)
@@ -204,6 +229,23 @@ class TestGPU:
     np.testing.assert_allclose(float(got.tensor_scale), float(ref.tensor_scale), rtol=2**-20)
     _assert_within_rounding(got, ref, "nvfp4")
 
+  @pytest.mark.parametrize("kind,dynamic", [("none", False), ("none", True), ("layer", False)])
+  def test_hadamard(self, kind, dynamic):
+    """The shuffle butterfly on the GPU: the plain quantize (no sums: bit for bit) and after
+    a LayerNorm (within rounding: the statistics), gathered, at a DiT width."""
+    shape = (2, 512, 3072)
+    rng = np.random.default_rng(17 + dynamic)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
+    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32)
+    vecs = {} if kind == "none" else _vectors(rng, shape, True)
+    got, ref = _call(x, kind, "nvfp4", vecs, perm, gpu=True, dynamic=dynamic, hadamard=True)
+    if kind == "none":
+      np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
+      np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+      assert float(got.tensor_scale) == float(ref.tensor_scale)
+    else:
+      _assert_within_rounding(got, ref, "nvfp4")
+
 
 LOWER_CASES = [  # shape, x dtype, kind, out, vectors, per-sample adaLN, gathered
     ((4096, 1152), jnp.bfloat16, "layer", "nvfp4", True, False, False),
@@ -214,18 +256,20 @@ LOWER_CASES = [  # shape, x dtype, kind, out, vectors, per-sample adaLN, gathere
     ((64, 2304), jnp.float16, "layer", "nvfp4", True, False, False),
     ((4096, 1152), jnp.bfloat16, "layer", "nvfp4", True, False, True),
     ((2, 256, 2304), jnp.bfloat16, "rms", "bf16", True, True, True),
+    ((4096, 1152), jnp.bfloat16, "none", "nvfp4", False, False, True),
 ]
 
 
 @pytest.mark.parametrize("shape,dtype,kind,out,vecs,per_sample,gathered", LOWER_CASES)
 def test_lowers_for_cuda(shape, dtype, kind, out, vecs, per_sample, gathered):
-  """The real (non-interpreted) kernel, with its layout casts and inline Mosaic GPU gather,
-  lowers to Mosaic GPU."""
+  """The real (non-interpreted) kernel, with its layout casts and inline Mosaic GPU gather
+  (and shuffle Hadamard, for the NVFP4 outputs), lowers to Mosaic GPU."""
   x = jax.ShapeDtypeStruct(shape, dtype)
   kw = _vectors(np.random.default_rng(0), shape, per_sample) if vecs else {}
   perm = jax.ShapeDtypeStruct(shape[-1:], jnp.int32) if gathered else None
   ts = jnp.float32(TS) if out == "nvfp4" else None
-  f = lambda x, p, kw: nk.norm_quantize(x, p, kind=kind, out=out, tensor_scale=ts, **kw)  # noqa: E731
+  f = lambda x, p, kw: nk.norm_quantize(x, p, kind=kind, out=out, tensor_scale=ts,  # noqa: E731
+                                        hadamard=out == "nvfp4", **kw)
   text = jax.jit(f).trace(x, perm, kw).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -253,6 +297,7 @@ def test_dynamic_scale_lowers_for_cuda(kind, gathered, rows, chunk):
     (dict(x=jnp.zeros((16, 192), jnp.bfloat16), chunk=128), "multiple of 128"),
     (dict(kind="none", weight=jnp.ones(128)), "kind='none'"),
     (dict(kind="none", out="bf16"), "kind='none'"),
+    (dict(out="bf16", hadamard=True), "hadamard"),
     (dict(weight=jnp.ones((64,))), "weight"),
     (dict(x=jnp.zeros((2, 4, 128), jnp.bfloat16), shift=jnp.zeros((2, 128))), "shift"),
     (dict(x=jnp.zeros((2, 16, 128), jnp.bfloat16), scale=jnp.zeros((16, 128))), "scale"),

@@ -21,10 +21,10 @@ quotient is what makes the two agree at exact rounding midpoints, which are comm
 activations and a round static tensor scale (amax 1.5 and ``s_t = 0.01``: 25 lies between
 the E4M3 values 24 and 26 and goes to 24).
 
-The E4M3 rounding of ``s_b`` is read back from the stored byte (``e4m3_value``), not by
-converting the float8 array back to float32: XLA's GPU pipeline (``simplify-fp-conversions``)
-rewrites a ``f32 -> f8 -> f32`` convert chain to the identity, which silently dropped the
-rounding from ``1 / (s_b * s_t)`` (9.5% of the codes changed on an H200).
+The E4M3 rounding of ``s_b`` is float32/int32 arithmetic, never a convert to float8 and
+back: XLA's GPU pipeline (``simplify-fp-conversions``) rewrites a ``f32 -> f8 -> f32`` convert
+chain to the identity, which once silently dropped that rounding (9.5% of the codes changed
+on an H200).
 """
 
 from __future__ import annotations
@@ -153,45 +153,46 @@ def e2m1_codes(y: jax.Array, thresholds) -> jax.Array:
   return code | (sign << 3)
 
 
-def _e4m3_from_bits(bits: jax.Array) -> jax.Array:
-  exp, man = bits >> 3, bits & 7
-  normal = jax.lax.bitcast_convert_type(((exp + 120) << 23) | (man << 20), jnp.float32)
-  return jnp.where(exp == 0, man.astype(jnp.float32) * jnp.float32(2.0**-9), normal)
-
-
-def e4m3_value(b: jax.Array) -> jax.Array:
-  """Float32 value of non-negative finite float8_e4m3fn ``b``, decoded from its bits.
-
-  Integer operations on purpose: a float convert chain through float8 is folded away by XLA
-  on the GPU (see the module docstring), a bitcast is not.
-  """
-  return _e4m3_from_bits(jax.lax.bitcast_convert_type(b, jnp.uint8).astype(jnp.int32))
-
-
 def e4m3_block_scale(amax: jax.Array, d: jax.Array, inv_d: jax.Array) -> jax.Array:
   """The E4M3 value in ``[2**-9, 448]`` nearest ``amax / d`` (ties to even), float32; 1 where
-  ``amax == 0``. ``d = fl(6 s_t)``, ``inv_d = fl(1 / d)``.
+  ``amax == 0``, NaN where it is NaN. ``d = fl(6 s_t)``, ``inv_d = fl(1 / d)``.
 
-  The rounded product ``amax * inv_d`` is within a few float32 ulps of the quotient, so its
-  E4M3 rounding (byte ``k``) is the answer or a neighbour; comparing ``amax`` with
-  ``fl(midpoint * d)`` for the midpoints below and above ``k`` settles it exactly as
-  ``pqjax.formats`` does. Elementwise only: the Mosaic GPU kernel runs it as is. A NaN
-  ``amax`` gives NaN.
+  The product ``q = fl(amax * inv_d)`` is within two float32 ulps of the quotient, so its
+  nearest E4M3 value ``v`` is the answer or the neighbour on the side where ``q`` lies; one
+  comparison of ``amax`` with ``fl(midpoint * d)`` for the midpoint on that side settles it
+  exactly as ``pqjax.formats`` decides. All in float32/int32 arithmetic, elementwise: the
+  Mosaic GPU kernel runs this function as is, once per group (a cvt to float8 and back
+  would cost more).
   """
-  guess = jnp.clip(amax * inv_d, _E4M3_MIN, _E4M3_MAX).astype(jnp.float8_e4m3fn)
-  k = jax.lax.bitcast_convert_type(guess, jnp.uint8).astype(jnp.int32)
-  value = _e4m3_from_bits(k)
-  # Bytes 1..126 are [2**-9, 448]; a tie goes to the even byte. (int32 flags: the kernel
-  # selects between integers, not between booleans.)
-  i32 = lambda b: b.astype(jnp.int32)  # noqa: E731
-  odd = (k & 1) == 1
-  t_up = (value + _e4m3_from_bits(k + 1)) * jnp.float32(0.5) * d
-  up = jnp.where(odd, i32(amax >= t_up), i32(amax > t_up)) * i32(k < 126)
-  t_down = (value + _e4m3_from_bits(k - 1)) * jnp.float32(0.5) * d
-  down = jnp.where(odd, i32(amax <= t_down), i32(amax < t_down)) * i32(k > 1)
-  k = k + up - down
-  s_b = jnp.where(amax == 0, jnp.float32(1.0), _e4m3_from_bits(k))
-  return jnp.where(amax != amax, jnp.float32(jnp.nan), s_b)
+  i32, f32 = jnp.int32, jnp.float32
+  as_int = lambda v: jax.lax.bitcast_convert_type(v, i32)  # noqa: E731
+  as_float = lambda v: jax.lax.bitcast_convert_type(v, f32)  # noqa: E731
+  q = jnp.clip(amax * inv_d, _E4M3_MIN, _E4M3_MAX)
+  # Round the float32 significand of q to the bits E4M3 keeps, ties to even, on its bits:
+  # 3 below the leading one from 2**-6 up, fewer below (a fixed quantum of 2**-9). Integer
+  # operations: XLA folds a float ``(q + c) - c`` rounding trick back to ``q``.
+  bits = as_int(q)
+  drop = jnp.maximum(141 - (bits >> 23), 20)  # 141 = 127 + 14: drop 23 at q < 2**-8
+  keep_one = jnp.left_shift(i32(1), drop)
+  rounded = (bits + (keep_one >> 1) - 1 + (jnp.right_shift(bits, drop) & 1)) & -keep_one
+  v = as_float(rounded)
+  # The E4M3 byte's last bit: the mantissa's (bit 20) from 2**-6 up, else that of v / 2**-9.
+  sub = v < f32(2.0**-6)
+  odd = jnp.where(sub, as_int(v * f32(512) + f32(2.0**23)), rounded >> 20) & 1
+  # Half the gap to the neighbour above (2**(E-4) for v = 2**E * 1.m, 2**-10 below 2**-6);
+  # below a power of two >= 2**-5 the gap halves. Flags are int32: the kernel selects and
+  # combines integers, not booleans.
+  flag = lambda b: b.astype(i32)  # noqa: E731
+  half_up = jnp.maximum(as_float((as_int(v) & 0x7F800000) - (4 << 23)), f32(2.0**-10))
+  pow2 = flag((as_int(v) & 0x7FFFFF) == 0) & flag(v > f32(2.0**-6))
+  up = q >= v
+  step = jnp.where(up, half_up, jnp.where(pow2 == 1, half_up * f32(-0.5), -half_up))
+  t = (v + step) * d  # fl(midpoint * d); v + step is exact
+  beyond = jnp.where(up, flag(amax > t), flag(amax < t)) | (flag(amax == t) & odd)
+  moved = beyond & (flag(v < f32(_E4M3_MAX)) | flag(q < v))  # never above 448
+  v = jnp.where(moved == 1, v + step * f32(2.0), v)
+  v = jnp.where(amax == 0, f32(1.0), v)
+  return jnp.where(amax != amax, f32(jnp.nan), v)
 
 
 def static_tensor_scale(tensor_scale) -> jax.Array:

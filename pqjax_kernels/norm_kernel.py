@@ -40,6 +40,7 @@ tests check exact equality on data whose sums are exact, and a tolerance otherwi
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Literal
 
 import jax
@@ -196,7 +197,12 @@ def _quantize_chunk(y, params, interpret: bool):
   shape = y.shape
   s_t, d, inv_d = params[0], params[1], params[2]
   amax = jnp.max(jnp.max(jnp.abs(y), axis=3), axis=2)
-  s_b = norm.e4m3_block_scale(amax, d, inv_d)
+  if interpret:
+    s_b = norm.e4m3_block_scale(amax, d, inv_d)
+  else:  # once per group instead of on each of the 8 lanes holding it (see _split_groups)
+    per_lane, layout = _split_groups(amax.shape)
+    s_b = _join_groups(amax.shape, layout)(
+        norm.e4m3_block_scale(_pick_groups(layout)(amax), d, inv_d))
   # Per-group thresholds broadcast to the elements: |y| is compared with them directly.
   thresholds = [(_bcast(t, shape, (0, 1), interpret), up)
                 for t, up in norm.e2m1_thresholds(s_b * s_t)]
@@ -205,6 +211,96 @@ def _quantize_chunk(y, params, interpret: bool):
   shift = _layout_cast(interpret)(lax.broadcasted_iota(jnp.int32, shape, 3), _LAYOUT) * 4
   packed = jnp.sum(codes << shift, axis=3)
   return packed, s_b.astype(jnp.float8_e4m3fn)  # exact: s_b is an E4M3 value
+
+
+# The group amax of a chunk, reduced over (pair, element), lies in this layout: every value
+# on the 8 lanes 8g + p (p = 0..7) that held the group's pairs, in the same registers.
+_GROUP_LAYOUT = _LAYOUT.reduce(3).reduce(2)
+
+
+def _split_groups(group_shape):
+  """A chunk's per-group work spread over the lanes: lane p of each 8 takes the registers
+  p, p + 8, ... of the (identical) group registers, ``per_lane`` of them, as a
+  ``(128 * per_lane,)`` array (only elementwise operations touch it, so which group lands
+  where does not matter)."""
+  per_lane = max(1, int(np.prod(group_shape)) // 128)
+  return per_lane, plgpu.Layout.WG_STRIDED((128 * per_lane,), vec_size=per_lane)
+
+
+def _pick_groups(layout):
+  """Mosaic GPU (inline): group registers in ``_GROUP_LAYOUT`` -> this lane's share."""
+  def pick(_, amax):
+    from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
+    from jax._src.lib.mlir.dialects import arith, gpu, vector  # noqa: PLC0415
+    from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+    i32 = ir.IntegerType.get_signless(32)
+    p = arith.andi(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)), mgpu.c(7, i32))
+    regs = [_scalar(r) for r in amax.registers.flat]
+    mine = []
+    for i in range(layout.to_mgpu().vec_size):
+      v = regs[(8 * i) % len(regs)]
+      for j in range(1, 8):
+        is_j = arith.cmpi(arith.CmpIPredicate.eq, p, mgpu.c(j, i32))
+        v = arith.select(is_j, regs[(8 * i + j) % len(regs)], v)
+      mine.append(v)
+    reg = vector.from_elements(ir.VectorType.get((len(mine),), mine[0].type), mine)
+    return mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                _layout=layout.to_mgpu(), _is_signed=None)
+  return plgpu.inline_mgpu(arg_types=(_GROUP_LAYOUT,), return_type=plgpu.ShapeDtypeStruct(
+      (128 * layout.to_mgpu().vec_size,), jnp.float32, layout))(pick)
+
+
+def _join_groups(group_shape, layout):
+  """Mosaic GPU (inline): the inverse of ``_pick_groups``: group register j from lane
+  ``j % 8`` of the same 8 (``shfl.sync.idx``), its share's element ``j // 8``."""
+  def join(_, mine):
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, gpu, nvvm, vector  # noqa: PLC0415
+    from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    lane = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
+    base = arith.andi(lane, mgpu.c(24, i32))  # the first of this lane's 8, within the warp
+    group_layout = _GROUP_LAYOUT.to_mgpu()
+    template = np.empty(group_layout.registers_shape(group_shape), dtype=object)
+    [reg] = mine.registers.flat
+    out = np.empty_like(template)
+    for j, idx in enumerate(np.ndindex(template.shape)):
+      v = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get(
+          [j // 8]))
+      src = arith.ori(base, mgpu.c(j % 8, i32))
+      args = (mgpu.c(0xFFFFFFFF, i32), arith.bitcast(i32, v), src, mgpu.c(0x1F, i32),
+              nvvm.ShflKind.idx)
+      # The result type leads the builder's arguments before jaxlib 0.11, not after.
+      got = (nvvm.shfl_sync(*args) if _SHFL_INFERS_TYPE else nvvm.shfl_sync(i32, *args))
+      out[idx] = _like_group_register(arith.bitcast(f32, got))
+    return mgpu.FragmentedArray(_registers=out, _layout=group_layout, _is_signed=None)
+  return plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
+      group_shape, jnp.float32, _GROUP_LAYOUT))(join)
+
+
+def _shfl_infers_type() -> bool:
+  from jax._src.lib.mlir.dialects import nvvm  # noqa: PLC0415
+  return next(iter(inspect.signature(nvvm.shfl_sync).parameters)) == "thread_mask"
+
+
+_SHFL_INFERS_TYPE = _shfl_infers_type()
+
+
+def _scalar(reg):
+  """A float32 register of a group array (a scalar or a 1-vector) as a scalar."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import vector  # noqa: PLC0415
+  if isinstance(reg.type, ir.VectorType):
+    return vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get(
+        [0] * reg.type.rank))
+  return reg
+
+
+def _like_group_register(v):
+  """A float32 scalar as a register of ``_GROUP_LAYOUT`` (a 1-vector)."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import vector  # noqa: PLC0415
+  return vector.from_elements(ir.VectorType.get((1,), v.type), [v])
 
 
 def _hadamard_registers(y):
@@ -271,8 +367,9 @@ def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
 def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: str, t: int,
                  rows: int, chunk: int, hadamard: bool, interpret: bool):
   """Runs the kernel on ``x2 (M, D)`` (M a multiple of ``rows``); returns its outputs
-  (row-major, in the kernel's array shapes). ``out="amax"``: float32 group amax
-  ``(M/rows, rows * D/16)`` of the result instead of codes and scales (dynamic scale)."""
+  (row-major, in the kernel's array shapes). ``out="amax"``: the float32 amax of the result
+  per row and chunk, ``(M/rows, >= D/chunk * rows)`` (chunk-major in each block), instead of
+  codes and scales (dynamic scale)."""
   m, d = x2.shape
   groups, gc = d // 16, chunk // 16
   n_chunks = d // chunk
@@ -363,9 +460,10 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
       cols = pl.ds(c * gc, gc)
       if out == "bf16":  # in place: this chunk of x is not read again
         view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = y.astype(jnp.bfloat16)
-      elif out == "amax":
-        view(out_smems[0], (rows, groups)).at[:, cols][...] = jnp.max(
-            jnp.max(jnp.abs(y), axis=3), axis=2)
+      elif out == "amax":  # per row and chunk: a 2-D (rows, >= 8 groups) store trips
+        # Mosaic GPU's layout inference on JAX 0.11.2 (IndexError), a 1-D one does not
+        out_smems[0].at[pl.ds(c * rows, rows)][...] = jnp.max(
+            jnp.max(jnp.max(jnp.abs(y), axis=3), axis=2), axis=1)
       else:
         packed, s_b = _quantize_chunk(y, par_smem, interpret)
         view(out_smems[0], (rows, groups, 8)).at[:, cols][...] = packed.astype(jnp.uint8)
@@ -380,8 +478,8 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
 
   if out == "bf16":
     outs = [(grouped((rows, d), (rows, groups, 8, 2)), jnp.bfloat16)]
-  elif out == "amax":  # one row per CTA, as the scales below
-    outs = [(grouped((rows * groups,), (rows, groups)), jnp.float32)]
+  elif out == "amax":  # one row per CTA, chunk-major, padded to whole 128-byte copies
+    outs = [(((-(-n_chunks * rows // 32) * 32),), jnp.float32)]
   else:
     # Scales as one row per CTA: the (M, D/16) array's row pitch need not be the multiple
     # of 16 bytes that copies require.
@@ -469,9 +567,9 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   if out == "bf16":
     return call(None, out="bf16", chunk=chunk)[0].reshape(mp, d)[:m].reshape(x.shape)
   if tensor_scale is None:  # dynamic: amax of the result, then the static pass
-    # The amax launch at the 64-column chunk: wider ones raised IndexError while compiling
-    # on JAX 0.11.2 (H200; they lower on 0.10.2): not diagnosed.
-    amax = call(None, out="amax", chunk=CHUNK)[0].reshape(mp, -1)[:m]
+    n_chunks = d // chunk
+    amax = call(None, out="amax", chunk=chunk)[0][:, :n_chunks * rows]
+    amax = amax.reshape(-1, n_chunks, rows).transpose(0, 2, 1).reshape(mp, n_chunks)[:m]
     s_t = norm.nvfp4_tensor_scale(amax)
   else:
     s_t = norm.static_tensor_scale(tensor_scale)

@@ -1,5 +1,6 @@
 """Gathered norm / quantize reference against pqjax.formats and a direct computation."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,3 +96,20 @@ def test_bad_perm_raises(perm, match):
 def test_bad_shift_raises():
   with pytest.raises(ValueError, match="shift"):
     gn.reference(_x((2, 3, 32)), None, shift=_x((5, 32)))
+
+
+@pytest.mark.parametrize("s_t", [0.01, 2.0**-4, 1 / 3, 3.7e-5, 250.0])
+def test_e4m3_block_scale_matches_formats_at_every_midpoint(s_t):
+  """``amax`` at ``fl(midpoint * d)`` of every E4M3 midpoint, at its float32 neighbours, at
+  the E4M3 values and beyond the range: the kernels' arithmetic rounding equals
+  ``pqjax.formats``' table search."""
+  from pqjax import formats as fmt
+  e4m3 = np.arange(1, 127, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
+  mids = (e4m3[1:] + e4m3[:-1]) / 2
+  d = np.float32(6) * np.float32(s_t)
+  t = np.concatenate([mids, e4m3, [2.0**-12, 2.0**-10, 500.0, 1e4]]).astype(np.float32) * d
+  amax = np.concatenate([t, np.nextafter(t, 0), np.nextafter(t, np.inf), [0.0]])
+  amax = jnp.asarray(amax.astype(np.float32))
+  got = jax.jit(gn.e4m3_block_scale)(amax, jnp.float32(d), jnp.float32(1) / jnp.float32(d))
+  want = jnp.where(amax == 0, 1.0, fmt._nearest_e4m3(amax, jnp.float32(d)))  # noqa: SLF001
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

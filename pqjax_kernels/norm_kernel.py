@@ -70,7 +70,10 @@ _OutKind = Literal["bf16", "nvfp4"]
 KernelKind = Literal["layer", "rms", "none"]
 
 
-_ROW_PREFERENCE = (8, 4, 16)  # fastest first (H200, benchmarks/NOTES_kernels.md)
+# Fastest first (H200, benchmarks/NOTES_kernels.md, version 6): at D = 3072 blocks of 4 rows
+# (98.8 us against 106.7 for 8), at D = 1152 blocks of 8 (18.6 against 19.8).
+_ROW_PREFERENCE = {True: (4, 8, 16), False: (8, 4, 16)}  # key: D >= _WIDE
+_WIDE = 2048
 
 
 def default_chunk(d: int) -> int:
@@ -92,7 +95,7 @@ def default_rows(x, perm=None, *, out: str = "nvfp4", n_vec: int = 0) -> int:
   Small blocks let several CTAs share an SM, so that one's copy overlaps another's
   arithmetic; per-sample adaLN vectors also need T to be a multiple of it.
   """
-  for rows in _ROW_PREFERENCE:
+  for rows in _ROW_PREFERENCE[x.shape[-1] >= _WIDE]:
     if _smem_bytes(x, perm, out, n_vec, rows) <= SMEM_BYTES:
       return rows
   return min(ROW_CHOICES)
@@ -216,6 +219,7 @@ def _quantize_chunk(y, params, interpret: bool):
 # The group amax of a chunk, reduced over (pair, element), lies in this layout: every value
 # on the 8 lanes 8g + p (p = 0..7) that held the group's pairs, in the same registers.
 _GROUP_LAYOUT = _LAYOUT.reduce(3).reduce(2)
+_ROW_LAYOUT = _GROUP_LAYOUT.reduce(1)  # a per-row value (row statistics)
 
 
 def _split_groups(group_shape):
@@ -364,12 +368,13 @@ def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
   return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
 
-def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: str, t: int,
-                 rows: int, chunk: int, hadamard: bool, interpret: bool):
+def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: float, out: str,
+                 t: int, rows: int, chunk: int, hadamard: bool, interpret: bool):
   """Runs the kernel on ``x2 (M, D)`` (M a multiple of ``rows``); returns its outputs
-  (row-major, in the kernel's array shapes). ``out="amax"``: the float32 amax of the result
-  per row and chunk, ``(M/rows, >= D/chunk * rows)`` (chunk-major in each block), instead of
-  codes and scales (dynamic scale)."""
+  (row-major, in the kernel's array shapes). ``out="amax"``: instead of codes and scales
+  (dynamic scale), one float32 row per CTA holding the amax of the result per row and chunk
+  (chunk-major, ``D/chunk * rows``), then the row means and reciprocal standard deviations
+  (``rows`` each), which a later call takes as ``stats`` instead of computing them again."""
   m, d = x2.shape
   groups, gc = d // 16, chunk // 16
   n_chunks = d // chunk
@@ -390,11 +395,13 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
     x_gmem = next(it)
     vec_gmem = next(it) if n_vec else None
     par_gmem = next(it) if out == "nvfp4" else None  # (s_t, 6 s_t, 1 / (6 s_t))
+    stats_gmem = next(it) if stats is not None else None
     perm_gmem = next(it) if perm is not None else None
     out_gmems = [next(it) for _ in range(2 if out == "nvfp4" else 1)]
     x_smem = next(it)
     vec_smem = next(it) if n_vec else None
     par_smem = next(it) if out == "nvfp4" else None
+    stats_smem = next(it) if stats is not None else None
     perm_smem = next(it) if perm is not None else None
     out_smems = [x_smem] if in_place else [next(it) for _ in out_gmems]
     bar = next(it)
@@ -406,6 +413,8 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
       plgpu.copy_gmem_to_smem(vec_gmem.at[blk * rows // t], vec_smem, bar, **copy)
     if par_gmem is not None:
       plgpu.copy_gmem_to_smem(par_gmem, par_smem, bar, **copy)
+    if stats_gmem is not None:
+      plgpu.copy_gmem_to_smem(stats_gmem.at[blk], stats_smem, bar, **copy)
     if perm_gmem is not None:
       plgpu.copy_gmem_to_smem(perm_gmem, perm_smem, bar, **copy)
     plgpu.barrier_wait(bar)
@@ -432,12 +441,18 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
       return lax.fori_loop(1, n_chunks, lambda c, acc: acc + _row_sum(fn(load(c))),
                            _row_sum(fn(load(0))))
 
+    # Row statistics: computed (two passes), or those an amax call computed.
+    at_stats = n_chunks * rows  # where they follow the amax in the "amax" output row
+    saved = lambda j: lc(stats_smem.at[pl.ds(at_stats + j * rows, rows)][...],  # noqa: E731
+                         _ROW_LAYOUT)
     if kind == "layer":
-      mean = accumulate(lambda v: v) / jnp.float32(d)
+      mean = saved(0) if stats is not None else accumulate(lambda v: v) / jnp.float32(d)
       centred = lambda v: v - _bcast(mean, rows_shape, (0,), interpret)  # noqa: E731
     else:
       centred = lambda v: v  # noqa: E731
-    if kind != "none":
+    if kind != "none" and stats is not None:
+      rstd = saved(1)
+    elif kind != "none":
       var = accumulate(lambda v: centred(v) * centred(v)) / jnp.float32(d)
       rstd = lax.rsqrt(var + jnp.float32(eps))
 
@@ -469,6 +484,10 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
         view(out_smems[0], (rows, groups, 8)).at[:, cols][...] = packed.astype(jnp.uint8)
         view(out_smems[1], (rows, groups)).at[:, cols][...] = s_b
 
+    if out == "amax" and kind != "none":
+      if kind == "layer":
+        out_smems[0].at[pl.ds(at_stats, rows)][...] = mean
+      out_smems[0].at[pl.ds(at_stats + rows, rows)][...] = rstd
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smems[0], out_gmems[0].at[
         blk if out == "amax" else pl.ds(blk * rows, rows)])
@@ -478,8 +497,8 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
 
   if out == "bf16":
     outs = [(grouped((rows, d), (rows, groups, 8, 2)), jnp.bfloat16)]
-  elif out == "amax":  # one row per CTA, chunk-major, padded to whole 128-byte copies
-    outs = [(((-(-n_chunks * rows // 32) * 32),), jnp.float32)]
+  elif out == "amax":  # one row per CTA, padded to whole 128-byte copies
+    outs = [(((-(-(n_chunks + 2) * rows // 32) * 32),), jnp.float32)]
   else:
     # Scales as one row per CTA: the (M, D/16) array's row pitch need not be the multiple
     # of 16 bytes that copies require.
@@ -497,6 +516,9 @@ def _kernel_call(x2, vecs, params, *, perm, kind: str, flags, eps: float, out: s
   if out == "nvfp4":
     args.append(params)
     scratch.append(plgpu.SMEM(params.shape, jnp.float32))
+  if stats is not None:
+    args.append(stats)
+    scratch.append(plgpu.SMEM(stats.shape[1:], jnp.float32))
   if perm is not None:
     args.append(perm)
     scratch.append(plgpu.SMEM(perm.shape, jnp.int32))
@@ -568,16 +590,17 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
     return call(None, out="bf16", chunk=chunk)[0].reshape(mp, d)[:m].reshape(x.shape)
   if tensor_scale is None:  # dynamic: amax of the result, then the static pass
     n_chunks = d // chunk
-    amax = call(None, out="amax", chunk=chunk)[0][:, :n_chunks * rows]
-    amax = amax.reshape(-1, n_chunks, rows).transpose(0, 2, 1).reshape(mp, n_chunks)[:m]
-    s_t = norm.nvfp4_tensor_scale(amax)
+    stats = call(None, out="amax", chunk=chunk)[0]
+    amax = stats[:, :n_chunks * rows].reshape(-1, n_chunks, rows).transpose(0, 2, 1)
+    s_t = norm.nvfp4_tensor_scale(amax.reshape(mp, n_chunks)[:m])  # padded rows left out
+    stats = None if kind == "none" else stats  # the quantize pass reuses the row statistics
   else:
-    s_t = norm.static_tensor_scale(tensor_scale)
+    s_t, stats = norm.static_tensor_scale(tensor_scale), None
   d6 = jnp.float32(norm._E2M1_MAX) * s_t  # noqa: SLF001
   # Copies move whole multiples of 128 bytes (one per thread of the warpgroup): pad.
   params = jnp.zeros((32,), jnp.float32).at[:3].set(jnp.stack([s_t, d6, 1.0 / d6]))
   codes, scales = (o.reshape(mp, -1)[:m].reshape(*lead, -1)
-                   for o in call(params, out="nvfp4", chunk=chunk))
+                   for o in call(params, stats, out="nvfp4", chunk=chunk))
   return norm.NVFP4Activation(codes, scales, s_t)
 
 

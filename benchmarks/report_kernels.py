@@ -1,7 +1,8 @@
 """Renders a `bench_kernels.py` results JSON as a Markdown table and a speed plot (PNG).
 
 Usage: python benchmarks/report_kernels.py NEW.json [OLDER.json ...] [scaled:OTHER.json ...]
-Writes the PNG beside NEW.json and prints the Markdown table (kernel time, CUPTI median).
+Writes the PNG beside NEW.json and prints the Markdown table (kernel time, CUPTI median);
+a run with gathered-norm rows also gets ``NEW_norm.png`` (XLA vs kernel per variant).
 Shapes NEW did not time, and ``scaled_matmul`` times it skipped (``bench_kernels.py
 --prev``), are taken from the OLDER runs (same device), newest first; the table names the
 file each row comes from. ``scaled:`` files contribute only their ``scaled_matmul`` times.
@@ -74,6 +75,37 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
   fig.savefig(path, dpi=110)
 
 
+# (label, XLA candidate, kernel candidate) of the gathered-norm benchmark.
+NORM_PAIRS = (
+    ("norm static", "gathered_norm_nvfp4_static", "kernel_gathered_nvfp4_static"),
+    ("norm dynamic", "gathered_norm_nvfp4_dynamic", "kernel_gathered_nvfp4_dynamic"),
+    ("norm + Hadamard", "gathered_norm_hadamard_static", "kernel_gathered_hadamard_static"),
+    ("norm bf16 out", "gathered_norm_bf16", "kernel_gathered_bf16"),
+    ("quantize", "gathered_quantize_static", "kernel_gathered_quantize_static"),
+    ("quantize + Hadamard", "gathered_quantize_hadamard_static",
+     "kernel_gathered_quantize_hadamard_static"))
+
+
+def plot_norm(rows: list[dict], title: str, path: Path) -> None:
+  """Kernel time of XLA's fusion and of the Mosaic kernel per gathered-norm variant, with
+  the device copy of the same activations as a floor line, one panel per shape."""
+  fig, axes = plt.subplots(1, len(rows), figsize=(6.0 * len(rows), 3.8), squeeze=False)
+  for ax, r in zip(axes[0], rows):
+    pairs = [p for p in NORM_PAIRS if f"{p[2]}_kernel_us" in r]
+    xs = range(len(pairs))
+    for shift, idx, label in ((-0.2, 1, "XLA fusion"), (0.2, 2, "Mosaic kernel")):
+      ax.bar([x + shift for x in xs], [r[f"{p[idx]}_kernel_us"] for p in pairs], width=0.4,
+             label=label)
+    ax.axhline(r["copy_kernel_us"], color="k", lw=0.8, ls="--", label="copy (read + write)")
+    ax.set_xticks(list(xs), [p[0] for p in pairs], rotation=30, ha="right", fontsize=8)
+    ax.set_title(f"{r['b']} x {r['t']} x {r['d']}, gathered")
+    ax.set_ylabel("kernel time (us)")
+  axes[0][-1].legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def merge(paths: list[Path], scaled_only: list[Path]) -> dict:
   """NEW's results with the rows and scaled_matmul times it lacks from OLDER runs."""
   data = json.loads(paths[0].read_text())
@@ -96,9 +128,13 @@ def merge(paths: list[Path], scaled_only: list[Path]) -> dict:
 def main(argv: list[str]) -> None:
   paths = [Path(a) for a in argv if not a.startswith("scaled:")]
   data = merge(paths, [Path(a[len("scaled:"):]) for a in argv if a.startswith("scaled:")])
-  title = f"W4A4 NVFP4 matmul, {data['device']}, JAX {data['jax_version']}, {data['date']}"
-  plot(data["matmul"], title, paths[0].with_suffix(".png"))
-  print(markdown(data["matmul"]))
+  run = f"{data['device']}, JAX {data['jax_version']}, {data['date']}"
+  if data["matmul"]:
+    plot(data["matmul"], f"W4A4 NVFP4 matmul, {run}", paths[0].with_suffix(".png"))
+    print(markdown(data["matmul"]))
+  if data.get("norm"):
+    plot_norm(data["norm"], f"Gathered norm + NVFP4 quantize, {run}",
+              paths[0].with_name(paths[0].stem + "_norm.png"))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ with ``kind="none"`` those of ``norm.gathered_quantize``. With a static tensor s
 one pass over HBM: each CTA (one warpgroup) copies a block of ``rows`` full rows into shared
 memory with one bulk copy, then makes up to three passes over it in column chunks: the row
 sums (mean), the centred sums of squares (variance, the same two-pass formula as the
-reference), and the output pass (normalize, affine, adaLN, quantize, pack). A dynamic tensor
-scale takes two launches: the first writes the group amax of the result, the second
-quantizes with the scale XLA reduces from it.
+reference), and the output pass (normalize, affine, adaLN, optional block Hadamard, quantize,
+pack). A dynamic tensor scale takes two launches: the first writes the amax of the result per
+row and chunk and the row statistics, the second reuses those statistics and quantizes with
+the scale XLA reduces from the amax.
 
 Register layout: the ``(rows, D)`` block is viewed as ``(rows, D/16, 8, 2)`` (row, 16-wide
 group, pair, element), each thread holding one pair (a 2-vector) of a group per register, a
@@ -16,7 +17,9 @@ warp 64 consecutive columns of one row (see ``_LAYOUT``). The two 4-bit codes of
 byte thus lie in one register: packing is ``sum(code << 4 * element, axis=3)``, a reduction
 along the vector dimension, and the byte array ``(rows, D/16, 8)`` is the packed
 ``(rows, D/2)`` codes in row-major order. Group amax and row sums reduce across lanes
-(shuffles) and chunks.
+(shuffles) and chunks. A group's amax then sits in the same register of its 8 lanes; the
+E4M3 block scale (some 40 instructions) is computed once per group: lane p of the 8 takes
+register p (``_pick_groups``) and index shuffles bring the results back (``_join_groups``).
 
 Gather (``perm``): the statistics are permutation-invariant, so only the output pass
 gathers; the affine/adaLN vectors are gathered outside (they are small). On the GPU each
@@ -203,7 +206,7 @@ def _quantize_chunk(y, params, interpret: bool):
   if interpret:
     s_b = norm.e4m3_block_scale(amax, d, inv_d)
   else:  # once per group instead of on each of the 8 lanes holding it (see _split_groups)
-    per_lane, layout = _split_groups(amax.shape)
+    layout = _split_groups(amax.shape)
     s_b = _join_groups(amax.shape, layout)(
         norm.e4m3_block_scale(_pick_groups(layout)(amax), d, inv_d))
   # Per-group thresholds broadcast to the elements: |y| is compared with them directly.
@@ -223,12 +226,12 @@ _ROW_LAYOUT = _GROUP_LAYOUT.reduce(1)  # a per-row value (row statistics)
 
 
 def _split_groups(group_shape):
-  """A chunk's per-group work spread over the lanes: lane p of each 8 takes the registers
-  p, p + 8, ... of the (identical) group registers, ``per_lane`` of them, as a
-  ``(128 * per_lane,)`` array (only elementwise operations touch it, so which group lands
-  where does not matter)."""
+  """The layout of a chunk's per-group work spread over the lanes: lane p of each 8 takes
+  the registers p, p + 8, ... of the (identical) group registers, as a ``(128 * n,)`` array
+  of n per lane (only elementwise operations touch it, so which group lands where does not
+  matter)."""
   per_lane = max(1, int(np.prod(group_shape)) // 128)
-  return per_lane, plgpu.Layout.WG_STRIDED((128 * per_lane,), vec_size=per_lane)
+  return plgpu.Layout.WG_STRIDED((128 * per_lane,), vec_size=per_lane)
 
 
 def _pick_groups(layout):
@@ -264,6 +267,8 @@ def _join_groups(group_shape, layout):
     i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
     lane = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
     base = arith.andi(lane, mgpu.c(24, i32))  # the first of this lane's 8, within the warp
+    # The builder takes the result type first before jaxlib 0.11, infers it after.
+    infers_type = next(iter(inspect.signature(nvvm.shfl_sync).parameters)) == "thread_mask"
     group_layout = _GROUP_LAYOUT.to_mgpu()
     template = np.empty(group_layout.registers_shape(group_shape), dtype=object)
     [reg] = mine.registers.flat
@@ -274,20 +279,11 @@ def _join_groups(group_shape, layout):
       src = arith.ori(base, mgpu.c(j % 8, i32))
       args = (mgpu.c(0xFFFFFFFF, i32), arith.bitcast(i32, v), src, mgpu.c(0x1F, i32),
               nvvm.ShflKind.idx)
-      # The result type leads the builder's arguments before jaxlib 0.11, not after.
-      got = (nvvm.shfl_sync(*args) if _SHFL_INFERS_TYPE else nvvm.shfl_sync(i32, *args))
+      got = nvvm.shfl_sync(*args) if infers_type else nvvm.shfl_sync(i32, *args)
       out[idx] = _like_group_register(arith.bitcast(f32, got))
     return mgpu.FragmentedArray(_registers=out, _layout=group_layout, _is_signed=None)
   return plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
       group_shape, jnp.float32, _GROUP_LAYOUT))(join)
-
-
-def _shfl_infers_type() -> bool:
-  from jax._src.lib.mlir.dialects import nvvm  # noqa: PLC0415
-  return next(iter(inspect.signature(nvvm.shfl_sync).parameters)) == "thread_mask"
-
-
-_SHFL_INFERS_TYPE = _shfl_infers_type()
 
 
 def _scalar(reg):
@@ -554,11 +550,11 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
     tensor_scale: NVFP4 static tensor scale (float32 scalar): one pass over x. None: dynamic,
       a first pass of the same kernel writes the group amax of the result, XLA reduces it to
       the tensor scale, and a second pass quantizes.
+    hadamard: rotate each 16-group by ``norm.hadamard_16()`` before quantizing (needs
+      ``out="nvfp4"``; a dynamic tensor scale is the amax of the rotated values).
     rows: rows per CTA (``ROW_CHOICES``); None picks ``default_rows``.
     chunk: columns per register chunk (``CHUNK_CHOICES``; D must be a multiple); None picks
       ``default_chunk``.
-    hadamard: rotate each 16-group by ``norm.hadamard_16()`` before quantizing (needs
-      ``out="nvfp4"``; a dynamic tensor scale is the amax of the rotated values).
     interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
 
   Returns:

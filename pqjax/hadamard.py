@@ -66,7 +66,7 @@ def block_hadamard(x: ArrayLike, group_size: int, axis: int = -1) -> jax.Array:
     raise ValueError(f"axis {axis} of shape {x.shape} has length {length}, not divisible by "
                      f"group_size {group_size}")
   y = jnp.moveaxis(x, axis, -1).astype(jnp.float32)
-  # The butterfly (log2 G passes of a + b, a - b) instead of a product with ``hadamard_matrix``: exact
+  # The butterfly (log2 G passes of a + b, a - b) rather than a product with the matrix:
   # float32 additions in a fixed order, which the Pallas kernel repeats bit for bit
   # (``pqjax_kernels.norm.walsh_hadamard``, whose order this matches), and fewer flops.
   shape, half = y.shape, 1

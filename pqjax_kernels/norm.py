@@ -11,12 +11,12 @@ into a couple of fusions, and it is the definition the Mosaic GPU kernel
 (``pqjax_kernels.norm_kernel``, what ``pqjax.dispatch`` runs on Hopper) is tested against.
 
 The NVFP4 arithmetic is ``pqjax.formats.quantize``'s, bit for bit on finite input (both
-round the exact quotients, ties to even): ``s_t = max(fl(amax * fl(1/2688)), 2**-117)`` (1
-for an all-zero tensor); ``s_b`` the E4M3 value in ``[2**-9, 448]`` nearest
-``amax_b / fl(6 s_t)`` (1 for an all-zero group), decided by comparing ``amax_b`` with
-``fl(midpoint * fl(6 s_t))`` for the E4M3 midpoints on either side of a first guess; the
-code of ``x`` counts the E2M1 boundaries ``b`` with ``|x|`` above ``fl(b * fl(s_b s_t))``
-(at or above where a tie goes up). Comparing with products instead of rounding a computed
+decide each rounding by comparing with rounded products, ties to even):
+``s_t = max(fl(amax * fl(1/2688)), 2**-117)`` (1 for an all-zero tensor); ``s_b`` the E4M3
+value in ``[2**-9, 448]`` nearest ``amax_b / fl(6 s_t)`` (1 for an all-zero group), decided
+by comparing ``amax_b`` with ``fl(midpoint * fl(6 s_t))`` for the E4M3 midpoint beside a first
+guess; the code of ``x`` counts the E2M1 boundaries ``b`` with ``|x|`` above
+``fl(b * fl(s_b s_t))`` (at or above where a tie goes up). Comparing with products instead of rounding a computed
 quotient is what makes the two agree at exact rounding midpoints, which are common with bf16
 activations and a round static tensor scale (amax 1.5 and ``s_t = 0.01``: 25 lies between
 the E4M3 values 24 and 26 and goes to 24).

@@ -4,7 +4,9 @@
 
 Times (median of 10 calls, per weight buffer) XLA bf16 in both weight layouts, our "xla"
 method for W4A4 and W4A16, the weight decode alone, the activation decode alone, and lists
-each kernel of our call by name; writes ``diag_large_m.json`` and the optimized HLO.
+each kernel of our call by name, and the whole W4A4 call from bf16 activations with the
+activation quantize by XLA or by the norm kernel (in order, gathered, gathered + block
+Hadamard); writes ``diag_large_m.json`` and the optimized HLO.
 """
 
 from __future__ import annotations
@@ -80,6 +82,16 @@ def main():
     cands["e2e_kernel_quantize"] = (jax.jit(lambda a, ps: [fm.fp4_matmul(
         q.codes, p, a_scales=q.scales, a_tensor_scale=q.tensor_scale, method="xla")
         for p in ps for q in [nk.norm_quantize(a, kind="none", tensor_scale=ts)]]), (a, pws))
+    # The quantize of a gathered (and rotated) site: XLA's fusion or the norm kernel.
+    perm = jax.random.permutation(jax.random.fold_in(key, 7), k).astype(jnp.int32)
+    for rot in (False, True):
+      for name, quant in (("jnp", lambda a, p, r=rot: gn.gathered_quantize(
+          a, p, tensor_scale=ts, hadamard=r)), ("kernel", lambda a, p, r=rot: nk.norm_quantize(
+              a, p, kind="none", tensor_scale=ts, hadamard=r))):
+        cands[f"e2e_{name}_gathered{'_hadamard' * rot}"] = (jax.jit(
+            lambda a, p, ps, quant=quant: [fm.fp4_matmul(
+                q.codes, w, a_scales=q.scales, a_tensor_scale=q.tensor_scale, method="xla")
+                for w in ps for q in [quant(a, p)]]), (a, perm, pws))
     if m <= 256:
       cands["w4a4_kernel"] = (jax.jit(lambda c, s, t, ps: [fm.fp4_matmul(
           c, p, a_scales=s, a_tensor_scale=t, method="kernel") for p in ps]),

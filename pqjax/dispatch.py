@@ -16,8 +16,8 @@ store that beside the ``QTensor`` and pass it as ``linear(..., prepared=...)``, 
 every call re-lays the weights out (an extra XLA pass over the scales per call).
 
 On ``"mosaic"`` running on a GPU, the gathered norm (bf16 in and out) and the NVFP4
-activation quantize of W4A4 linears with an input permutation or a block Hadamard rotation
-(both fused into it) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
+activation quantize of W4A4 linears with a block Hadamard rotation (the input permutation
+fused too) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
 shapes it does not take (D not a multiple of 64, rows that do not fit in shared memory) and
 every other backend use the plain-jnp ``pqjax_kernels.norm`` (XLA fuses it).
 
@@ -145,15 +145,15 @@ def _norm_kernel_runs() -> bool:
 def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP4Activation:
   """NVFP4 of ``x2[:, perm]`` (block-Hadamard rotated if ``rotate``) for a W4A4 kernel call.
 
-  The norm kernel where there is a gather or a rotation to fuse (XLA's gather + quantize:
-  130.8 us at 9216 x 3072 against the kernel's 62.7, H200); a plain quantize in order with
-  XLA's own fusion, which is faster than the kernel (15.8 us at 4608 x 3072 against 35.7,
-  benchmarks/NOTES_kernels.md).
+  The norm kernel where there is a rotation to fuse, else XLA's fusion of gather + quantize,
+  which XLA then fuses with the matmul's activation decode. Whole W4A4 linear, 4608 x 3072 x
+  3072, H200 (``results/diag_large_m_NVIDIA_H200_2026-11-30_v6.json``), XLA / kernel: in
+  order 146.5 / 165.7 us, gathered 158.5 / 170.4, gathered + Hadamard 217.3 / 176.3.
   """
-  if (perm is not None or rotate) and _norm_kernel_runs() and norm_kernel.accepts(
-      x2, perm, kind="none", hadamard=rotate):
+  if rotate and _norm_kernel_runs() and norm_kernel.accepts(x2, perm, kind="none",
+                                                            hadamard=True):
     return norm_kernel.norm_quantize(x2, perm, kind="none", tensor_scale=act_tensor_scale,
-                                     hadamard=rotate)
+                                     hadamard=True)
   return norm.gathered_quantize(x2, perm, tensor_scale=act_tensor_scale, hadamard=rotate)
 
 
@@ -213,7 +213,7 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
                      f"(axis {w.axis})")
   _check_prepared(prepared, w)
   mosaic = backend == "mosaic" and _mosaic_ok(w, act_format)
-  # W4A4 on the mosaic path gathers and rotates inside the activation quantize (the kernel).
+  # W4A4 on the mosaic path gathers and rotates inside the activation quantize.
   fused = mosaic and act_format is not None
   x = _prepare_input(x, w, act_format, in_perm, rotate and not fused, gather=not fused)
   n, k = w.shape

@@ -263,13 +263,13 @@ LOWER_CASES = [  # shape, x dtype, kind, out, vectors, per-sample adaLN, gathere
 @pytest.mark.parametrize("shape,dtype,kind,out,vecs,per_sample,gathered", LOWER_CASES)
 def test_lowers_for_cuda(shape, dtype, kind, out, vecs, per_sample, gathered):
   """The real (non-interpreted) kernel, with its layout casts and inline Mosaic GPU gather
-  (and shuffle Hadamard, for the NVFP4 outputs), lowers to Mosaic GPU."""
+  (and shuffle Hadamard, for the gathered NVFP4 outputs), lowers to Mosaic GPU."""
   x = jax.ShapeDtypeStruct(shape, dtype)
   kw = _vectors(np.random.default_rng(0), shape, per_sample) if vecs else {}
   perm = jax.ShapeDtypeStruct(shape[-1:], jnp.int32) if gathered else None
   ts = jnp.float32(TS) if out == "nvfp4" else None
   f = lambda x, p, kw: nk.norm_quantize(x, p, kind=kind, out=out, tensor_scale=ts,  # noqa: E731
-                                        hadamard=out == "nvfp4", **kw)
+                                        hadamard=out == "nvfp4" and gathered, **kw)
   text = jax.jit(f).trace(x, perm, kw).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 

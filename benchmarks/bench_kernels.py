@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -277,63 +278,56 @@ def bench_norm(results, log, save, shapes, timer, sweep=False):
     xs = [x + i for i in range(r)]
     copy = jax.jit(lambda xs: [xi + 1 for xi in xs])
 
-    def norm_fn(out, ts, impl=gn.gathered_norm, **kw):
+    def norm_fn(out, ts, kernel=False, **kw):
+      impl = nk.norm_quantize if kernel else gn.gathered_norm
       return jax.jit(lambda xs, p: [impl(xi, p, kind="layer", shift=shift, scale=scale,
                                          out=out, tensor_scale=ts, **kw) for xi in xs])
 
     def quant_fn(ts, kernel=False, hadamard=False):
-      if kernel:
-        return jax.jit(lambda xs, p: [nk.norm_quantize(xi, p, kind="none", tensor_scale=ts,
-                                                       hadamard=hadamard) for xi in xs])
-      return jax.jit(lambda xs, p: [gn.gathered_quantize(xi, p, tensor_scale=ts,
-                                                         hadamard=hadamard) for xi in xs])
+      impl = (functools.partial(nk.norm_quantize, kind="none") if kernel
+              else gn.gathered_quantize)
+      return jax.jit(lambda xs, p: [impl(xi, p, tensor_scale=ts, hadamard=hadamard)
+                                    for xi in xs])
 
     ts = jnp.float32(0.01)
     q_bytes = nbytes + nbytes // 4 + nbytes // 16  # read bf16, write 4-bit codes + scales
     row = dict(b=b, t=t, d=d, reps=r)
+    # Each variant once: XLA's candidate, the Mosaic kernel's name (or None), a builder
+    # taking ``kernel``, the arguments and the bytes moved.
+    variants = [
+        ("copy", None, lambda k: copy, (xs,), 2 * nbytes),
+        ("gathered_norm_nvfp4_static", "kernel_gathered_nvfp4_static",
+         lambda k: norm_fn("nvfp4", ts, k), (xs, perm), q_bytes),
+        ("inorder_norm_nvfp4_static", None, lambda k: norm_fn("nvfp4", ts, k), (xs, ident),
+         q_bytes),
+        ("plain_norm_nvfp4_static", "kernel_inorder_nvfp4_static",
+         lambda k: norm_fn("nvfp4", ts, k), (xs, None), q_bytes),
+        ("gathered_norm_nvfp4_dynamic", "kernel_gathered_nvfp4_dynamic",
+         lambda k: norm_fn("nvfp4", None, k), (xs, perm), q_bytes),
+        ("gathered_norm_hadamard_static", "kernel_gathered_hadamard_static",
+         lambda k: norm_fn("nvfp4", ts, k, hadamard=True), (xs, perm), q_bytes),
+        ("gathered_norm_bf16", "kernel_gathered_bf16", lambda k: norm_fn("bf16", None, k),
+         (xs, perm), 2 * nbytes),
+        ("gathered_quantize_static", "kernel_gathered_quantize_static",
+         lambda k: quant_fn(ts, k), (xs, perm), q_bytes),
+        ("plain_quantize_static", "kernel_plain_quantize_static", lambda k: quant_fn(ts, k),
+         (xs, None), q_bytes),
+        ("gathered_quantize_hadamard_static", "kernel_gathered_quantize_hadamard_static",
+         lambda k: quant_fn(ts, k, hadamard=True), (xs, perm), q_bytes),
+        ("plain_quantize_hadamard_static", "kernel_plain_quantize_hadamard_static",
+         lambda k: quant_fn(ts, k, hadamard=True), (xs, None), q_bytes)]
     # name, jitted fn, args, bytes moved, the XLA candidate it must agree with (or None)
-    cands = [
-        ("copy", copy, (xs,), 2 * nbytes, None),
-        ("gathered_norm_nvfp4_static", norm_fn("nvfp4", ts), (xs, perm), q_bytes, None),
-        ("inorder_norm_nvfp4_static", norm_fn("nvfp4", ts), (xs, ident), q_bytes, None),
-        ("plain_norm_nvfp4_static", norm_fn("nvfp4", ts), (xs, None), q_bytes, None),
-        ("gathered_norm_nvfp4_dynamic", norm_fn("nvfp4", None), (xs, perm), q_bytes, None),
-        ("gathered_norm_hadamard_static", norm_fn("nvfp4", ts, hadamard=True), (xs, perm),
-         q_bytes, None),
-        ("gathered_norm_bf16", norm_fn("bf16", None), (xs, perm), 2 * nbytes, None),
-        ("gathered_quantize_static", quant_fn(ts), (xs, perm), q_bytes, None),
-        ("plain_quantize_static", quant_fn(ts), (xs, None), q_bytes, None),
-        ("gathered_quantize_hadamard_static", quant_fn(ts, hadamard=True), (xs, perm),
-         q_bytes, None),
-        ("plain_quantize_hadamard_static", quant_fn(ts, hadamard=True), (xs, None), q_bytes,
-         None)]
-    cands += [
-        ("kernel_gathered_nvfp4_static", norm_fn("nvfp4", ts, nk.norm_quantize), (xs, perm),
-         q_bytes, "gathered_norm_nvfp4_static"),
-        ("kernel_inorder_nvfp4_static", norm_fn("nvfp4", ts, nk.norm_quantize), (xs, None),
-         q_bytes, "plain_norm_nvfp4_static"),
-        ("kernel_gathered_nvfp4_dynamic", norm_fn("nvfp4", None, nk.norm_quantize),
-         (xs, perm), q_bytes, "gathered_norm_nvfp4_dynamic"),
-        ("kernel_gathered_hadamard_static", norm_fn("nvfp4", ts, nk.norm_quantize,
-                                                    hadamard=True), (xs, perm), q_bytes,
-         "gathered_norm_hadamard_static"),
-        ("kernel_gathered_bf16", norm_fn("bf16", None, nk.norm_quantize), (xs, perm),
-         2 * nbytes, "gathered_norm_bf16"),
-        ("kernel_gathered_quantize_static", quant_fn(ts, kernel=True), (xs, perm), q_bytes,
-         "gathered_quantize_static"),
-        ("kernel_plain_quantize_static", quant_fn(ts, kernel=True), (xs, None), q_bytes,
-         "plain_quantize_static"),
-        ("kernel_gathered_quantize_hadamard_static", quant_fn(ts, kernel=True, hadamard=True),
-         (xs, perm), q_bytes, "gathered_quantize_hadamard_static"),
-        ("kernel_plain_quantize_hadamard_static", quant_fn(ts, kernel=True, hadamard=True),
-         (xs, None), q_bytes, "plain_quantize_hadamard_static")]
+    cands = [(name, build(False), args, moved, None)
+             for name, _, build, args, moved in variants]
+    cands += [(kname, build(True), args, moved, name)
+              for name, kname, build, args, moved in variants if kname]
     for rows in nk.ROW_CHOICES if sweep else ():
       cands.append((f"kernel_gathered_nvfp4_static_r{rows}",
-                    norm_fn("nvfp4", ts, nk.norm_quantize, rows=rows), (xs, perm), q_bytes,
+                    norm_fn("nvfp4", ts, True, rows=rows), (xs, perm), q_bytes,
                     "gathered_norm_nvfp4_static"))
     for chunk in nk.CHUNK_CHOICES if sweep else ():
       cands.append((f"kernel_gathered_nvfp4_static_r8_c{chunk}",
-                    norm_fn("nvfp4", ts, nk.norm_quantize, rows=8, chunk=chunk), (xs, perm),
+                    norm_fn("nvfp4", ts, True, rows=8, chunk=chunk), (xs, perm),
                     q_bytes, "gathered_norm_nvfp4_static"))
     fns = {c[0]: c[1] for c in cands}
     for name, fn, args, moved, ref_name in cands:

@@ -12,6 +12,7 @@ Hadamard); writes ``diag_large_m.json`` and the optimized HLO.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -76,22 +77,18 @@ def main():
             c, s, 16, "nvfp4", scale=1.0) for _ in range(REPS)]), (qa.codes, qa.scales)),
     }
     ts = qa.tensor_scale
-    cands["e2e_jnp_quantize"] = (jax.jit(lambda a, ps: [fm.fp4_matmul(
-        q.codes, p, a_scales=q.scales, a_tensor_scale=q.tensor_scale, method="xla")
-        for p in ps for q in [gn.quantize_nvfp4(a, ts)]]), (a, pws))
-    cands["e2e_kernel_quantize"] = (jax.jit(lambda a, ps: [fm.fp4_matmul(
-        q.codes, p, a_scales=q.scales, a_tensor_scale=q.tensor_scale, method="xla")
-        for p in ps for q in [nk.norm_quantize(a, kind="none", tensor_scale=ts)]]), (a, pws))
-    # The quantize of a gathered (and rotated) site: XLA's fusion or the norm kernel.
+    # The whole linear from bf16 activations, quantized by XLA's fusion or by the norm kernel,
+    # in order, gathered, and gathered + block Hadamard.
     perm = jax.random.permutation(jax.random.fold_in(key, 7), k).astype(jnp.int32)
-    for rot in (False, True):
-      for name, quant in (("jnp", lambda a, p, r=rot: gn.gathered_quantize(
-          a, p, tensor_scale=ts, hadamard=r)), ("kernel", lambda a, p, r=rot: nk.norm_quantize(
-              a, p, kind="none", tensor_scale=ts, hadamard=r))):
-        cands[f"e2e_{name}_gathered{'_hadamard' * rot}"] = (jax.jit(
-            lambda a, p, ps, quant=quant: [fm.fp4_matmul(
+    for site, p, rot in (("quantize", None, False), ("gathered", perm, False),
+                         ("gathered_hadamard", perm, True)):
+      for name, quant in (("jnp", gn.gathered_quantize),
+                          ("kernel", functools.partial(nk.norm_quantize, kind="none"))):
+        cands[f"e2e_{name}_{site}"] = (jax.jit(
+            lambda a, p, ps, quant=quant, rot=rot: [fm.fp4_matmul(
                 q.codes, w, a_scales=q.scales, a_tensor_scale=q.tensor_scale, method="xla")
-                for w in ps for q in [quant(a, p)]]), (a, perm, pws))
+                for w in ps for q in [quant(a, p, tensor_scale=ts, hadamard=rot)]]),
+            (a, p, pws))
     if m <= 256:
       cands["w4a4_kernel"] = (jax.jit(lambda c, s, t, ps: [fm.fp4_matmul(
           c, p, a_scales=s, a_tensor_scale=t, method="kernel") for p in ps]),

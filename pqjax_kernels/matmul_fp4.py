@@ -36,7 +36,8 @@ Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
 ``"xla"`` (large M, compute-bound): one elementwise XLA pass decodes the weights to exact
 bf16 (~4.5 + 16 bits per weight moved), another the activations times both tensor scales
 (one bf16 rounding each, relative <= 2**-8), then XLA's bf16 GEMM (cuBLAS, float32
-accumulation) writes the output dtype itself: no float32 product and no scaling pass. ``"kernel"``: the fused kernel above (memory-bound small M).
+accumulation) writes the output dtype itself: no float32 product and no scaling pass.
+``"kernel"``: the fused kernel above (memory-bound small M).
 
 ``prepare_weights`` does the one-time re-layout (int4 view of the codes and the scales, cut
 into contiguous tiles); call it once at quantize time and pass the result as ``w_codes``

@@ -16,10 +16,10 @@ decide each rounding by comparing with rounded products, ties to even):
 value in ``[2**-9, 448]`` nearest ``amax_b / fl(6 s_t)`` (1 for an all-zero group), decided
 by comparing ``amax_b`` with ``fl(midpoint * fl(6 s_t))`` for the E4M3 midpoint beside a first
 guess; the code of ``x`` counts the E2M1 boundaries ``b`` with ``|x|`` above
-``fl(b * fl(s_b s_t))`` (at or above where a tie goes up). Comparing with products instead of rounding a computed
-quotient is what makes the two agree at exact rounding midpoints, which are common with bf16
-activations and a round static tensor scale (amax 1.5 and ``s_t = 0.01``: 25 lies between
-the E4M3 values 24 and 26 and goes to 24).
+``fl(b * fl(s_b s_t))`` (at or above where a tie goes up). Comparing with products instead
+of rounding a computed quotient is what makes the two agree at exact rounding midpoints,
+which are common with bf16 activations and a round static tensor scale (amax 1.5 and
+``s_t = 0.01``: 25 lies between the E4M3 values 24 and 26 and goes to 24).
 
 The E4M3 rounding of ``s_b`` is float32/int32 arithmetic, never a convert to float8 and
 back: XLA's GPU pipeline (``simplify-fp-conversions``) rewrites a ``f32 -> f8 -> f32`` convert
@@ -34,7 +34,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 NormKind = Literal["layer", "rms"]
 OutKind = Literal["bf16", "nvfp4"]
@@ -61,14 +60,6 @@ class NVFP4Activation:
 
 jax.tree_util.register_dataclass(
     NVFP4Activation, data_fields=["codes", "scales", "tensor_scale"], meta_fields=[])
-
-
-def hadamard_16() -> np.ndarray:
-  """Orthonormal 16x16 Sylvester Hadamard matrix (symmetric, its own inverse)."""
-  h = np.array([[1.0]], np.float32)
-  for _ in range(4):
-    h = np.block([[h, h], [h, -h]])
-  return (h / 4.0).astype(np.float32)
 
 
 def _check_perm(perm, d: int) -> None:
@@ -245,7 +236,7 @@ def walsh_hadamard(y: jax.Array, n: int) -> jax.Array:
 
 
 def block_hadamard(y: jax.Array) -> jax.Array:
-  """Applies the orthonormal 16x16 Hadamard ``hadamard_16()`` inside each 16-wide group of
+  """Applies the orthonormal 16x16 Sylvester Hadamard matrix inside each 16-wide group of
   the last axis: the butterfly ``walsh_hadamard(y, 16)``, then the exact scaling by 1/4."""
   return walsh_hadamard(y, GROUP) * jnp.float32(0.25)
 
@@ -274,7 +265,7 @@ def reference(x: jax.Array, perm: jax.Array | None, *, kind: NormKind = "layer",
     eps: variance epsilon.
     out: ``"bf16"`` (array in ``out_dtype``) or ``"nvfp4"`` (``NVFP4Activation``).
     tensor_scale: NVFP4 static tensor scale; None computes it from the result (dynamic).
-    hadamard: rotate each 16-group with ``hadamard_16()`` before quantizing.
+    hadamard: rotate each 16-group with ``block_hadamard`` before quantizing.
     out_dtype: dtype of the ``"bf16"`` output.
 
   Returns:

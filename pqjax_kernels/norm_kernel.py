@@ -243,12 +243,12 @@ def _pick_groups(layout):
     i32 = ir.IntegerType.get_signless(32)
     p = arith.andi(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)), mgpu.c(7, i32))
     regs = [_scalar(r) for r in amax.registers.flat]
+    is_p = [arith.cmpi(arith.CmpIPredicate.eq, p, mgpu.c(j, i32)) for j in range(8)]
     mine = []
     for i in range(layout.to_mgpu().vec_size):
       v = regs[(8 * i) % len(regs)]
       for j in range(1, 8):
-        is_j = arith.cmpi(arith.CmpIPredicate.eq, p, mgpu.c(j, i32))
-        v = arith.select(is_j, regs[(8 * i + j) % len(regs)], v)
+        v = arith.select(is_p[j], regs[(8 * i + j) % len(regs)], v)
       mine.append(v)
     reg = vector.from_elements(ir.VectorType.get((len(mine),), mine[0].type), mine)
     return mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
@@ -270,10 +270,9 @@ def _join_groups(group_shape, layout):
     # The builder takes the result type first before jaxlib 0.11, infers it after.
     infers_type = next(iter(inspect.signature(nvvm.shfl_sync).parameters)) == "thread_mask"
     group_layout = _GROUP_LAYOUT.to_mgpu()
-    template = np.empty(group_layout.registers_shape(group_shape), dtype=object)
     [reg] = mine.registers.flat
-    out = np.empty_like(template)
-    for j, idx in enumerate(np.ndindex(template.shape)):
+    out = np.empty(group_layout.registers_shape(group_shape), dtype=object)
+    for j, idx in enumerate(np.ndindex(out.shape)):
       v = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get(
           [j // 8]))
       src = arith.ori(base, mgpu.c(j % 8, i32))
@@ -315,15 +314,16 @@ def _hadamard_registers(y):
   i32 = ir.IntegerType.get_signless(32)
   lane = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
   at = lambda i: ir.DenseI64ArrayAttr.get([i])  # noqa: E731
+  # Per stage, whether this lane holds the upper element (its lane bit is set).
+  upper = {dist: arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, mgpu.c(dist, i32)),
+                            mgpu.c(0, i32)) for dist in (1, 2, 4)}
   out = np.empty_like(y.registers)
   for idx, reg in np.ndenumerate(y.registers):
     a, b = (vector.extract(reg, dynamic_position=[], static_position=at(i)) for i in (0, 1))
     pair = vector.from_elements(reg.type, [arith.addf(a, b), arith.subf(a, b)])
-    for dist in (1, 2, 4):
+    for dist, is_upper in upper.items():
       other = mgpu.utils.shfl_bfly(pair, dist)
-      upper = arith.cmpi(arith.CmpIPredicate.ne,
-                         arith.andi(lane, mgpu.c(dist, i32)), mgpu.c(0, i32))
-      pair = arith.select(upper, arith.subf(other, pair), arith.addf(pair, other))
+      pair = arith.select(is_upper, arith.subf(other, pair), arith.addf(pair, other))
     out[idx] = pair
   return mgpu.FragmentedArray(_registers=out, _layout=y.layout, _is_signed=None)
 
@@ -550,7 +550,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
     tensor_scale: NVFP4 static tensor scale (float32 scalar): one pass over x. None: dynamic,
       a first pass of the same kernel writes the group amax of the result, XLA reduces it to
       the tensor scale, and a second pass quantizes.
-    hadamard: rotate each 16-group by ``norm.hadamard_16()`` before quantizing (needs
+    hadamard: rotate each 16-group by ``norm.block_hadamard`` before quantizing (needs
       ``out="nvfp4"``; a dynamic tensor scale is the amax of the rotated values).
     rows: rows per CTA (``ROW_CHOICES``); None picks ``default_rows``.
     chunk: columns per register chunk (``CHUNK_CHOICES``; D must be a multiple); None picks

@@ -76,6 +76,13 @@ def _assert_within_rounding(got, ref, out):
     assert np.mean(_bits(got.scales) != _bits(ref.scales)) <= 1e-3
 
 
+def _assert_nvfp4_equal(got, ref):
+  """Codes, scale bytes and tensor scale of two ``NVFP4Activation`` equal bit for bit."""
+  np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
+  np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+  assert float(got.tensor_scale) == float(ref.tensor_scale)
+
+
 def _bits(a):
   return np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint8 if a.dtype.itemsize == 1
                                                  else jnp.uint16))
@@ -100,9 +107,7 @@ class TestInterpreter:
                      rows=rows)
     assert got.codes.shape == ref.codes.shape and got.codes.dtype == jnp.uint8
     assert got.scales.shape == ref.scales.shape and got.scales.dtype == jnp.float8_e4m3fn
-    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
-    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
-    assert float(got.tensor_scale) == float(ref.tensor_scale)
+    _assert_nvfp4_equal(got, ref)
 
   @pytest.mark.parametrize("shape,dtype,kind,vecs,per_sample,rows", CASES)
   def test_bf16_bit_exact(self, shape, dtype, kind, vecs, per_sample, rows):
@@ -125,8 +130,7 @@ class TestInterpreter:
     if out == "bf16":
       np.testing.assert_array_equal(_bits(got), _bits(ref))
     else:
-      np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
-      np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+      _assert_nvfp4_equal(got, ref)
 
   @pytest.mark.parametrize("gathered", [False, True])
   @pytest.mark.parametrize("dynamic", [False, True])
@@ -138,9 +142,7 @@ class TestInterpreter:
     x = jnp.asarray(rng.standard_normal(shape) * 3, jnp.bfloat16)
     perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
     got, ref = _call(x, "none", "nvfp4", {}, perm, rows=16, dynamic=dynamic)
-    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
-    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
-    assert float(got.tensor_scale) == float(ref.tensor_scale)
+    _assert_nvfp4_equal(got, ref)
 
   @pytest.mark.parametrize("kind,dynamic", [("none", False), ("none", True), ("layer", False),
                                             ("layer", True)])
@@ -160,9 +162,7 @@ class TestInterpreter:
     got, ref = _call(x, kind, "nvfp4", vecs, perm, rows=8, dynamic=dynamic, hadamard=True)
     unrotated = _call(x, kind, "nvfp4", vecs, perm, rows=8, dynamic=dynamic)[1]
     assert np.mean(np.asarray(ref.codes) != np.asarray(unrotated.codes)) > 0.5  # it rotates
-    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
-    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
-    assert float(got.tensor_scale) == float(ref.tensor_scale)
+    _assert_nvfp4_equal(got, ref)
 
   @pytest.mark.parametrize("chunk", [128, 256])
   def test_wide_chunks_bit_exact(self, chunk):
@@ -171,8 +171,7 @@ class TestInterpreter:
     x = _exact_x(rng, shape, "layer", jnp.bfloat16)
     perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32)
     got, ref = _call(x, "layer", "nvfp4", _vectors(rng, shape, True), perm, chunk=chunk)
-    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
-    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+    _assert_nvfp4_equal(got, ref)
 
   def test_dynamic_scale_bit_exact(self):
     """Dynamic tensor scale: the amax pass and the quantize pass, on exact-sum data."""
@@ -180,9 +179,7 @@ class TestInterpreter:
     rng = np.random.default_rng(12)
     x = _exact_x(rng, shape, "layer", jnp.bfloat16)
     got, ref = _call(x, "layer", "nvfp4", _vectors(rng, shape, True), rows=8, dynamic=True)
-    assert float(got.tensor_scale) == float(ref.tensor_scale)
-    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
-    np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
+    _assert_nvfp4_equal(got, ref)
 
   @pytest.mark.parametrize("kind", ["layer", "rms"])
   def test_random_data_within_rounding(self, kind):
@@ -240,9 +237,7 @@ class TestGPU:
     vecs = {} if kind == "none" else _vectors(rng, shape, True)
     got, ref = _call(x, kind, "nvfp4", vecs, perm, gpu=True, dynamic=dynamic, hadamard=True)
     if kind == "none":
-      np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
-      np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
-      assert float(got.tensor_scale) == float(ref.tensor_scale)
+      _assert_nvfp4_equal(got, ref)
     else:
       _assert_within_rounding(got, ref, "nvfp4")
 

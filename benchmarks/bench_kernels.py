@@ -104,82 +104,57 @@ def _ours(method, config=None, interpret=False):
   return jax.jit(f)
 
 
-def _stream_only(pw, at, k_splits, tile_m):
-  """Diagnostic: the kernel's TMA pipeline over the same tiles with an empty body (the
-  ceiling its memory access pattern allows)."""
+def _stream_only(pw, at, config):
+  """Diagnostic: the kernel's memory traffic with an empty body (the activation slice loaded
+  once per CTA, then its weight tiles through the same TMA pipeline): the ceiling its access
+  pattern allows."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
   n, k = pw.shape
-  g = pw.group_size
-  steps = k // fm.TILE_K // k_splits
+  tm, tiles, tk = config.tile_m, config.tiles_per_cta, fm.TILE_K
+  steps = k // tk // config.k_splits
 
-  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem):
+  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, act_smem, barrier):
     ni, mi, si = (jax.lax.axis_index(a) for a in ("n", "m", "s"))
-    step_sl = pl.ds(si * steps, steps)
+    for j in range(steps):
+      plgpu.copy_gmem_to_smem(at_gmem.at[pl.ds((si * steps + j) * tk, tk), pl.ds(mi * tm, tm)],
+                              act_smem.at[j], barrier.at[0])
+    sl = (pl.ds(ni * tiles, tiles), pl.ds(si * steps, steps))
+
+    def body(idx, *_):
+      @pl.when((idx[0] == 0) & (idx[1] == 0))
+      def _():
+        plgpu.barrier_wait(barrier.at[0])
+
     plgpu.emit_pipeline(
-        lambda *_: None, grid=(steps,), max_concurrent_steps=4,
-        in_specs=[plgpu.BlockSpec((fm.TILE_K, tile_m), lambda kk: (kk, 0),
-                                  transforms=fm._swz(fm._SWIZZLE)),
-                  plgpu.BlockSpec((1, fm.TILE_N, fm.TILE_K), lambda kk: (kk, 0, 0),
+        body, grid=(tiles, steps), max_concurrent_steps=config.max_concurrent_steps,
+        in_specs=[plgpu.BlockSpec((1, 1, fm.TILE_N, tk), lambda t, kk: (t, kk, 0, 0),
                                   transforms=fm._CODES_TRANSFORMS),
-                  plgpu.BlockSpec((1, fm.TILE_K // g, fm.TILE_N), lambda kk: (kk, 0, 0))])(
-        at_gmem.at[pl.ds(si * steps * fm.TILE_K, steps * fm.TILE_K), pl.ds(mi * tile_m, tile_m)],
-        wq_gmem.at[ni, step_sl], ws_gmem.at[ni, step_sl])
+                  plgpu.BlockSpec((1, 1, tk // pw.group_size, fm.TILE_N),
+                                  lambda t, kk: (t, kk, 0, 0))])(
+        wq_gmem.at[sl], ws_gmem.at[sl])
 
-  call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((8,), jnp.float32),
-                      grid=(n // fm.TILE_N, at.shape[1] // tile_m, k_splits),
-                      grid_names=("n", "m", "s"))
+  call = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((8,), jnp.float32),
+      grid=(n // fm.TILE_N // tiles, at.shape[1] // tm, config.k_splits),
+      grid_names=("n", "m", "s"),
+      scratch_types=[plgpu.SMEM((steps, tk, tm), at.dtype, transforms=fm._swz(fm._SWIZZLE)),
+                     plgpu.Barrier(num_arrivals=steps, num_barriers=1)])
   return call(at, pw.codes, pw.scales_t)
-
-
-def _stream_variant(codes_u8, scales_t, at, k_splits, tile_m, with_a: bool, tiles: int):
-  """Diagnostic: a TMA pipeline with an empty body over the weight tiles read as contiguous
-  ``(16, 256)`` byte boxes (256-byte rows instead of 64), ``tiles`` K tiles per step, with or
-  without the activation tiles: which of box shape, step size and A traffic limits the
-  stream."""
-  import jax.experimental.pallas as pl
-  import jax.experimental.pallas.mosaic_gpu as plgpu
-  nt, kt = codes_u8.shape[:2]
-  steps = kt // k_splits // tiles
-  tk = fm.TILE_K * tiles
-
-  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem):
-    ni, mi, si = (jax.lax.axis_index(a) for a in ("n", "m", "s"))
-    step_sl = pl.ds(si * steps * tiles, steps * tiles)
-    specs = [plgpu.BlockSpec((tiles, 16, 256), lambda kk: (kk, 0, 0)),
-             plgpu.BlockSpec((tiles, scales_t.shape[2], fm.TILE_N), lambda kk: (kk, 0, 0))]
-    refs = [wq_gmem.at[ni, step_sl], ws_gmem.at[ni, step_sl]]
-    if with_a:
-      specs.append(plgpu.BlockSpec((tk, tile_m), lambda kk: (kk, 0),
-                                   transforms=fm._swz(fm._SWIZZLE)))
-      refs.append(at_gmem.at[pl.ds(si * steps * tk, steps * tk), pl.ds(mi * tile_m, tile_m)])
-    plgpu.emit_pipeline(lambda *_: None, grid=(steps,), max_concurrent_steps=4,
-                        in_specs=specs)(*refs)
-
-  call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((8,), jnp.float32),
-                      grid=(nt, at.shape[1] // tile_m, k_splits), grid_names=("n", "m", "s"))
-  return call(at, codes_u8, scales_t)
-
-
-def _byte_tiles(pw):
-  """``pw.codes`` (int4 ``(N/64, K/128, 64, 128)``) as the same bytes, ``(.., 16, 256)``."""
-  b = jax.lax.bitcast_convert_type(pw.codes.reshape(*pw.codes.shape[:3], 64, 2), jnp.uint8)
-  return b.reshape(*pw.codes.shape[:2], 16, 256)
 
 
 def _candidates(m, n, k, interpret):
   """Our W4A4 candidates for this M: name -> (method, config)."""
   c = {"ours_w4a4_xla": ("xla", None)}
-  if m <= 256:
-    c["ours_w4a4_kernel"] = ("kernel", fm.default_config(m, n, k))
-  if m <= 64:
-    for occ in (2, 4):
-      c[f"ours_w4a4_kernel_occ{occ}"] = ("kernel", fm.default_config(m, n, k, ctas_per_sm=occ))
-    cfg = fm.default_config(m, n, k)  # the other activation layout
-    c["ours_w4a4_kernel_" + ("kmajor" if cfg.m_major else "mmajor")] = (
-        "kernel", dataclasses.replace(cfg, m_major=not cfg.m_major))
-  if interpret:  # kernels under the interpreter inside jit hang on the CPU: XLA path only
-    c = {"ours_w4a4_xla": c["ours_w4a4_xla"]}
+  if m <= 64 and not interpret:  # kernels under the interpreter inside jit hang on the CPU
+    seen = set()
+    for kt in (1, 2):  # default_config's tiling, then for other CTAs per SM, per k_tiles
+      for occ in (None, 2, 3, 4):
+        cfg = fm.default_config(m, n, k, ctas_per_sm=occ, k_tiles=kt)
+        if cfg not in seen:
+          seen.add(cfg)
+          c["ours_w4a4_kernel" + ("" if occ is None else f"_occ{occ}")
+            + ("" if kt == 1 else f"_kt{kt}")] = ("kernel", cfg)
   return c
 
 
@@ -213,19 +188,14 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
       if m <= 64 and not interpret:  # diagnostic: the Mosaic kernel alone (no XLA pro/epilogue)
         cfg0 = fm.default_config(m, n, k)
         mp = -(-m // cfg0.tile_m) * cfg0.tile_m
-        at = jnp.pad(fm.dequantize(ac, asc, 1.0, "nvfp4").astype(jnp.float16),
-                     ((0, mp - m), (0, 0))).T
-        cands["diag_kernel_only"] = (jax.jit(lambda at, pws: [
-            fm._kernel_call(at, p, cfg0, False, False) for p in pws]), (at, pws), r4)
+        am = jnp.pad(fm.dequantize(ac, asc, 1.0, "nvfp4").astype(jnp.float16),
+                     ((0, mp - m), (0, 0)))
+        at = am.T
+        cands["diag_kernel_only"] = (jax.jit(lambda am, pws: [
+            fm._kernel_call(am if cfg0.m_major else am.T, p, cfg0, False, cfg0.m_major)
+            for p in pws]), (am, pws), r4)
         cands["diag_stream_only"] = (jax.jit(lambda at, pws: [
-            _stream_only(p, at, cfg0.k_splits, cfg0.tile_m) for p in pws]), (at, pws), r4)
-        bts = [(_byte_tiles(p), p.scales_t) for p in pws]
-        for with_a, tiles in ((True, 1), (False, 1), (True, 2), (False, 2)):
-          if (k // fm.TILE_K // cfg0.k_splits) % tiles == 0:
-            cands[f"diag_stream_bytes_t{tiles}{'' if with_a else '_noA'}"] = (jax.jit(
-                lambda at, bts, wa=with_a, t=tiles: [_stream_variant(
-                    c, sc, at, cfg0.k_splits, cfg0.tile_m, wa, t) for c, sc in bts]),
-                (at, bts), r4)
+            _stream_only(p, at, cfg0) for p in pws]), (at, pws), r4)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
         cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
         if cfg is not None:

@@ -85,6 +85,10 @@ class MatmulConfig:
   Attributes:
     tile_m: activation rows per CTA (wgmma N side), a multiple of 8 (at most 256).
     k_splits: number of CTAs sharing one output tile along K (split-K, partials in float32).
+    tiles_per_cta: weight tiles (of ``TILE_N`` rows) one CTA streams against its
+      activation slice, which it loads into shared memory once.
+    k_tiles: ``TILE_K`` tiles of a weight tile row per pipeline step (one TMA copy of
+      ``k_tiles`` consecutive tiles): fewer, larger copies and less per-step overhead.
     max_concurrent_steps: TMA pipeline depth.
     m_major: keep the activations ``(M, K)`` (TMA rows of ``2 * TILE_K`` bytes) and let the
       ``wgmma`` read B transposed, instead of transposing them to ``(K, M)`` in XLA first
@@ -93,6 +97,8 @@ class MatmulConfig:
 
   tile_m: int = 16
   k_splits: int = 1
+  tiles_per_cta: int = 1
+  k_tiles: int = 1
   max_concurrent_steps: int = 4
   m_major: bool = False
 
@@ -368,29 +374,55 @@ def reference(a, w_codes, w_scales, w_tensor_scale, *, a_scales=None, a_tensor_s
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 
 
-def _splits(ctas: int, k_steps: int, target: int, min_steps: int) -> int:
-  """Smallest split-K dividing ``k_steps`` with ``ctas * s >= target`` (at least
-  ``min_steps`` K steps per split; else the largest such split)."""
-  splits = 1
-  for s in range(1, k_steps + 1):
-    if k_steps % s == 0 and k_steps // s >= min_steps:
-      splits = s
-      if ctas * s >= target:
-        break
-  return splits
+SMEM_BYTES = 227 * 1024  # shared memory per SM (and per CTA) on Hopper
+_STEP_BYTES = TILE_N * TILE_K // 2 + (TILE_K // 16) * TILE_N * 2  # codes + f16 scales
+
+
+def smem_bytes(config: MatmulConfig, k: int) -> int:
+  """Shared memory one CTA of the kernel allocates for ``K = k``."""
+  k_steps = k // TILE_K // config.k_splits
+  steps = min(config.max_concurrent_steps, config.tiles_per_cta * k_steps // config.k_tiles)
+  act = k_steps * config.tile_m * TILE_K * 2
+  return act + steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4 + 1024
+
+
+def _divisors(v: int) -> list[int]:
+  return [d for d in range(1, v + 1) if v % d == 0]
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132,
-                   ctas_per_sm: int = 8) -> MatmulConfig:
-  """A tiling for ``(M, K) x (K, N)``: tile_m from M, split-K until ``ctas_per_sm * num_sms``
-  CTAs exist (several CTAs per SM hide one CTA's decode and ``wgmma`` waits behind
-  another's loads; 8 measured best or tied at M <= 64 on an H200, 2 and 4 slower)."""
+                   ctas_per_sm: int | None = None, k_tiles: int = 1) -> MatmulConfig:
+  """A tiling for ``(M, K) x (K, N)``: the split-K and tiles per CTA that minimize the bytes
+  the busiest SM moves (weight tiles, plus its CTAs' activation slices from L2 at a third of
+  the cost and their float32 partial tiles), among those whose CTAs all fit on the SMs at
+  once with ``ctas_per_sm`` on the busiest where the work allows (one CTA's decode and
+  ``wgmma`` waits hide behind another's loads); ties go to fewer splits. ``ctas_per_sm``
+  None: 3 for ``tile_m`` 16, else 2 (each measured best or tied on an H200 at the FLUX
+  shapes, NOTES_kernels.md version 7). ``k_tiles`` is used where it divides a split."""
   tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-  ctas = (n // TILE_N) * (-(-m // tile_m))
-  splits = _splits(ctas, k // TILE_K, ctas_per_sm * num_sms, 2)
-  # (M, K) activations read transposed: 5-10% faster at M=16 and 11-14% at M=64 on the DiT
-  # shapes measured (H200, benchmarks/NOTES_kernels.md); larger tiles were not measured so.
-  return MatmulConfig(tile_m=tile_m, k_splits=splits, m_major=tile_m <= 64)
+  if ctas_per_sm is None:
+    ctas_per_sm = 3 if tile_m <= 16 else 2
+  nt, kt, mt = n // TILE_N, k // TILE_K, -(-m // tile_m)
+  best, best_cost = None, None
+  for splits in _divisors(kt):
+    for tiles in _divisors(nt):
+      cfg = MatmulConfig(tile_m=tile_m, k_splits=splits, tiles_per_cta=tiles,
+                         k_tiles=k_tiles if (kt // splits) % k_tiles == 0 else 1,
+                         m_major=tile_m <= 64)
+      resident = SMEM_BYTES // smem_bytes(cfg, k)
+      ctas = nt // tiles * mt * splits
+      per_sm = -(-ctas // num_sms)
+      if resident < max(per_sm, 1):
+        continue
+      ks = kt // splits
+      cta_bytes = (tiles * ks * _STEP_BYTES + tile_m * ks * TILE_K * 2 / 3
+                   + tiles * TILE_N * tile_m * 4 * 2)
+      cost = (per_sm < min(ctas_per_sm, nt * kt * mt // num_sms), per_sm * cta_bytes, splits)
+      if best_cost is None or cost < best_cost:
+        best, best_cost = cfg, cost
+  if best is None:
+    raise ValueError(f"no kernel tiling fits shared memory for M={m}, K={k}, N={n}")
+  return best
 
 
 def _layout_cast(interpret: bool):
@@ -444,32 +476,30 @@ cvt.rn.f16x2.e4m3x2 $3, h3;
 def _e2m1_to_f16_registers(codes):
   """Mosaic GPU: int4 ``FragmentedArray`` of E2M1 nibbles (WGMMA layout) -> float16 values.
 
-  In the WGMMA layout each register holds two consecutive columns; after the relayout from
-  ``WGMMA_UPCAST_4X`` they are slices of 32-bit words, so each word is decoded once.
+  Each WGMMA-layout register holds two consecutive columns. The relayout from
+  ``WGMMA_UPCAST_4X`` cuts every 32-bit word into the registers of four consecutive column
+  tiles (register axis 1); concatenating those four again gives LLVM the original word back
+  (no instructions), so each word is decoded once, 8 nibbles at a time. (Decoding register by
+  register ran the 8-nibble decode on 2 nibbles: 4x the instructions, H200 PTX, version 7.)
   """
   from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
-  from jax._src.lib.mlir.dialects import arith, llvm, vector  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import llvm  # noqa: PLC0415
   from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
   i32 = ir.IntegerType.get_signless(32)
   pair_ty = ir.VectorType.get((2,), ir.F16Type.get())
-  words: dict = {}
-  out = np.empty_like(codes.registers)
-  for idx, reg in np.ndenumerate(codes.registers):
-    op = getattr(reg.owner, "opview", None)
-    if isinstance(op, vector.ExtractStridedSliceOp) and \
-       mgpu.utils.bitwidth(op.source.type) == 32:
-      src, offset = op.source, op.offsets[0].value
-    else:
-      src, offset = reg, 0
-    if src not in words:
-      bits = mgpu.utils.bitwidth(src.type)
-      word = mgpu.utils.bitcast(src, ir.IntegerType.get_signless(bits))
-      if bits != 32:
-        word = arith.extui(i32, word)
-      res = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4), [word],
-                            _E2M1_TO_F16X2_PTX, "=r,=r,=r,=r,r")
-      words[src] = [llvm.extractvalue(i32, res, [i]) for i in range(4)]
-    out[idx] = mgpu.utils.bitcast(words[src][offset // 2], pair_ty)
+  regs = codes.registers
+  if regs.shape[1] % 4:
+    raise NotImplementedError(f"register array {regs.shape}: axis 1 must group by 4")
+  out = np.empty_like(regs)
+  for idx in np.ndindex(regs.shape):
+    if idx[1] % 4:
+      continue
+    group = [(idx[0], idx[1] + i, *idx[2:]) for i in range(4)]
+    word = mgpu.utils.bitcast(mgpu.utils.vector_concat([regs[j] for j in group]), i32)
+    res = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4), [word],
+                          _E2M1_TO_F16X2_PTX, "=r,=r,=r,=r,r")
+    for i, j in enumerate(group):
+      out[j] = mgpu.utils.bitcast(llvm.extractvalue(i32, res, [i]), pair_ty)
   return type(codes)(_registers=out, _layout=codes.layout, _is_signed=None)
 
 
@@ -517,62 +547,83 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   """Runs the Mosaic GPU kernel: activations ``(Mp, K)`` if ``m_major`` else ``(K, Mp)``,
   f16/bf16 -> float32 partials ``(splits, N, Mp)``.
 
+  Each CTA loads its ``(tile_m, K/splits)`` activation slice into shared memory once, then
+  streams ``tiles_per_cta`` weight tiles of ``TILE_N`` rows through one TMA pipeline of
+  ``tiles_per_cta * K/splits/(k_tiles * TILE_K)`` steps, storing each tile's accumulator as
+  it completes.
   The operand type is ``x.dtype`` (float16 only for NVFP4 weights)."""
   mp, k = x.shape if m_major else x.shape[::-1]
   n = w.shape[0]
   g = w.group_size
   dtype = x.dtype
   tn, tk = TILE_N, TILE_K
-  tm, splits = config.tile_m, config.k_splits
-  k_steps = k // tk // splits
+  tm, splits, tiles, kt = config.tile_m, config.k_splits, config.tiles_per_cta, config.k_tiles
+  k_steps = k // tk // splits  # K tiles per CTA; k_steps // kt pipeline steps per weight tile
+  lc = _layout_cast(interpret)
 
-  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, out_smem, *staging):
+  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, act_smem, out_smem, act_barrier):
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
-    n_sl, m_sl = pl.ds(ni * tn, tn), pl.ds(mi * tm, tm)
-    k_sl = pl.ds(si * k_steps * tk, k_steps * tk)
-    step_sl = pl.ds(si * k_steps, k_steps)
+    m_sl = pl.ds(mi * tm, tm)
+    for j in range(k_steps):  # one TMA copy per K step, all on one barrier
+      k_sl = pl.ds((si * k_steps + j) * tk, tk)
+      plgpu.copy_gmem_to_smem(at_gmem.at[m_sl, k_sl] if m_major else at_gmem.at[k_sl, m_sl],
+                              act_smem.at[j], act_barrier.at[0])
+    zeros = lambda: lc(jnp.zeros((tn, tm), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
     def scoped(acc_ref):
-      def body(_, at_smem, wq_smem, ws_smem):
-        vals = _decode(wq_smem.at[0], tn, tk, w.fmt, dtype, interpret)
-        slices = _scaled_slices(vals, ws_smem.at[0], g, dtype, interpret)
-        if staging:  # interpreter: A staged in shared memory
-          for j, wj in enumerate(slices):
-            staging[0].at[:, pl.ds(16 * j, 16)][...] = wj
+      if interpret:
+        acc_ref[...] = zeros()
+
+      def body(idx, wq_smem, ws_smem):
+        t, kk = idx
+
+        @pl.when((t == 0) & (kk == 0))  # waited here, so the pipeline's first weight
+        def _activations_arrived():     # loads are in flight with the activations
+          plgpu.barrier_wait(act_barrier.at[0])
+
+        for j in range(kt):
+          vals = _decode(wq_smem.at[0, j], tn, tk, w.fmt, dtype, interpret)
+          slices = _scaled_slices(vals, ws_smem.at[0, j], g, dtype, interpret)
+          if interpret:  # no register A operand, and no accumulator stores, there
+            acc_ref[...] += jnp.dot(jnp.concatenate(slices, axis=1), act_smem[kk * kt + j],
+                                    preferred_element_type=jnp.float32)
+          else:
+            _register_wgmma(acc_ref, slices, act_smem.at[kk * kt + j], m_major)
+
+        @pl.when(kk == k_steps // kt - 1)
+        def _store_tile():
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
+          out_smem[...] = acc_ref[...]
+          acc_ref[...] = zeros()
           plgpu.commit_smem()
-          plgpu.wgmma(acc_ref, staging[0], at_smem)
-          plgpu.wgmma_wait(0)
-        else:
-          _register_wgmma(acc_ref, slices, at_smem, m_major)
+          plgpu.copy_smem_to_gmem(
+              out_smem, out_gmem.at[si, pl.ds((ni * tiles + t) * tn, tn), m_sl])
 
       plgpu.emit_pipeline(
-          body, grid=(k_steps,), max_concurrent_steps=config.max_concurrent_steps,
+          body, grid=(tiles, k_steps // kt), max_concurrent_steps=config.max_concurrent_steps,
           in_specs=[
-              plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=_swz(128))
-              if m_major else
-              plgpu.BlockSpec((tk, tm), lambda kk: (kk, 0), transforms=_swz(_SWIZZLE)),
-              plgpu.BlockSpec((1, tn, tk), lambda kk: (kk, 0, 0),
+              plgpu.BlockSpec((1, kt, tn, tk), lambda t, kk: (t, kk, 0, 0),
                               transforms=_CODES_TRANSFORMS),
-              plgpu.BlockSpec((1, tk // g, tn), lambda kk: (kk, 0, 0)),
-          ])(at_gmem.at[m_sl, k_sl] if m_major else at_gmem.at[k_sl, m_sl],
-             wq_gmem.at[ni, step_sl], ws_gmem.at[ni, step_sl])
-      out_smem[...] = acc_ref[...]
+              plgpu.BlockSpec((1, kt, tk // g, tn), lambda t, kk: (t, kk, 0, 0)),
+          ])(wq_gmem.at[pl.ds(ni * tiles, tiles), pl.ds(si * k_steps, k_steps)],
+             ws_gmem.at[pl.ds(ni * tiles, tiles), pl.ds(si * k_steps, k_steps)])
 
-    pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, n_sl, m_sl])
+    # The interpreter accumulates in shared memory (it cannot store to a wgmma accumulator).
+    pl.run_scoped(scoped, plgpu.SMEM((tn, tm), jnp.float32) if interpret else
+                  plgpu.ACC((tn, tm), jnp.float32))
     plgpu.wait_smem_to_gmem(0)
 
-  scratch = [_out_smem(tn, tm)]
-  if interpret:
-    scratch.append(plgpu.SMEM((tn, tk), dtype, transforms=_swz(_SWIZZLE)))
+  act = (plgpu.SMEM((k_steps, tm, tk), dtype, transforms=_swz(128)) if m_major else
+         plgpu.SMEM((k_steps, tk, tm), dtype, transforms=_swz(_SWIZZLE)))
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
-      grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"), scratch_types=scratch)
+      grid=(n // tn // tiles, mp // tm, splits), grid_names=("n", "m", "s"),
+      scratch_types=[act, _out_smem(tn, tm),
+                     plgpu.Barrier(num_arrivals=k_steps, num_barriers=1)])
   return call(x, w.codes, w.scales_t)
 
 
-def _check_config(config: MatmulConfig, k: int) -> None:
+def _check_config(config: MatmulConfig, n: int, k: int) -> None:
   tm, s = config.tile_m, config.k_splits
   if tm % 8 or not 8 <= tm <= 256:
     raise ValueError(f"tile_m={tm} must be a multiple of 8 in [8, 256]")
@@ -580,6 +631,15 @@ def _check_config(config: MatmulConfig, k: int) -> None:
     raise ValueError(f"k_splits={s} must divide the {k // TILE_K} K steps")
   if config.max_concurrent_steps < 1:
     raise ValueError(f"max_concurrent_steps={config.max_concurrent_steps} must be >= 1")
+  if config.k_tiles < 1 or (k // TILE_K // s) % config.k_tiles:
+    raise ValueError(f"k_tiles={config.k_tiles} must divide the {k // TILE_K // s} K tiles "
+                     f"of a split")
+  if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
+    raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
+                     f"weight tiles of {TILE_N} rows")
+  if smem_bytes(config, k) > SMEM_BYTES:
+    raise ValueError(f"{config} needs {smem_bytes(config, k)} bytes of shared memory for "
+                     f"K={k}, more than {SMEM_BYTES}: raise k_splits")
 
 
 def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
@@ -633,7 +693,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   method = pick_method(m) if method == "auto" else method
   if method != "xla":
     config = config or default_config(m, n, k)
-    _check_config(config, k)
+    _check_config(config, n, k)
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)

@@ -2,10 +2,10 @@
 
     python benchmarks/bench_kernels.py --out DIR [--prev OLD.json] [--tiny]
 
-For every timed (shape, M): fresh random weights per shape and activations per M; each of our
-W4A4 NVFP4 candidates (``fp4_matmul`` with ``method`` "xla", "kernel" and tiling variants
-of the kernel) is checked against a float32 HIGHEST reference computed on the same GPU from the
-same inputs: relative Frobenius error <= 2**-8 (bf16 unit roundoff of the output; products
+For every timed (shape, M): fresh random weights per shape and activations per M, and the
+device memory poisoned with NaN before each checked call; each of our W4A4 NVFP4 candidates
+(``fp4_matmul`` with ``method`` "xla", "kernel" and tiling variants of the kernel) is
+checked against a float32 HIGHEST reference computed on the same GPU from the same inputs: relative Frobenius error <= 2**-8 (bf16 unit roundoff of the output; products
 are exact and the float32 accumulation adds ~1e-6) and nothing NaN. Then kernel time (CUPTI,
 summed over the kernels of one call, median) and wall time per call beside XLA bf16
 ``jnp.dot`` and ``jax.nn.scaled_matmul`` NVFP4 (skipped where ``--prev`` already holds it);
@@ -73,6 +73,14 @@ def _f4(codes_u8, rows, k):
   return vals.astype(jnp.float4_e2m1fn).reshape(rows, k)
 
 
+def _poison(nbytes: int = 512 << 20) -> None:
+  """Fills a NaN buffer and frees it, so that the buffers of the next call (the checked one;
+  XLA's allocator hands the freed memory out again) start as NaN: a kernel that leaves part
+  of its output unwritten then fails the finite check instead of passing on stale values of
+  an earlier call with the same shapes."""
+  jnp.full((nbytes // 4,), jnp.nan, jnp.float32).block_until_ready().delete()
+
+
 class Timer:
   """Kernel time from CUPTI on a GPU; wall time only (kernel = NaN) under ``--tiny``."""
 
@@ -81,6 +89,8 @@ class Timer:
 
   def __call__(self, fn, args, reps):
     """(median kernel us per op, median wall us per op, first output)."""
+    if not self.tiny:
+      _poison()
     out = jax.block_until_ready(fn(*args))
     kern = float("nan")
     if not self.tiny:

@@ -1,7 +1,9 @@
 """Renders a `bench_kernels.py` results JSON as a Markdown table and a speed plot (PNG).
 
 Usage: python benchmarks/report_kernels.py NEW.json [OLDER.json ...] [scaled:OTHER.json ...]
-Writes the PNG beside NEW.json and prints the Markdown table (kernel time, CUPTI median);
+Writes the PNG beside NEW.json (the default kernel, the XLA path and ``scaled_matmul`` against
+XLA bf16) and prints the Markdown table (kernel time, CUPTI median; "auto" is the candidate
+``fp4_matmul`` runs by default at that M, "best" the fastest tiling variant timed);
 a run with gathered-norm rows also gets ``NEW_norm.png`` (XLA vs kernel per variant).
 Shapes NEW did not time, and ``scaled_matmul`` times it skipped (``bench_kernels.py
 --prev``), are taken from the OLDER runs (same device), newest first; the table names the
@@ -20,12 +22,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINE = "xla_bf16"
+PLOTTED = ("ours_w4a4_kernel", "ours_w4a4_xla", "scaled_matmul_nvfp4")  # tiling variants: table
 
 
-def methods(rows: list[dict]) -> list[str]:
-  """Every timed method in the rows, the bf16 baseline first."""
-  names = {k[:-len("_kernel_us")] for r in rows for k in r if k.endswith("_kernel_us")}
-  return [BASELINE] + sorted(names - {BASELINE})
+def auto_method(m: int) -> str:
+  """The candidate ``fp4_matmul(method="auto")`` runs at M rows (its default tiling)."""
+  from pqjax_kernels.matmul_fp4 import pick_method  # noqa: PLC0415 (imports jax)
+  return "ours_w4a4_" + pick_method(m)
 
 
 def best_ours(row: dict) -> tuple[str, float] | None:
@@ -37,8 +40,9 @@ def best_ours(row: dict) -> tuple[str, float] | None:
 
 
 def markdown(rows: list[dict]) -> str:
-  lines = ["| M x K x N | XLA bf16 us | scaled_matmul us | best ours (method) us | vs bf16 |"
-           " vs scaled_matmul | run |", "|---|---|---|---|---|---|---|"]
+  lines = ["| M x K x N | XLA bf16 us | scaled_matmul us | auto us (vs bf16) "
+           "| best ours (method) us | vs bf16 | vs scaled_matmul | run |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in sorted(rows, key=lambda r: (r["k"], r["n"], r["m"])):
     bf16 = r[f"{BASELINE}_kernel_us"]
     sm = r.get("scaled_matmul_nvfp4_kernel_us")
@@ -48,8 +52,11 @@ def markdown(rows: list[dict]) -> str:
     name, us = best
     sm_txt = f"{sm:.1f}" if sm else "-"
     vs_sm = f"{sm / us:.2f}x" if sm else "-"
-    lines.append(f"| {r['m']} x {r['k']} x {r['n']} | {bf16:.1f} | {sm_txt} | {us:.1f} "
-                 f"({name[len('ours_'):]}) | {bf16 / us:.2f}x | {vs_sm} | {r['run']} |")
+    auto = r.get(auto_method(r["m"]) + "_kernel_us")
+    auto_txt = f"{auto:.1f} ({bf16 / auto:.2f}x)" if auto else "-"
+    lines.append(f"| {r['m']} x {r['k']} x {r['n']} | {bf16:.1f} | {sm_txt} | {auto_txt} | "
+                 f"{us:.1f} ({name[len('ours_'):]}) | {bf16 / us:.2f}x | {vs_sm} | "
+                 f"{r['run']} |")
   return "\n".join(lines)
 
 
@@ -58,7 +65,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
   fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
   for ax, (k, n) in zip(axes[0], shapes):
     sub = sorted((r for r in rows if (r["k"], r["n"]) == (k, n)), key=lambda r: r["m"])
-    for name in methods(sub)[1:]:
+    for name in PLOTTED:
       pts = [(r["m"], r[f"{BASELINE}_kernel_us"] / r[f"{name}_kernel_us"]) for r in sub
              if f"{name}_kernel_us" in r]
       if pts:

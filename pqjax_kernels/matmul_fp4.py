@@ -6,14 +6,17 @@
 float8_e4m3fn, G=16; mxfp4: uint8 E8M0 biased exponents, G=32; int4: float32) and a float32
 tensor scale.
 
-How the kernel computes (swap-AB, one warpgroup per CTA, grid ``(N/TILE_N, M/tile_m,
-k_splits)``): the TMA pipeline brings per K step a ``(TILE_N, TILE_K)`` tile of the codes
-(int4; ``prepare_weights`` stores each tile contiguously), its ``(TILE_K/G, TILE_N)`` block
-scales and a ``(TILE_K, tile_m)`` tile of the transposed activations. The codes are decoded in
+How the kernel computes (swap-AB, one warpgroup per CTA, grid ``(N/(TILE_N tiles_per_cta),
+M/tile_m, k_splits)``): each CTA first loads its ``(tile_m, K/k_splits)`` slice of the
+activations into shared memory (TMA, once), then streams ``tiles_per_cta`` weight tiles of
+``TILE_N`` rows against it through one TMA pipeline whose steps each bring ``k_tiles``
+``(TILE_N, TILE_K)`` tiles of the codes (int4; ``prepare_weights`` stores each tile
+contiguously) and their ``(TILE_K/G, TILE_N)`` block scales. The codes are decoded in
 registers and multiplied by the block scale of each 16-wide column slice; the scaled tile is
-the register A operand of an asynchronous ``wgmma`` with the activation tile as B (one
-``wgmma`` group per K step on JAX >= 0.11, one per slice before), so nothing round-trips
-through shared memory. The accumulator is ``(TILE_N, tile_m)`` float32. Operand types:
+the register A operand of an asynchronous ``wgmma`` with the activation slice as B (one
+``wgmma`` group per K tile on JAX >= 0.11, one per slice before), so nothing round-trips
+through shared memory. The accumulator is ``(TILE_N, tile_m)`` float32; it is stored (TMA)
+and zeroed after the last K step of each weight tile. Operand types:
 NVFP4 weights with NVFP4 activations (W4A4) run in float16: the E2M1 decode is an inline-PTX
 byte permute into E4M3 (``prmt`` table look-up, sign by a second table) and one
 ``cvt.rn.f16x2.e4m3x2`` per pair, and E2M1 x E4M3 block-scale products (|v| <= 2688,
@@ -28,9 +31,10 @@ W4A4 on Hopper: there are no FP4 tensor cores, so packed NVFP4 activations are d
 float16 (``q * s_b``, exact) before the kernel and their tensor scale is folded into the
 output scale; the result equals the NVFP4 x NVFP4 product up to accumulation order.
 
-Under JAX's GPU interpreter (CPU tests) the same kernel runs with the decode written in jnp
-and the decoded tile staged in shared memory (the interpreter has neither inline PTX nor a
-register A operand); the GPU tests cover the register path.
+Under JAX's GPU interpreter (CPU tests) the same kernel (copies, pipeline, per-tile stores)
+runs with the decode written in jnp and the product as a float32 ``jnp.dot`` into a
+shared-memory accumulator (the interpreter has no inline PTX, no register A operand and no
+accumulator stores); the GPU tests and the CUDA lowering test cover the register path.
 
 Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
 ``"xla"`` (large M, compute-bound): one elementwise XLA pass decodes the weights to exact

@@ -398,8 +398,8 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
                    ctas_per_sm: int | None = None, k_tiles: int = 1) -> MatmulConfig:
   """A tiling for ``(M, K) x (K, N)``: the split-K and tiles per CTA that minimize the bytes
   the busiest SM moves (weight tiles, plus its CTAs' activation slices from L2 at a third of
-  the cost and their float32 partial tiles), among those whose CTAs all fit on the SMs at
-  once with ``ctas_per_sm`` on the busiest where the work allows (one CTA's decode and
+  the cost and their float32 partial tiles), preferring tilings whose CTAs all fit on the SMs
+  at once, then ``ctas_per_sm`` on the busiest where the work allows (one CTA's decode and
   ``wgmma`` waits hide behind another's loads); ties go to fewer splits. ``ctas_per_sm``
   None: 3 for ``tile_m`` 16, else 2 (each measured best or tied on an H200 at the FLUX
   shapes, NOTES_kernels.md version 7). ``k_tiles`` is used where it divides a split."""
@@ -414,14 +414,15 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
                          k_tiles=k_tiles if (kt // splits) % k_tiles == 0 else 1,
                          m_major=tile_m <= 64)
       resident = SMEM_BYTES // smem_bytes(cfg, k)
+      if resident < 1:
+        continue
       ctas = nt // tiles * mt * splits
       per_sm = -(-ctas // num_sms)
-      if resident < max(per_sm, 1):
-        continue
       ks = kt // splits
       cta_bytes = (tiles * ks * _STEP_BYTES + tile_m * ks * TILE_K * 2 / 3
                    + tiles * TILE_N * tile_m * 4 * 2)
-      cost = (per_sm < min(ctas_per_sm, nt * kt * mt // num_sms), per_sm * cta_bytes, splits)
+      cost = (per_sm > resident, per_sm < min(ctas_per_sm, nt * kt * mt // num_sms),
+              per_sm * cta_bytes, splits)
       if best_cost is None or cost < best_cost:
         best, best_cost = cfg, cost
   if best is None:

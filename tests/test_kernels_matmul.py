@@ -207,3 +207,16 @@ def test_kernel_lowers_for_cuda(fmt, packed, m_major):
   text = jax.jit(f).trace(a, qt.codes, qt.scales, qt.tensor_scale, kw).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("k,n", [(3072, 12288), (12288, 3072), (3072, 3072), (1152, 4608)])
+@pytest.mark.parametrize("m", [1, 16, 64, 256, 4608])
+def test_default_config_is_valid(m, k, n):
+  """Every M gets a tiling that passes the checks and fits shared memory; at the small M the
+  kernel runs by default, all CTAs are resident at once (one wave) and no SM idles."""
+  cfg = fm.default_config(m, n, k)
+  fm._check_config(cfg, n, k)
+  assert cfg.tile_m >= min(m, 16) and cfg.tile_m % 8 == 0
+  if m < fm.XLA_MIN_M:
+    ctas = n // fm.TILE_N // cfg.tiles_per_cta * -(-m // cfg.tile_m) * cfg.k_splits
+    assert 132 <= ctas <= 132 * (fm.SMEM_BYTES // fm.smem_bytes(cfg, k))

@@ -5,8 +5,9 @@
 For every timed (shape, M): fresh random weights per shape and activations per M, and the
 device memory poisoned with NaN before each checked call; each of our W4A4 NVFP4 candidates
 (``fp4_matmul`` with ``method`` "xla", "kernel" and tiling variants of the kernel) is
-checked against a float32 HIGHEST reference computed on the same GPU from the same inputs: relative Frobenius error <= 2**-8 (bf16 unit roundoff of the output; products
-are exact and the float32 accumulation adds ~1e-6) and nothing NaN. Then kernel time (CUPTI,
+checked against a float32 HIGHEST reference computed on the same GPU from the same inputs:
+relative Frobenius error <= 2**-8 (bf16 unit roundoff of the output; products are exact and
+the float32 accumulation adds ~1e-6) and nothing NaN. Then kernel time (CUPTI,
 summed over the kernels of one call, median) and wall time per call beside XLA bf16
 ``jnp.dot`` and ``jax.nn.scaled_matmul`` NVFP4 (skipped where ``--prev`` already holds it);
 each timed call runs R weight buffers (each its own array, R from the candidate's own weight

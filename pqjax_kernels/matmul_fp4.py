@@ -407,6 +407,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
   if ctas_per_sm is None:
     ctas_per_sm = 3 if tile_m <= 16 else 2
   nt, kt, mt = n // TILE_N, k // TILE_K, -(-m // tile_m)
+  target = min(ctas_per_sm, nt * kt * mt // num_sms)  # CTAs per SM, where the work allows
   best, best_cost = None, None
   for splits in _divisors(kt):
     for tiles in _divisors(nt):
@@ -421,8 +422,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
       ks = kt // splits
       cta_bytes = (tiles * ks * _STEP_BYTES + tile_m * ks * TILE_K * 2 / 3
                    + tiles * TILE_N * tile_m * 4 * 2)
-      cost = (per_sm > resident, per_sm < min(ctas_per_sm, nt * kt * mt // num_sms),
-              per_sm * cta_bytes, splits)
+      cost = (per_sm > resident, per_sm < target, per_sm * cta_bytes, splits)
       if best_cost is None or cost < best_cost:
         best, best_cost = cfg, cost
   if best is None:
@@ -642,8 +642,8 @@ def _check_config(config: MatmulConfig, n: int, k: int) -> None:
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")
-  if smem_bytes(config, k) > SMEM_BYTES:
-    raise ValueError(f"{config} needs {smem_bytes(config, k)} bytes of shared memory for "
+  if (need := smem_bytes(config, k)) > SMEM_BYTES:
+    raise ValueError(f"{config} needs {need} bytes of shared memory for "
                      f"K={k}, more than {SMEM_BYTES}: raise k_splits")
 
 

@@ -159,13 +159,15 @@ def _candidates(m, n, k, interpret):
   c = {"ours_w4a4_xla": ("xla", None)}
   if m <= 64 and not interpret:  # kernels under the interpreter inside jit hang on the CPU
     seen = set()
-    for kt in (1, 2):  # default_config's tiling, then for other CTAs per SM, per k_tiles
-      for occ in (None, 2, 3, 4):
-        cfg = fm.default_config(m, n, k, ctas_per_sm=occ, k_tiles=kt)
-        if cfg not in seen:
-          seen.add(cfg)
-          c["ours_w4a4_kernel" + ("" if occ is None else f"_occ{occ}")
-            + ("" if kt == 1 else f"_kt{kt}")] = ("kernel", cfg)
+    # default_config's tiling, then for other CTAs per SM, per k_tiles and warpgroups per CTA
+    for wgs, kt, occ in [(1, kt, occ) for kt in (1, 2) for occ in (None, 2, 3, 4)] + [
+        (2, kt, occ) for kt in (1, 2) for occ in (None, 2)]:
+      cfg = fm.default_config(m, n, k, ctas_per_sm=occ, k_tiles=kt, warpgroups=wgs)
+      if cfg not in seen:
+        seen.add(cfg)
+        c["ours_w4a4_kernel" + ("" if wgs == 1 else f"_wg{wgs}")
+          + ("" if occ is None else f"_occ{occ}") + ("" if kt == 1 else f"_kt{kt}")] = (
+              "kernel", cfg)
   return c
 
 

@@ -93,7 +93,10 @@ class MatmulConfig:
       activation slice, which it loads into shared memory once.
     k_tiles: ``TILE_K`` tiles of a weight tile row per pipeline step (one TMA copy of
       ``k_tiles`` consecutive tiles): fewer, larger copies and less per-step overhead.
-    max_concurrent_steps: TMA pipeline depth.
+    warpgroups: warpgroups per CTA, each streaming ``tiles_per_cta / warpgroups`` of the
+      CTA's weight tiles through its own pipeline against the one activation slice (more
+      warps per SM for the same shared memory).
+    max_concurrent_steps: TMA pipeline depth (per warpgroup).
     m_major: keep the activations ``(M, K)`` (TMA rows of ``2 * TILE_K`` bytes) and let the
       ``wgmma`` read B transposed, instead of transposing them to ``(K, M)`` in XLA first
       (rows of ``2 * tile_m`` bytes). GPU only (JAX >= 0.11); ignored under the interpreter.
@@ -103,6 +106,7 @@ class MatmulConfig:
   k_splits: int = 1
   tiles_per_cta: int = 1
   k_tiles: int = 1
+  warpgroups: int = 1
   max_concurrent_steps: int = 4
   m_major: bool = False
 
@@ -385,9 +389,11 @@ _STEP_BYTES = TILE_N * TILE_K // 2 + (TILE_K // 16) * TILE_N * 2  # codes + f16 
 def smem_bytes(config: MatmulConfig, k: int) -> int:
   """Shared memory one CTA of the kernel allocates for ``K = k``."""
   k_steps = k // TILE_K // config.k_splits
-  steps = min(config.max_concurrent_steps, config.tiles_per_cta * k_steps // config.k_tiles)
+  wgs = config.warpgroups
+  steps = min(config.max_concurrent_steps,
+              config.tiles_per_cta // wgs * k_steps // config.k_tiles)
   act = k_steps * config.tile_m * TILE_K * 2
-  return act + steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4 + 1024
+  return act + wgs * (steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4) + 1024
 
 
 def _divisors(v: int) -> list[int]:
@@ -395,14 +401,16 @@ def _divisors(v: int) -> list[int]:
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132,
-                   ctas_per_sm: int | None = None, k_tiles: int = 1) -> MatmulConfig:
+                   ctas_per_sm: int | None = None, k_tiles: int = 1,
+                   warpgroups: int = 1) -> MatmulConfig:
   """A tiling for ``(M, K) x (K, N)``: the split-K and tiles per CTA that minimize the bytes
   the busiest SM moves (weight tiles, plus its CTAs' activation slices from L2 at a third of
   the cost and their float32 partial tiles), preferring tilings whose CTAs all fit on the SMs
   at once, then ``ctas_per_sm`` on the busiest where the work allows (one CTA's decode and
   ``wgmma`` waits hide behind another's loads); ties go to fewer splits. ``ctas_per_sm``
   None: 3 for ``tile_m`` 16, else 2 (each measured best or tied on an H200 at the FLUX
-  shapes, NOTES_kernels.md version 7). ``k_tiles`` is used where it divides a split."""
+  shapes, NOTES_kernels.md version 7). ``k_tiles`` is used where it divides a split;
+  ``warpgroups`` (per CTA) restricts ``tiles_per_cta`` to its multiples."""
   tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
   if ctas_per_sm is None:
     ctas_per_sm = 3 if tile_m <= 16 else 2
@@ -411,9 +419,11 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
   best, best_cost = None, None
   for splits in _divisors(kt):
     for tiles in _divisors(nt):
+      if tiles % warpgroups:
+        continue
       cfg = MatmulConfig(tile_m=tile_m, k_splits=splits, tiles_per_cta=tiles,
                          k_tiles=k_tiles if (kt // splits) % k_tiles == 0 else 1,
-                         m_major=tile_m <= 64)
+                         warpgroups=warpgroups, m_major=tile_m <= 64)
       resident = SMEM_BYTES // smem_bytes(cfg, k)
       if resident < 1:
         continue
@@ -442,9 +452,9 @@ def _swz(bytes_):
 _CODES_TRANSFORMS = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))
 
 
-def _out_smem(rows: int, tm: int):
+def _out_smem(count: int, rows: int, tm: int):
   sw = min(128, tm * 4)
-  return plgpu.SMEM((rows, tm), jnp.float32,
+  return plgpu.SMEM((count, rows, tm), jnp.float32,
                     transforms=(plgpu.TilingTransform((8, sw // 4)), plgpu.SwizzleTransform(sw)))
 
 
@@ -552,10 +562,10 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   """Runs the Mosaic GPU kernel: activations ``(Mp, K)`` if ``m_major`` else ``(K, Mp)``,
   f16/bf16 -> float32 partials ``(splits, N, Mp)``.
 
-  Each CTA loads its ``(tile_m, K/splits)`` activation slice into shared memory once, then
-  streams ``tiles_per_cta`` weight tiles of ``TILE_N`` rows through one TMA pipeline of
-  ``tiles_per_cta * K/splits/(k_tiles * TILE_K)`` steps, storing each tile's accumulator as
-  it completes.
+  Each CTA loads its ``(tile_m, K/splits)`` activation slice into shared memory once; each of
+  its ``warpgroups`` warpgroups then streams ``tiles_per_cta / warpgroups`` weight tiles of
+  ``TILE_N`` rows against that slice through its own TMA pipeline (``k_tiles`` K tiles per
+  step, ``max_concurrent_steps`` deep), storing each tile's accumulator as it completes.
   The operand type is ``x.dtype`` (float16 only for NVFP4 weights)."""
   mp, k = x.shape if m_major else x.shape[::-1]
   n = w.shape[0]
@@ -563,68 +573,95 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   dtype = x.dtype
   tn, tk = TILE_N, TILE_K
   tm, splits, tiles, kt = config.tile_m, config.k_splits, config.tiles_per_cta, config.k_tiles
-  k_steps = k // tk // splits  # K tiles per CTA; k_steps // kt pipeline steps per weight tile
+  nwg = config.warpgroups
+  k_steps = k // tk // splits        # K tiles per CTA
+  tile_steps = k_steps // kt         # pipeline steps per weight tile
+  n_steps = tiles // nwg * tile_steps  # pipeline steps per warpgroup
+  depth = min(config.max_concurrent_steps, n_steps)
   lc = _layout_cast(interpret)
 
-  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, act_smem, out_smem, act_barrier):
+  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, act_smem, wq_smem, ws_smem, out_smem,
+             acc_smem, act_barrier, w_barrier):
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+    wg = lax.axis_index("wg") if nwg > 1 else 0
     m_sl = pl.ds(mi * tm, tm)
-    for j in range(k_steps):  # one TMA copy per K step, all on one barrier
-      k_sl = pl.ds((si * k_steps + j) * tk, tk)
-      plgpu.copy_gmem_to_smem(at_gmem.at[m_sl, k_sl] if m_major else at_gmem.at[k_sl, m_sl],
-                              act_smem.at[j], act_barrier.at[0])
+    first_tile = ni * tiles + wg * (tiles // nwg)
+
+    @pl.when(wg == 0)
+    def _load_activations():  # one TMA copy per K tile, all on one barrier
+      for j in range(k_steps):
+        k_sl = pl.ds((si * k_steps + j) * tk, tk)
+        plgpu.copy_gmem_to_smem(at_gmem.at[m_sl, k_sl] if m_major else at_gmem.at[k_sl, m_sl],
+                                act_smem.at[j], act_barrier.at[0])
+
+    def fetch(step, slot):
+      tile, kk = first_tile + step // tile_steps, step % tile_steps
+      k_sl = pl.ds(si * k_steps + kk * kt, kt)
+      bar = w_barrier.at[wg * depth + slot]
+      plgpu.copy_gmem_to_smem(wq_gmem.at[tile, k_sl], wq_smem.at[wg, slot], bar)
+      plgpu.copy_gmem_to_smem(ws_gmem.at[tile, k_sl], ws_smem.at[wg, slot], bar)
+
+    for s in range(depth):
+      fetch(s, s)
+    plgpu.barrier_wait(act_barrier.at[0])  # after the first weight loads are in flight
     zeros = lambda: lc(jnp.zeros((tn, tm), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
     def scoped(acc_ref):
       if interpret:
         acc_ref[...] = zeros()
 
-      def body(idx, wq_smem, ws_smem):
-        t, kk = idx
-
-        @pl.when((t == 0) & (kk == 0))  # waited here, so the pipeline's first weight
-        def _activations_arrived():     # loads are in flight with the activations
-          plgpu.barrier_wait(act_barrier.at[0])
-
+      def step(i, carry):
+        slot = lax.rem(i, depth)
+        kk = lax.rem(i, tile_steps)
+        plgpu.barrier_wait(w_barrier.at[wg * depth + slot])
         for j in range(kt):
-          vals = _decode(wq_smem.at[0, j], tn, tk, w.fmt, dtype, interpret)
-          slices = _scaled_slices(vals, ws_smem.at[0, j], g, dtype, interpret)
+          vals = _decode(wq_smem.at[wg, slot, j], tn, tk, w.fmt, dtype, interpret)
+          slices = _scaled_slices(vals, ws_smem.at[wg, slot, j], g, dtype, interpret)
           if interpret:  # no register A operand, and no accumulator stores, there
             acc_ref[...] += jnp.dot(jnp.concatenate(slices, axis=1), act_smem[kk * kt + j],
                                     preferred_element_type=jnp.float32)
           else:
             _register_wgmma(acc_ref, slices, act_smem.at[kk * kt + j], m_major)
 
-        @pl.when(kk == k_steps // kt - 1)
+        @pl.when(i + depth < n_steps)  # the slot is free: its wgmma has completed
+        def _refill():
+          fetch(i + depth, slot)
+
+        @pl.when(kk == tile_steps - 1)
         def _store_tile():
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
-          out_smem[...] = acc_ref[...]
+          out_smem.at[wg][...] = acc_ref[...]
           acc_ref[...] = zeros()
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(
-              out_smem, out_gmem.at[si, pl.ds((ni * tiles + t) * tn, tn), m_sl])
+          tile = first_tile + i // tile_steps
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[si, pl.ds(tile * tn, tn), m_sl])
+        return carry
 
-      plgpu.emit_pipeline(
-          body, grid=(tiles, k_steps // kt), max_concurrent_steps=config.max_concurrent_steps,
-          in_specs=[
-              plgpu.BlockSpec((1, kt, tn, tk), lambda t, kk: (t, kk, 0, 0),
-                              transforms=_CODES_TRANSFORMS),
-              plgpu.BlockSpec((1, kt, tk // g, tn), lambda t, kk: (t, kk, 0, 0)),
-          ])(wq_gmem.at[pl.ds(ni * tiles, tiles), pl.ds(si * k_steps, k_steps)],
-             ws_gmem.at[pl.ds(ni * tiles, tiles), pl.ds(si * k_steps, k_steps)])
+      lax.fori_loop(0, n_steps, step, None)
 
     # The interpreter accumulates in shared memory (it cannot store to a wgmma accumulator).
-    pl.run_scoped(scoped, plgpu.SMEM((tn, tm), jnp.float32) if interpret else
-                  plgpu.ACC((tn, tm), jnp.float32))
+    if interpret:
+      scoped(acc_smem.at[wg])
+    else:
+      pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
     plgpu.wait_smem_to_gmem(0)
 
   act = (plgpu.SMEM((k_steps, tm, tk), dtype, transforms=_swz(128)) if m_major else
          plgpu.SMEM((k_steps, tk, tm), dtype, transforms=_swz(_SWIZZLE)))
+  scratch = [
+      act,
+      plgpu.SMEM((nwg, depth, kt, tn, tk), w.codes.dtype, transforms=_CODES_TRANSFORMS),
+      plgpu.SMEM((nwg, depth, kt, tk // g, tn), w.scales_t.dtype),
+      _out_smem(nwg, tn, tm),
+      plgpu.SMEM((nwg, tn, tm) if interpret else (1,), jnp.float32),
+      plgpu.Barrier(num_arrivals=k_steps, num_barriers=1),
+      plgpu.Barrier(num_arrivals=2, num_barriers=nwg * depth),
+  ]
+  wg_kw = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
       grid=(n // tn // tiles, mp // tm, splits), grid_names=("n", "m", "s"),
-      scratch_types=[act, _out_smem(tn, tm),
-                     plgpu.Barrier(num_arrivals=k_steps, num_barriers=1)])
+      scratch_types=scratch, **wg_kw)
   return call(x, w.codes, w.scales_t)
 
 
@@ -639,6 +676,9 @@ def _check_config(config: MatmulConfig, n: int, k: int) -> None:
   if config.k_tiles < 1 or (k // TILE_K // s) % config.k_tiles:
     raise ValueError(f"k_tiles={config.k_tiles} must divide the {k // TILE_K // s} K tiles "
                      f"of a split")
+  if config.warpgroups not in (1, 2) or config.tiles_per_cta % config.warpgroups:
+    raise ValueError(f"warpgroups={config.warpgroups} must be 1 or 2 and divide "
+                     f"tiles_per_cta={config.tiles_per_cta}")
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")

@@ -48,19 +48,20 @@ class KernelCases:
   def run(self, fn):
     return fn()
 
-  def config(self, splits=1, tiles=1, k_tiles=1):
+  def config(self, splits=1, tiles=1, k_tiles=1, wgs=1):
     if self.method == "xla":
       return None
     return fm.MatmulConfig(tile_m=16, k_splits=splits, tiles_per_cta=tiles, k_tiles=k_tiles,
-                           m_major=self.m_major)
+                           warpgroups=wgs, m_major=self.m_major)
 
-  # N = 128 is two weight tiles: tiles=2 streams both through one CTA's pipeline; k_tiles=2
-  # copies two K tiles per pipeline step.
-  @pytest.mark.parametrize("fmt,m,k,splits,tiles,k_tiles", [
-      ("nvfp4", 5, 512, 2, 1, 2), ("mxfp4", 20, 256, 1, 2, 1), ("int4", 3, 256, 1, 1, 2)])
-  def test_w4a16_matches_reference(self, fmt, m, k, splits, tiles, k_tiles):
+  # N = 128 is two weight tiles: tiles=2 streams both through one CTA (wgs=2: one per
+  # warpgroup); k_tiles=2 copies two K tiles per pipeline step.
+  @pytest.mark.parametrize("fmt,m,k,splits,tiles,k_tiles,wgs", [
+      ("nvfp4", 5, 512, 2, 1, 2, 1), ("mxfp4", 20, 256, 1, 2, 1, 1),
+      ("int4", 3, 256, 1, 1, 2, 1), ("nvfp4", 17, 512, 1, 2, 2, 2)])
+  def test_w4a16_matches_reference(self, fmt, m, k, splits, tiles, k_tiles, wgs):
     a, qt = _case(m, m, 128, k, fmt)
-    cfg = self.config(splits, tiles, k_tiles)
+    cfg = self.config(splits, tiles, k_tiles, wgs)
     out = self.run(lambda: fm.fp4_matmul(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt,
                                          out_dtype=jnp.float32, config=cfg,
                                          method=self.method, interpret=self.interpret))
@@ -70,8 +71,9 @@ class KernelCases:
     assert np.isfinite(np.asarray(out)).all()
     assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt, extra)).all()
 
-  @pytest.mark.parametrize("m,k,splits,tiles,k_tiles", [(9, 256, 1, 2, 1), (42, 512, 1, 2, 2)])
-  def test_w4a4_nvfp4_epilogue(self, m, k, splits, tiles, k_tiles):
+  @pytest.mark.parametrize("m,k,splits,tiles,k_tiles,wgs", [
+      (9, 256, 1, 2, 1, 1), (42, 512, 1, 2, 2, 1), (21, 512, 2, 2, 1, 2)])
+  def test_w4a4_nvfp4_epilogue(self, m, k, splits, tiles, k_tiles, wgs):
     n = 128
     a, qt = _case(7, m, n, k, "nvfp4")
     qa = gn.quantize_nvfp4(a)
@@ -82,7 +84,7 @@ class KernelCases:
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias,
               epilogue="gelu_tanh", gate=gate, residual=res, out_dtype=jnp.float32)
     out = self.run(lambda: fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
-                                         config=self.config(splits, tiles, k_tiles),
+                                         config=self.config(splits, tiles, k_tiles, wgs),
                                          method=self.method, **kw,
                                          interpret=self.interpret))
     ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
@@ -177,6 +179,7 @@ def test_w4a4_reference_matches_oracle():
     (dict(method="kernel", config=fm.MatmulConfig(k_splits=3)), "k_splits"),
     (dict(method="kernel", config=fm.MatmulConfig(tiles_per_cta=3)), "tiles_per_cta"),
     (dict(method="kernel", config=fm.MatmulConfig(k_tiles=3)), "k_tiles"),
+    (dict(method="kernel", config=fm.MatmulConfig(tiles_per_cta=1, warpgroups=2)), "warpgroups"),
     (dict(k=12288, method="kernel", config=fm.MatmulConfig(tile_m=64)), "shared memory"),
 ])
 def test_bad_input_raises(kwargs, match):
@@ -192,12 +195,13 @@ def test_bad_input_raises(kwargs, match):
 
 
 @pytest.mark.parametrize("fmt,packed", [("nvfp4", True), ("nvfp4", False), ("mxfp4", False)])
-@pytest.mark.parametrize("m_major", [True, False])
-def test_kernel_lowers_for_cuda(fmt, packed, m_major):
+@pytest.mark.parametrize("m_major,wgs", [(True, 1), (False, 1), (True, 2)])
+def test_kernel_lowers_for_cuda(fmt, packed, m_major, wgs):
   """The GPU path (register A operand, inline-PTX E2M1 decode, resident activation slice,
   per-tile accumulator stores) lowers to Mosaic GPU; the interpreter runs another decode."""
   a, qt = _case(5, 20, 256, 512, fmt)
-  cfg = fm.MatmulConfig(tile_m=16, k_splits=1, tiles_per_cta=2, k_tiles=2, m_major=m_major)
+  cfg = fm.MatmulConfig(tile_m=16, k_splits=1, tiles_per_cta=2, k_tiles=2, warpgroups=wgs,
+                        m_major=m_major)
   kw = {}
   if packed:
     qa = gn.quantize_nvfp4(a)

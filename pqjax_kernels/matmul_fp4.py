@@ -6,26 +6,27 @@
 float8_e4m3fn, G=16; mxfp4: uint8 E8M0 biased exponents, G=32; int4: float32) and a float32
 tensor scale.
 
-How the kernel computes (swap-AB, one warpgroup per CTA, grid ``(N/(TILE_N tiles_per_cta),
-M/tile_m, k_splits)``): each CTA first loads its ``(tile_m, K/k_splits)`` slice of the
-activations into shared memory (TMA, once), then streams ``tiles_per_cta`` weight tiles of
-``TILE_N`` rows against it through one TMA pipeline whose steps each bring ``k_tiles``
-``(TILE_N, TILE_K)`` tiles of the codes (int4; ``prepare_weights`` stores each tile
-contiguously) and their ``(TILE_K/G, TILE_N)`` block scales. The codes are decoded in
-registers and multiplied by the block scale of each 16-wide column slice; the scaled tile is
-the register A operand of an asynchronous ``wgmma`` with the activation slice as B (one
-``wgmma`` group per K tile on JAX >= 0.11, one per slice before), so nothing round-trips
-through shared memory. The accumulator is ``(TILE_N, tile_m)`` float32; it is stored (TMA)
-and zeroed after the last K step of each weight tile. Operand types:
-NVFP4 weights with NVFP4 activations (W4A4) run in float16: the E2M1 decode is an inline-PTX
-byte permute into E4M3 (``prmt`` table look-up, sign by a second table) and one
-``cvt.rn.f16x2.e4m3x2`` per pair, and E2M1 x E4M3 block-scale products (|v| <= 2688,
->= 2**-10) are exact in float16. Everything else (W4A16 with bf16 activations, MXFP4, INT4)
-runs in bf16 with the arithmetic decode (int4 -> bf16, then the piecewise-linear E2M1 map).
-Either way every product is exact, so only the float32 accumulation order differs from the
-float32 reference. The kernel writes float32 partial sums ``(k_splits, N, M)``; one XLA fusion
-sums the splits, transposes, applies the tensor scales, the bias and the epilogue
-(tanh-GELU, gated residual) and casts.
+How the kernel computes (swap-AB, ``warpgroups`` warpgroups per CTA, grid ``(N/(TILE_N
+tiles_per_cta), M/tile_m, k_splits)``): each CTA first loads its ``(tile_m, K/k_splits)``
+slice of the activations into shared memory (TMA, once); each warpgroup then streams its share
+of the CTA's ``tiles_per_cta`` weight tiles of ``TILE_N`` rows against it through its own TMA
+pipeline, whose steps each bring ``k_tiles`` ``(TILE_N, TILE_K)`` tiles of the codes (int4;
+``prepare_weights`` stores each tile contiguously, its bytes in the order the decode wants
+them: ``_swap_byte_blocks``) and their ``(TILE_K/G, TILE_N)`` block scales. The codes are
+decoded in registers and multiplied by the block scale of each 16-wide column slice; the
+scaled tile is the register A operand of an asynchronous ``wgmma`` with the activation slice
+as B (one ``wgmma`` group per K tile on JAX >= 0.11, one per slice before), so nothing
+round-trips through shared memory. The accumulator is ``(TILE_N, tile_m)`` float32; it is
+stored (TMA) and zeroed after the last K step of each weight tile. Operand types: NVFP4
+weights with NVFP4 activations (W4A4) run in float16: the E2M1 decode is an inline-PTX byte
+permute into E4M3 (``prmt`` table look-up, sign by a second table) and one
+``cvt.rn.f16x2.e4m3x2`` per pair, and E2M1 x E4M3 block-scale products (|v| <= 2688, >=
+2**-10) are exact in float16. Everything else (W4A16 with bf16 activations, MXFP4, INT4) runs
+in bf16 with the arithmetic decode (int4 -> bf16, then the piecewise-linear E2M1 map). Either
+way every product is exact, so only the float32 accumulation order differs from the float32
+reference. The kernel writes float32 partial sums ``(k_splits, N, M)``; one XLA fusion sums
+the splits, transposes, applies the tensor scales, the bias and the epilogue (tanh-GELU, gated
+residual) and casts.
 
 W4A4 on Hopper: there are no FP4 tensor cores, so packed NVFP4 activations are decoded to
 float16 (``q * s_b``, exact) before the kernel and their tensor scale is folded into the
@@ -121,7 +122,8 @@ class PreparedWeights:
   over several tiles need this layout).
 
   Attributes:
-    codes: int4 ``(N/TILE_N, K/TILE_K, TILE_N, TILE_K)``, the uint8 codes' nibbles tiled.
+    codes: int4 ``(N/TILE_N, K/TILE_K, TILE_N, TILE_K)``, the uint8 codes' nibbles tiled,
+      the bytes of each tile row in register order (``_swap_byte_blocks``).
     scales_t: ``(N/TILE_N, K/TILE_K, TILE_K/G, TILE_N)`` block scales, tiled alike: float16
       for nvfp4 (exact: E4M3 is a subset), bf16 otherwise (exact for mxfp4's powers of two,
       rounded for int4).
@@ -151,7 +153,7 @@ class PreparedWeights:
     n, k = self.shape
     nt, kt, tn, tk = self.codes.shape
     u8 = lax.bitcast_convert_type(self.codes.reshape(nt, kt, tn, tk // 2, 2), jnp.uint8)
-    codes = u8.transpose(0, 2, 1, 3).reshape(n, k // 2)
+    codes = _swap_byte_blocks(u8).transpose(0, 2, 1, 3).reshape(n, k // 2)
     scales = self.scales_t.transpose(0, 3, 1, 2).reshape(n, k // self.group_size)
     return codes, scales
 
@@ -211,12 +213,27 @@ def prepare_weights(w_codes: jax.Array, w_scales: jax.Array, w_tensor_scale, *,
   if n % TILE_N or k % TILE_K or TILE_K % g:
     raise ValueError(f"weights (N={n}, K={k}, group {g}) must tile by ({TILE_N}, {TILE_K})")
   nt, kt = n // TILE_N, k // TILE_K
-  codes = lax.bitcast_convert_type(w_codes, jnp.int4).reshape(nt, TILE_N, kt, TILE_K)
+  codes = lax.bitcast_convert_type(_swap_byte_blocks(w_codes), jnp.int4).reshape(
+      nt, TILE_N, kt, TILE_K)
   scales = _scales_to_f32(w_scales, fmt).astype(
       jnp.float16 if fmt == "nvfp4" else jnp.bfloat16)
   scales = scales.reshape(nt, TILE_N, kt, TILE_K // g)
   return PreparedWeights(codes.transpose(0, 2, 1, 3), scales.transpose(0, 2, 3, 1),
                          jnp.asarray(w_tensor_scale, jnp.float32), fmt, g)
+
+
+def _swap_byte_blocks(u8):
+  """Transposes each 16-byte block of ``(..., K/2)`` uint8 codes as a 4 x 4 array (byte
+  ``4a + i`` <-> byte ``4i + a``); its own inverse.
+
+  The kernel's weight tiles are stored so: a thread's 32-bit word of a ``WGMMA_UPCAST_4X``
+  load (lane ``a`` of its row gets bytes ``4a .. 4a + 3`` of each 16-byte block) then holds
+  columns ``(8i + 2a, 8i + 2a + 1)`` of that block in its byte ``i``, which are exactly the
+  columns of its WGMMA-layout register of column tile ``i``: the decode writes WGMMA
+  registers directly, with no cross-lane relayout (``test_register_order_*``).
+  """
+  shape = u8.shape
+  return u8.reshape(*shape[:-1], shape[-1] // 16, 4, 4).swapaxes(-1, -2).reshape(shape)
 
 
 def _decode_values(codes_u8, fmt: str):
@@ -488,47 +505,68 @@ cvt.rn.f16x2.e4m3x2 $3, h3;
 }"""
 
 
-def _e2m1_to_f16_registers(codes):
-  """Mosaic GPU: int4 ``FragmentedArray`` of E2M1 nibbles (WGMMA layout) -> float16 values.
+def _wgmma_index(idx, i):
+  """WGMMA-layout register index of pair ``i`` of the ``WGMMA_UPCAST_4X`` register ``idx``
+  (tile storage order of ``_swap_byte_blocks``): column tile ``4 idx[1] + i``, same rows."""
+  return (idx[0], 4 * idx[1] + i, *idx[2:])
 
-  Each WGMMA-layout register holds two consecutive columns. The relayout from
-  ``WGMMA_UPCAST_4X`` cuts every 32-bit word into the registers of four consecutive column
-  tiles (register axis 1); concatenating those four again gives LLVM the original word back
-  (no instructions), so each word is decoded once, 8 nibbles at a time. (Decoding register by
-  register ran the 8-nibble decode on 2 nibbles: 4x the instructions, H200 PTX, version 7.)
+
+def _to_wgmma_registers(vals):
+  """Mosaic GPU: 16-bit ``WGMMA_UPCAST_4X`` ``FragmentedArray`` (8 values per register) of a
+  tile stored in register order -> the WGMMA layout, by renaming register slices."""
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415 (only while lowering)
+  from jax.experimental.mosaic.gpu import fragmented_array as fa  # noqa: PLC0415
+  regs = vals.registers
+  out = np.empty((regs.shape[0], 4 * regs.shape[1], *regs.shape[2:]), dtype=object)
+  for idx, reg in np.ndenumerate(regs):
+    for i in range(4):
+      out[_wgmma_index(idx, i)] = mgpu.utils.vector_slice(reg, slice(2 * i, 2 * i + 2))
+  return type(vals)(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _e2m1_to_f16_registers(codes):
+  """Mosaic GPU: int4 ``WGMMA_UPCAST_4X`` ``FragmentedArray`` of E2M1 nibbles (a tile stored
+  in register order) -> float16 values in the WGMMA layout.
+
+  Each register is one 32-bit word of 8 nibbles; the inline PTX decodes it into four f16x2
+  words, which are the WGMMA registers of four column tiles (``_wgmma_index``). Decoding
+  after Mosaic's relayout instead cost 16 shuffles and 16 byte permutes per K tile and
+  thread, and register by register it ran the 8-nibble decode on 2 nibbles (version 7).
   """
   from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
   from jax._src.lib.mlir.dialects import llvm  # noqa: PLC0415
   from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import fragmented_array as fa  # noqa: PLC0415
   i32 = ir.IntegerType.get_signless(32)
   pair_ty = ir.VectorType.get((2,), ir.F16Type.get())
   regs = codes.registers
-  if regs.shape[1] % 4:
-    raise NotImplementedError(f"register array {regs.shape}: axis 1 must group by 4")
-  out = np.empty_like(regs)
-  for idx in np.ndindex(regs.shape):
-    if idx[1] % 4:
-      continue
-    group = [(idx[0], idx[1] + i, *idx[2:]) for i in range(4)]
-    word = mgpu.utils.bitcast(mgpu.utils.vector_concat([regs[j] for j in group]), i32)
-    res = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4), [word],
-                          _E2M1_TO_F16X2_PTX, "=r,=r,=r,=r,r")
-    for i, j in enumerate(group):
-      out[j] = mgpu.utils.bitcast(llvm.extractvalue(i32, res, [i]), pair_ty)
-  return type(codes)(_registers=out, _layout=codes.layout, _is_signed=None)
+  out = np.empty((regs.shape[0], 4 * regs.shape[1], *regs.shape[2:]), dtype=object)
+  for idx, reg in np.ndenumerate(regs):
+    res = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4),
+                          [mgpu.utils.bitcast(reg, i32)], _E2M1_TO_F16X2_PTX,
+                          "=r,=r,=r,=r,r")
+    for i in range(4):
+      out[_wgmma_index(idx, i)] = mgpu.utils.bitcast(llvm.extractvalue(i32, res, [i]), pair_ty)
+  return type(codes)(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
 def _decode(codes_ref, rows: int, tk: int, fmt: str, dtype, interpret: bool):
-  """Unscaled element values of a ``(rows, tk)`` int4 SMEM tile, in ``dtype`` (WGMMA layout)."""
-  lc = _layout_cast(interpret)
-  codes = lc(lc(codes_ref[...], plgpu.Layout.WGMMA_UPCAST_4X), plgpu.Layout.WGMMA)
-  if fmt == "nvfp4" and dtype == jnp.float16 and not interpret:
-    decode = plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA,),
-        return_type=plgpu.ShapeDtypeStruct((rows, tk), jnp.float16, plgpu.Layout.WGMMA))(
-            lambda _, c: _e2m1_to_f16_registers(c))
-    return decode(codes)
-  v = codes.astype(jnp.bfloat16)
+  """Unscaled element values of a ``(rows, tk)`` int4 SMEM tile stored in register order
+  (``_swap_byte_blocks``), in ``dtype``, WGMMA layout, logical column order."""
+  if interpret:  # plain jnp: undo the storage order
+    v = codes_ref[...].astype(jnp.bfloat16).reshape(rows, tk // 32, 4, 4, 2)
+    v = v.swapaxes(2, 3).reshape(rows, tk)
+  else:
+    codes = plgpu.layout_cast(codes_ref[...], plgpu.Layout.WGMMA_UPCAST_4X)
+    if fmt == "nvfp4" and dtype == jnp.float16:
+      return plgpu.inline_mgpu(
+          arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+          return_type=plgpu.ShapeDtypeStruct((rows, tk), jnp.float16, plgpu.Layout.WGMMA))(
+              lambda _, c: _e2m1_to_f16_registers(c))(codes)
+    v = plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+        return_type=plgpu.ShapeDtypeStruct((rows, tk), jnp.bfloat16, plgpu.Layout.WGMMA))(
+            lambda _, c: _to_wgmma_registers(c))(codes.astype(jnp.bfloat16))
   if fmt != "int4":
     v = _e2m1_from_signed(v)
   return v if dtype == jnp.bfloat16 else v.astype(dtype)

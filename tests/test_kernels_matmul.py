@@ -224,3 +224,59 @@ def test_default_config_is_valid(m, k, n):
   if m < fm.XLA_MIN_M:
     ctas = n // fm.TILE_N // cfg.tiles_per_cta * -(-m // cfg.tile_m) * cfg.k_splits
     assert 132 <= ctas <= 132 * (fm.SMEM_BYTES // fm.smem_bytes(cfg, k))
+
+
+def _element_coords(layout, shape):
+  """{(thread, register index): [(row, col) of each vector element]} of a Mosaic GPU
+  ``TiledLayout``: ``TiledLayout.thread_idxs`` evaluated with integers."""
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  contig = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+  strides = layout.tiling.tile_strides(contig)
+  dyn = strides[-layout.tiled_tiling_rank:]
+  tshape = layout.tiled_tiling_shape
+
+  def delinearize(idx, dims):
+    sizes = [d.times if isinstance(d, fa.Replicated) else tshape[d] for d in dims]
+    full = [0] * layout.tiled_tiling_rank
+    for j, (d, size) in enumerate(zip(dims, sizes)):
+      if not isinstance(d, fa.Replicated):
+        full[d] = idx // int(np.prod(sizes[j + 1:])) % size
+    return full
+
+  out = {}
+  for t in range(128):
+    base = [a + b for a, b in zip(delinearize(t // 32 % 4, layout.warp_dims),
+                                  delinearize(t % 32, layout.lane_dims))]
+    off = sum(i * s for i, s in zip(base, dyn))
+    for idx in np.ndindex(layout.registers_shape(shape)):
+      row, col = divmod(off + sum(i * s for i, s in zip(idx, strides)), shape[1])
+      out[t, idx] = [(row, col + e) for e in range(layout.vector_length)]
+  return out
+
+
+def test_register_order_matches_mosaic_layouts():
+  """The kernel decodes each ``WGMMA_UPCAST_4X`` word of a tile stored by
+  ``_swap_byte_blocks`` straight into WGMMA registers (``_wgmma_index``). Checked against
+  Mosaic GPU's layouts, and the WGMMA layout against the PTX ISA's m64nNk16 A fragment
+  (thread t: row 16 (t // 32) + (t % 32) // 4 (+ 8), columns 8 j + 2 (t % 4) (+ 1))."""
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  shape = (fm.TILE_N, fm.TILE_K)
+  up = _element_coords(fa.WGMMA_LAYOUT_UPCAST_4X, shape)
+  wg = _element_coords(fa.WGMMA_LAYOUT, shape)
+  for (t, idx), els in wg.items():
+    row = 16 * (t // 32) + (t % 32) // 4 + 8 * idx[4]
+    assert els == [(row, 8 * idx[1] + 2 * (t % 4) + b) for b in range(2)]
+  # Column c of a stored tile holds logical column logical[c].
+  logical = np.asarray(fm._swap_byte_blocks(np.arange(shape[1] // 2, dtype=np.uint8)))
+  logical = (2 * logical[:, None] + np.arange(2)).reshape(-1)
+  for (t, idx), els in up.items():
+    for i in range(4):
+      got = [(r, int(logical[c])) for r, c in els[2 * i:2 * i + 2]]
+      assert got == wg[t, fm._wgmma_index(idx, i)]
+
+
+def test_swap_byte_blocks_is_an_involution():
+  x = np.random.default_rng(0).integers(0, 256, (3, 128), dtype=np.uint8)
+  y = np.asarray(fm._swap_byte_blocks(x))
+  assert not np.array_equal(x, y)
+  np.testing.assert_array_equal(np.asarray(fm._swap_byte_blocks(y)), x)

@@ -12,6 +12,7 @@ Hadamard); writes ``diag_large_m.json`` and the optimized HLO.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import os
@@ -50,7 +51,8 @@ def main():
   p.add_argument("--shapes", default="4608x3072x12288,4608x12288x3072,4608x3072x3072")
   p.add_argument("--tag", default="")
   args = p.parse_args()
-  res = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
+  res = dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
+             device=jax.devices()[0].device_kind,
              xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
   key = jax.random.key(0)
   for shape in args.shapes.split(","):

@@ -1,0 +1,111 @@
+"""Tiling sweep of the small-M FP4 matmul kernel on one GPU (what ``default_config`` is
+tuned from).
+
+    python benchmarks/sweep_matmul.py --out DIR [--shapes 16x3072x12288,...] [--limit 40]
+
+For each ``MxKxN``: ``default_config``'s tiling and the others of ``candidates`` (at most
+``--limit``), timed as
+the whole ``fp4_matmul`` W4A4 call (activation decode, kernel, split-K sum: what a user
+runs) with ``bench_kernels``' timer (CUPTI kernel time, median, R weight buffers per call
+beyond L2, memory poisoned first) and checked against the float32 reference like there.
+Writes ``sweep_<device>_<date>.json`` after every config; prints the five fastest per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_kernels as bk  # noqa: E402
+from bench_kernels import fm, gn  # noqa: E402
+
+DEFAULT_SHAPES = "16x3072x12288,16x12288x3072,64x3072x12288"
+
+
+def candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
+  """Tilings for one shape: ``default_config``'s first, then every (split-K, tiles per CTA)
+  whose CTAs fill at least 90% of their waves (1-3 per SM, all resident at once), each with
+  pipeline depth 4 and 8, two K tiles per step, and two warpgroups, where they differ."""
+  base = fm.default_config(m, n, k)
+  nt, kt = n // fm.TILE_N, k // fm.TILE_K
+  mt = -(-m // base.tile_m)
+  out = [base]
+  for splits in fm._divisors(kt):
+    for tiles in fm._divisors(nt):
+      ctas = nt // tiles * mt * splits
+      per_sm = -(-ctas // num_sms)
+      if per_sm > 3 or ctas < 0.9 * per_sm * num_sms:
+        continue
+      ks = kt // splits
+      for k_tiles, depth, wgs in ((1, 4, 1), (1, 8, 1), (2, 4, 1), (1, 4, 2)):
+        if ks % k_tiles or tiles % wgs or depth > tiles // wgs * ks // k_tiles:
+          continue
+        cfg = dataclasses.replace(base, k_splits=splits, tiles_per_cta=tiles, k_tiles=k_tiles,
+                                  max_concurrent_steps=depth, warpgroups=wgs)
+        if cfg not in out and fm.SMEM_BYTES // fm.smem_bytes(cfg, k) >= per_sm:
+          out.append(cfg)
+  return out[:limit]
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", default=os.environ.get("OUT", "."))
+  p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated MxKxN")
+  p.add_argument("--limit", type=int, default=40, help="configs per shape")
+  args = p.parse_args()
+  dev = jax.devices()[0]
+  date = datetime.date.today().isoformat()
+  path = os.path.join(args.out, f"sweep_{dev.device_kind.replace(' ', '_')}_{date}.json")
+  res = dict(device=dev.device_kind, jax_version=jax.__version__, date=date, rows=[])
+  timer = bk.Timer(False)
+  key = jax.random.key(3)
+  for shape in args.shapes.split(","):
+    m, k, n = (int(v) for v in shape.split("x"))
+    reps = bk._reps(fm.weight_bytes(n, k))
+    q = [bk._rand_weights(jax.random.fold_in(key, i), n, k) for i in range(reps)]
+    pws = [fm.prepare_weights(*qi) for qi in q]
+    qa = gn.quantize_nvfp4(bk._rand_act(jax.random.fold_in(key, 99), m, k))
+    ref = np.asarray(jnp.dot(fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4"),
+                             fm.dequantize(*q[0], "nvfp4").T,
+                             precision=jax.lax.Precision.HIGHEST), np.float64)
+    args_ = (qa.codes, qa.scales, qa.tensor_scale, pws)
+    bf16 = [jax.random.normal(jax.random.fold_in(key, 50 + i), (k, n), jnp.bfloat16)
+            for i in range(bk._reps(n * k * 2))]
+    a16 = bk._rand_act(key, m, k)
+    t_bf16 = timer(jax.jit(lambda a, ws: [a @ w for w in ws]), (a16, bf16), len(bf16))[0]
+    rows = []
+    for i, cfg in enumerate(candidates(m, n, k, args.limit)):
+      row = dict(m=m, k=k, n=n, config=dataclasses.asdict(cfg), default=i == 0,
+                 xla_bf16_kernel_us=t_bf16)
+      try:
+        kern, wall, out = timer(bk._ours("kernel", cfg), args_, reps)
+        o = np.asarray(out[0], np.float64)
+        rel = float(np.linalg.norm(o - ref) / np.linalg.norm(ref))
+        row.update(kernel_us=kern, wall_us=wall, rel_err=rel,
+                   ok=bool(np.isfinite(o).all()) and rel <= bk.REL_TOL)
+      except Exception as e:  # keep going: a config may fail to compile
+        row.update(kernel_us=float("nan"), ok=False, error=f"{type(e).__name__}: {e}"[:300])
+      rows.append(row)
+      res["rows"].append(row)
+      with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    good = sorted((r for r in rows if r["ok"]), key=lambda r: r["kernel_us"])
+    print(f"{m}x{k}x{n}: bf16 {t_bf16:.1f} us, default {rows[0]['kernel_us']:.1f} us, "
+          f"{len(rows)} configs ({sum(not r['ok'] for r in rows)} failed)")
+    for r in good[:5]:
+      c = r["config"]
+      print(f"  {r['kernel_us']:6.1f} us  splits {c['k_splits']:3d} tiles {c['tiles_per_cta']:3d}"
+            f" kt {c['k_tiles']} depth {c['max_concurrent_steps']} wg {c['warpgroups']}")
+
+
+if __name__ == "__main__":
+  main()

@@ -280,3 +280,68 @@ def test_swap_byte_blocks_is_an_involution():
   y = np.asarray(fm._swap_byte_blocks(x))
   assert not np.array_equal(x, y)
   np.testing.assert_array_equal(np.asarray(fm._swap_byte_blocks(y)), x)
+
+
+def _run_ptx(text: str, ins: list[int], n_out: int) -> list[int]:
+  """Runs the integer PTX of an inline-asm block on Python ints (the instructions the E2M1
+  decode uses, with their PTX ISA semantics); ``$i`` are the outputs, then the inputs."""
+  import ml_dtypes
+  regs = {f"${n_out + i}": v for i, v in enumerate(ins)}
+  val = lambda o: int(o, 0) if o[0].isdigit() else regs[o]  # noqa: E731
+  for line in text.splitlines():
+    line = line.strip().rstrip(";")
+    if not line or line[0] in "{}.":
+      continue
+    op, args = line.split(None, 1)
+    if op == "mov.b32" and args.startswith("{"):  # split a b32 into two b16
+      dst, src = args.split("},")
+      lo, hi = (d.strip() for d in dst.strip("{ ").split(","))
+      regs[lo], regs[hi] = val(src.strip()) & 0xFFFF, val(src.strip()) >> 16
+      continue
+    d, *a = (x.strip() for x in args.split(","))
+    if op == "mov.b32":
+      r = val(a[0])
+    elif op == "and.b32":
+      r = val(a[0]) & val(a[1])
+    elif op == "or.b32":
+      r = val(a[0]) | val(a[1])
+    elif op == "shr.u32":
+      r = val(a[0]) >> val(a[1])
+    elif op == "shl.b32":
+      r = (val(a[0]) << val(a[1])) & 0xFFFFFFFF
+    elif op == "prmt.b32":  # byte i: selector nibble i picks a byte of {b, a}; bit 3: sign
+      src = val(a[0]) | val(a[1]) << 32
+      r = 0
+      for i in range(4):
+        sel = (val(a[2]) >> 4 * i) & 15
+        byte = (src >> 8 * (sel & 7)) & 0xFF
+        r |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << 8 * i
+    elif op == "lop3.b32":  # bit-wise look-up: result bit = lut[4 a + 2 b + c]
+      x, y, z, lut = (val(v) for v in a)
+      r = 0
+      for bit in range(32):
+        i = 4 * (x >> bit & 1) + 2 * (y >> bit & 1) + (z >> bit & 1)
+        r |= (lut >> i & 1) << bit
+    elif op == "cvt.rn.f16x2.e4m3x2":  # two E4M3 bytes -> two float16, low byte first
+      h = np.array([val(a[0]) & 0xFF, val(a[0]) >> 8], np.uint8).view(ml_dtypes.float8_e4m3fn)
+      f = h.astype(np.float16).view(np.uint16)
+      r = int(f[0]) | int(f[1]) << 16
+    else:
+      raise NotImplementedError(op)
+    regs[d] = r
+  return [regs[f"${i}"] for i in range(n_out)]
+
+
+def test_e2m1_ptx_decodes_words():
+  """The kernel's inline-PTX E2M1 decode, run instruction by instruction (``_run_ptx``) on
+  stored 32-bit words, gives the float16 E2M1 values of the word's 8 nibbles in order, for
+  every nibble value in every slot."""
+  rng = np.random.default_rng(0)
+  words = np.concatenate([rng.integers(0, 2**32, 48, dtype=np.uint64),
+                          [0x76543210, 0xFEDCBA98, 0x89ABCDEF, 0xFFFFFFFF, 0]]).astype(np.uint32)
+  for w in words:
+    out = _run_ptx(fm._E2M1_TO_F16X2_PTX, [int(w)], 4)
+    got = np.array(out, np.uint32).view(np.float16).astype(np.float32)
+    nib = np.array([(int(w) >> 4 * j) & 15 for j in range(8)])
+    want = np.asarray(fm._nibble_values(jnp.asarray(nib), "nvfp4"))
+    np.testing.assert_array_equal(got, want, err_msg=f"word {int(w):#010x}")

@@ -159,15 +159,18 @@ def _candidates(m, n, k, interpret):
   c = {"ours_w4a4_xla": ("xla", None)}
   if m <= 64 and not interpret:  # kernels under the interpreter inside jit hang on the CPU
     seen = set()
-    # default_config's tiling, then for other CTAs per SM, per k_tiles and warpgroups per CTA
-    for wgs, kt, occ in [(1, kt, occ) for kt in (1, 2) for occ in (None, 2, 3, 4)] + [
-        (2, kt, occ) for kt in (1, 2) for occ in (None, 2)]:
+    # default_config's tiling, then with two K tiles per step, 4 CTAs per SM, two warpgroups
+    # per CTA (the variants that were best or tied in versions 7 and 8), and overlap_wgmma
+    for wgs, kt, occ in [(1, 1, None), (1, 2, None), (1, 1, 4), (1, 2, 4), (2, 1, None)]:
       cfg = fm.default_config(m, n, k, ctas_per_sm=occ, k_tiles=kt, warpgroups=wgs)
       if cfg not in seen:
         seen.add(cfg)
         c["ours_w4a4_kernel" + ("" if wgs == 1 else f"_wg{wgs}")
           + ("" if occ is None else f"_occ{occ}") + ("" if kt == 1 else f"_kt{kt}")] = (
               "kernel", cfg)
+    for kt in (1, 2):  # one wgmma group kept in flight (overlap_wgmma)
+      cfg = dataclasses.replace(fm.default_config(m, n, k, k_tiles=kt), overlap_wgmma=True)
+      c["ours_w4a4_kernel" + ("" if kt == 1 else f"_kt{kt}") + "_ovl"] = ("kernel", cfg)
   return c
 
 

@@ -98,6 +98,9 @@ class MatmulConfig:
       CTA's weight tiles through its own pipeline against the one activation slice (more
       warps per SM for the same shared memory).
     max_concurrent_steps: TMA pipeline depth (per warpgroup).
+    overlap_wgmma: keep each step's ``wgmma`` group in flight while the next step waits for
+      its weights and decodes them (``wgmma_wait(1)``), refilling a slot once the group that
+      read it has completed, one step later; False waits for every group before the refill.
     m_major: keep the activations ``(M, K)`` (TMA rows of ``2 * TILE_K`` bytes) and let the
       ``wgmma`` read B transposed, instead of transposing them to ``(K, M)`` in XLA first
       (rows of ``2 * tile_m`` bytes). GPU only (JAX >= 0.11); ignored under the interpreter.
@@ -110,6 +113,7 @@ class MatmulConfig:
   warpgroups: int = 1
   max_concurrent_steps: int = 4
   m_major: bool = False
+  overlap_wgmma: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -602,14 +606,13 @@ def _scaled_slices(vals, scales_ref, g: int, dtype, interpret: bool):
 
 
 def _register_wgmma(acc_ref, slices, at_smem, m_major: bool):
-  """``acc += concat(slices) @ activation tile``, A from registers."""
+  """``acc += concat(slices) @ activation tile``, A from registers (asynchronous)."""
   if _REGISTER_CONCAT:  # one wgmma group over the whole K step
     b = plgpu.transpose_ref(at_smem, (1, 0)) if m_major else at_smem
     plgpu.wgmma(acc_ref, jnp.concatenate(slices, axis=1), b)
   else:  # JAX < 0.11 lowers no concatenate: one group per 16-column slice, (K, M) only
     for j, wj in enumerate(slices):
       plgpu.wgmma(acc_ref, wj, at_smem.at[pl.ds(16 * j, 16)])
-  plgpu.wgmma_wait(0)
 
 
 def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m_major: bool):
@@ -632,6 +635,9 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   tile_steps = k_steps // kt         # pipeline steps per weight tile
   n_steps = tiles // nwg * tile_steps  # pipeline steps per warpgroup
   depth = min(config.max_concurrent_steps, n_steps)
+  # With overlap, a slot is refilled one step after it was read (its wgmma group completes
+  # then), so the pipeline needs two slots to overlap anything.
+  overlap = config.overlap_wgmma and depth > 1
   lc = _layout_cast(interpret)
 
   def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, act_smem, wq_smem, ws_smem, out_smem,
@@ -676,13 +682,20 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
                                     preferred_element_type=jnp.float32)
           else:
             _register_wgmma(acc_ref, slices, act_smem.at[kk * kt + j], m_major)
+        if not interpret:
+          plgpu.wgmma_wait(1 if overlap else 0)
+        # Refill a slot once the wgmma group that read it has completed (every warp of the
+        # warpgroup is then past its decode): this step's, or with overlap the previous one's.
+        done = i - 1 if overlap else i
 
-        @pl.when(i + depth < n_steps)  # the slot is free: its wgmma has completed
+        @pl.when((done >= 0) & (done + depth < n_steps))
         def _refill():
-          fetch(i + depth, slot)
+          fetch(done + depth, lax.rem(done, depth))
 
         @pl.when(kk == tile_steps - 1)
         def _store_tile():
+          if overlap and not interpret:
+            plgpu.wgmma_wait(0)
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
           out_smem.at[wg][...] = acc_ref[...]
           acc_ref[...] = zeros()

@@ -48,20 +48,22 @@ class KernelCases:
   def run(self, fn):
     return fn()
 
-  def config(self, splits=1, tiles=1, k_tiles=1, wgs=1):
+  def config(self, splits=1, tiles=1, k_tiles=1, wgs=1, ovl=False):
     if self.method == "xla":
       return None
     return fm.MatmulConfig(tile_m=16, k_splits=splits, tiles_per_cta=tiles, k_tiles=k_tiles,
-                           warpgroups=wgs, m_major=self.m_major)
+                           warpgroups=wgs, m_major=self.m_major, overlap_wgmma=ovl)
 
   # N = 128 is two weight tiles: tiles=2 streams both through one CTA (wgs=2: one per
-  # warpgroup); k_tiles=2 copies two K tiles per pipeline step.
-  @pytest.mark.parametrize("fmt,m,k,splits,tiles,k_tiles,wgs", [
-      ("nvfp4", 5, 512, 2, 1, 2, 1), ("mxfp4", 20, 256, 1, 2, 1, 1),
-      ("int4", 3, 256, 1, 1, 2, 1), ("nvfp4", 17, 512, 1, 2, 2, 2)])
-  def test_w4a16_matches_reference(self, fmt, m, k, splits, tiles, k_tiles, wgs):
+  # warpgroup); k_tiles=2 copies two K tiles per pipeline step; ovl: overlap_wgmma, with
+  # more pipeline steps than slots, so that slots are refilled.
+  @pytest.mark.parametrize("fmt,m,k,splits,tiles,k_tiles,wgs,ovl", [
+      ("nvfp4", 5, 512, 2, 1, 2, 1, False), ("mxfp4", 20, 256, 1, 2, 1, 1, False),
+      ("int4", 3, 256, 1, 1, 2, 1, False), ("nvfp4", 17, 512, 1, 2, 2, 2, False),
+      ("nvfp4", 9, 512, 1, 2, 1, 1, True)])
+  def test_w4a16_matches_reference(self, fmt, m, k, splits, tiles, k_tiles, wgs, ovl):
     a, qt = _case(m, m, 128, k, fmt)
-    cfg = self.config(splits, tiles, k_tiles, wgs)
+    cfg = self.config(splits, tiles, k_tiles, wgs, ovl)
     out = self.run(lambda: fm.fp4_matmul(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt,
                                          out_dtype=jnp.float32, config=cfg,
                                          method=self.method, interpret=self.interpret))
@@ -71,9 +73,10 @@ class KernelCases:
     assert np.isfinite(np.asarray(out)).all()
     assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt, extra)).all()
 
-  @pytest.mark.parametrize("m,k,splits,tiles,k_tiles,wgs", [
-      (9, 256, 1, 2, 1, 1), (42, 512, 1, 2, 2, 1), (21, 512, 2, 2, 1, 2)])
-  def test_w4a4_nvfp4_epilogue(self, m, k, splits, tiles, k_tiles, wgs):
+  @pytest.mark.parametrize("m,k,splits,tiles,k_tiles,wgs,ovl", [
+      (9, 256, 1, 2, 1, 1, False), (42, 512, 1, 2, 2, 1, False), (21, 512, 2, 2, 1, 2, False),
+      (21, 1024, 1, 2, 2, 1, True), (12, 1024, 1, 2, 1, 2, True)])
+  def test_w4a4_nvfp4_epilogue(self, m, k, splits, tiles, k_tiles, wgs, ovl):
     n = 128
     a, qt = _case(7, m, n, k, "nvfp4")
     qa = gn.quantize_nvfp4(a)
@@ -84,7 +87,7 @@ class KernelCases:
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias,
               epilogue="gelu_tanh", gate=gate, residual=res, out_dtype=jnp.float32)
     out = self.run(lambda: fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
-                                         config=self.config(splits, tiles, k_tiles, wgs),
+                                         config=self.config(splits, tiles, k_tiles, wgs, ovl),
                                          method=self.method, **kw,
                                          interpret=self.interpret))
     ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
@@ -195,13 +198,14 @@ def test_bad_input_raises(kwargs, match):
 
 
 @pytest.mark.parametrize("fmt,packed", [("nvfp4", True), ("nvfp4", False), ("mxfp4", False)])
-@pytest.mark.parametrize("m_major,wgs", [(True, 1), (False, 1), (True, 2)])
-def test_kernel_lowers_for_cuda(fmt, packed, m_major, wgs):
+@pytest.mark.parametrize("m_major,wgs,ovl", [(True, 1, False), (False, 1, False), (True, 2, False),
+                                            (True, 1, True), (False, 2, True)])
+def test_kernel_lowers_for_cuda(fmt, packed, m_major, wgs, ovl):
   """The GPU path (register A operand, inline-PTX E2M1 decode, resident activation slice,
   per-tile accumulator stores) lowers to Mosaic GPU; the interpreter runs another decode."""
   a, qt = _case(5, 20, 256, 512, fmt)
   cfg = fm.MatmulConfig(tile_m=16, k_splits=1, tiles_per_cta=2, k_tiles=2, warpgroups=wgs,
-                        m_major=m_major)
+                        m_major=m_major, overlap_wgmma=ovl)
   kw = {}
   if packed:
     qa = gn.quantize_nvfp4(a)

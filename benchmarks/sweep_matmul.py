@@ -23,6 +23,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk  # noqa: E402
@@ -86,7 +87,7 @@ def main():
     a16 = bk._rand_act(key, m, k)
     t_bf16 = timer(jax.jit(lambda a, ws: [a @ w for w in ws]), (a16, bf16), len(bf16))[0]
     rows = []
-    for i, cfg in enumerate(candidates(m, n, k, args.limit)):
+    for i, cfg in enumerate(tqdm(candidates(m, n, k, args.limit), desc=shape)):
       row = dict(m=m, k=k, n=n, config=dataclasses.asdict(cfg), default=i == 0,
                  xla_bf16_kernel_us=t_bf16)
       try:

@@ -682,8 +682,10 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
                                     preferred_element_type=jnp.float32)
           else:
             _register_wgmma(acc_ref, slices, act_smem.at[kk * kt + j], m_major)
-        if not interpret:
-          plgpu.wgmma_wait(1 if overlap else 0)
+            if not overlap:
+              plgpu.wgmma_wait(0)
+        if overlap and not interpret:
+          plgpu.wgmma_wait(1)
         # Refill a slot once the wgmma group that read it has completed (every warp of the
         # warpgroup is then past its decode): this step's, or with overlap the previous one's.
         done = i - 1 if overlap else i

@@ -11,6 +11,7 @@ bf16 rounding each (relative <= 2**-8), adding 2**-8 * sum_k |a_k w_k|.
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -289,7 +290,6 @@ def test_swap_byte_blocks_is_an_involution():
 def _run_ptx(text: str, ins: list[int], n_out: int) -> list[int]:
   """Runs the integer PTX of an inline-asm block on Python ints (the instructions the E2M1
   decode uses, with their PTX ISA semantics); ``$i`` are the outputs, then the inputs."""
-  import ml_dtypes
   regs = {f"${n_out + i}": v for i, v in enumerate(ins)}
   val = lambda o: int(o, 0) if o[0].isdigit() else regs[o]  # noqa: E731
   for line in text.splitlines():

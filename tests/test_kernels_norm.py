@@ -101,7 +101,6 @@ def test_e4m3_block_scale_matches_formats_at_every_midpoint(s_t):
   """``amax`` at ``fl(midpoint * d)`` of every E4M3 midpoint, at its float32 neighbours, at
   the E4M3 values and beyond the range: the kernels' arithmetic rounding equals
   ``pqjax.formats``' table search."""
-  from pqjax import formats as fmt
   e4m3 = np.arange(1, 127, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
   mids = (e4m3[1:] + e4m3[:-1]) / 2
   d = np.float32(6) * np.float32(s_t)
@@ -109,5 +108,5 @@ def test_e4m3_block_scale_matches_formats_at_every_midpoint(s_t):
   amax = np.concatenate([t, np.nextafter(t, 0), np.nextafter(t, np.inf), [0.0]])
   amax = jnp.asarray(amax.astype(np.float32))
   got = jax.jit(gn.e4m3_block_scale)(amax, jnp.float32(d), jnp.float32(1) / jnp.float32(d))
-  want = jnp.where(amax == 0, 1.0, fmt._nearest_e4m3(amax, jnp.float32(d)))  # noqa: SLF001
+  want = jnp.where(amax == 0, 1.0, formats._nearest_e4m3(amax, jnp.float32(d)))  # noqa: SLF001
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

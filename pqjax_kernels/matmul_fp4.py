@@ -670,9 +670,9 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
       if interpret:
         acc_ref[...] = zeros()
 
-      def step(i, carry):
+      def step(i, kk):
+        """Pipeline step ``i``: K step ``kk`` of its weight tile."""
         slot = lax.rem(i, depth)
-        kk = lax.rem(i, tile_steps)
         plgpu.barrier_wait(w_barrier.at[wg * depth + slot])
         for j in range(kt):
           vals = _decode(wq_smem.at[wg, slot, j], tn, tk, w.fmt, dtype, interpret)
@@ -694,19 +694,34 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         def _refill():
           fetch(done + depth, lax.rem(done, depth))
 
-        @pl.when(kk == tile_steps - 1)
-        def _store_tile():
-          if overlap and not interpret:
-            plgpu.wgmma_wait(0)
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
-          out_smem.at[wg][...] = acc_ref[...]
-          acc_ref[...] = zeros()
-          plgpu.commit_smem()
-          tile = first_tile + i // tile_steps
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[si, pl.ds(tile * tn, tn), m_sl])
+      # One loop per weight tile, so that the accumulator is stored and zeroed only between
+      # the K loops: zeroing it inside the loop that keeps a wgmma in flight makes ptxas
+      # serialize every wgmma (C7515). With overlap the K loop is unrolled by two: a step's
+      # decode must not write the registers the previous step's wgmma (still in flight)
+      # reads, which one loop body's step would (PTX leaves that undefined; on an H200 it
+      # gave wrong sums).
+      unroll = 2 if overlap and tile_steps > 1 else 1
+
+      def weight_tile(t, carry):
+        def k_steps(kp, c):
+          for u in range(unroll):
+            step(t * tile_steps + kp * unroll + u, kp * unroll + u)
+          return c
+
+        lax.fori_loop(0, tile_steps // unroll, k_steps, None)
+        if tile_steps % unroll:  # the odd last step: its own code, so its own registers
+          step(t * tile_steps + tile_steps - 1, tile_steps - 1)
+        if overlap and not interpret:
+          plgpu.wgmma_wait(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
+        out_smem.at[wg][...] = acc_ref[...]
+        acc_ref[...] = zeros()
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                out_gmem.at[si, pl.ds((first_tile + t) * tn, tn), m_sl])
         return carry
 
-      lax.fori_loop(0, n_steps, step, None)
+      lax.fori_loop(0, tiles // nwg, weight_tile, None)
 
     # The interpreter accumulates in shared memory (it cannot store to a wgmma accumulator).
     if interpret:

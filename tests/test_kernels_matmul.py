@@ -9,6 +9,8 @@ For int4 the kernel rounds the float32 scales to bf16 (relative 2**-9 per weight
 bf16 rounding each (relative <= 2**-8), adding 2**-8 * sum_k |a_k w_k|.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -57,11 +59,12 @@ class KernelCases:
 
   # N = 128 is two weight tiles: tiles=2 streams both through one CTA (wgs=2: one per
   # warpgroup); k_tiles=2 copies two K tiles per pipeline step; ovl: overlap_wgmma, with
-  # more pipeline steps than slots, so that slots are refilled.
+  # more pipeline steps than slots, so that slots are refilled (K = 384: an odd number of
+  # steps per weight tile, past the K loop unrolled by two).
   @pytest.mark.parametrize("fmt,m,k,splits,tiles,k_tiles,wgs,ovl", [
       ("nvfp4", 5, 512, 2, 1, 2, 1, False), ("mxfp4", 20, 256, 1, 2, 1, 1, False),
       ("int4", 3, 256, 1, 1, 2, 1, False), ("nvfp4", 17, 512, 1, 2, 2, 2, False),
-      ("nvfp4", 9, 512, 1, 2, 1, 1, True)])
+      ("nvfp4", 9, 512, 1, 2, 1, 1, True), ("nvfp4", 9, 384, 1, 2, 1, 1, True)])
   def test_w4a16_matches_reference(self, fmt, m, k, splits, tiles, k_tiles, wgs, ovl):
     a, qt = _case(m, m, 128, k, fmt)
     cfg = self.config(splits, tiles, k_tiles, wgs, ovl)
@@ -109,6 +112,30 @@ class TestKernelsMMajorGPU(KernelCases):
   """Activations kept (M, K), B read transposed by the wgmma (GPU only)."""
 
   m_major = True
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ovl", [False, True])
+@pytest.mark.parametrize("m,k,n,k_tiles", [(16, 3072, 12288, 1), (64, 12288, 3072, 1),
+                                           (16, 3072, 12288, 2), (64, 3072, 12288, 1)])
+def test_w4a4_dit_shapes_gpu(m, k, n, k_tiles, ovl):
+  """``default_config``'s tiling at DiT shapes, where every CTA runs many pipeline steps
+  concurrently with the others (the small cases above run a handful): a register race, such
+  as a decode overwriting the A operand of a wgmma still in flight, shows here. Output
+  memory is poisoned first; bound as in the module docstring."""
+  a, qt = _case(11 + m + k_tiles, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  cfg = dataclasses.replace(fm.default_config(m, n, k, k_tiles=k_tiles), overlap_wgmma=ovl)
+  jax.block_until_ready(jnp.full((m, n), jnp.nan, jnp.float32))  # poison freed memory
+  out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
+                      a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32, config=cfg,
+                      method="kernel")
+  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
+                     a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
+  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+  err = np.abs(np.asarray(out) - np.asarray(ref))
+  assert np.isfinite(np.asarray(out)).all()
+  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
 
 
 class TestMethodXLA(KernelCases):

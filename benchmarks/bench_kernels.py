@@ -178,7 +178,8 @@ def _candidates(m, n, k, interpret):
   if m <= 64 and not interpret:  # kernels under the interpreter inside jit hang on the CPU
     seen = set()
     # default_config's tiling, then with two K tiles per step, 4 CTAs per SM, two warpgroups
-    # per CTA (the variants that were best or tied in versions 7 and 8), and overlap_wgmma
+    # per CTA (the variants that were best or tied in versions 7 and 8); then the default
+    # tiling with overlap_wgmma off (each step's wgmma waited for: versions 8 and earlier)
     for wgs, kt, occ in [(1, 1, None), (1, 2, None), (1, 1, 4), (1, 2, 4), (2, 1, None)]:
       cfg = fm.default_config(m, n, k, ctas_per_sm=occ, k_tiles=kt, warpgroups=wgs)
       if cfg not in seen:
@@ -186,9 +187,8 @@ def _candidates(m, n, k, interpret):
         c["ours_w4a4_kernel" + ("" if wgs == 1 else f"_wg{wgs}")
           + ("" if occ is None else f"_occ{occ}") + ("" if kt == 1 else f"_kt{kt}")] = (
               "kernel", cfg)
-    for kt in (1, 2):  # one wgmma group kept in flight (overlap_wgmma)
-      cfg = dataclasses.replace(fm.default_config(m, n, k, k_tiles=kt), overlap_wgmma=True)
-      c["ours_w4a4_kernel" + ("" if kt == 1 else f"_kt{kt}") + "_ovl"] = ("kernel", cfg)
+    c["ours_w4a4_kernel_serial"] = (
+        "kernel", dataclasses.replace(fm.default_config(m, n, k), overlap_wgmma=False))
   return c
 
 

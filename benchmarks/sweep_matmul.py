@@ -34,8 +34,8 @@ DEFAULT_SHAPES = "16x3072x12288,16x12288x3072,64x3072x12288"
 def candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
   """Tilings for one shape: ``default_config``'s first, then every (split-K, tiles per CTA)
   whose CTAs fill at least 90% of their waves (1-3 per SM, all resident at once), each with
-  pipeline depth 4 and 8, two K tiles per step, two warpgroups, and ``overlap_wgmma``, where
-  they differ."""
+  pipeline depth 4 and 8, two K tiles per step, two warpgroups, and ``overlap_wgmma`` off,
+  where they differ."""
   base = fm.default_config(m, n, k)
   nt, kt = n // fm.TILE_N, k // fm.TILE_K
   mt = -(-m // base.tile_m)
@@ -47,8 +47,8 @@ def candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
       if per_sm > 3 or ctas < 0.9 * per_sm * num_sms:
         continue
       ks = kt // splits
-      for k_tiles, depth, wgs, ovl in ((1, 4, 1, False), (1, 8, 1, False), (2, 4, 1, False),
-                                       (1, 4, 2, False), (1, 4, 1, True)):
+      for k_tiles, depth, wgs, ovl in ((1, 4, 1, True), (1, 8, 1, True), (2, 4, 1, True),
+                                       (1, 4, 2, True), (1, 4, 1, False)):
         if ks % k_tiles or tiles % wgs or depth > tiles // wgs * ks // k_tiles:
           continue
         cfg = dataclasses.replace(base, k_splits=splits, tiles_per_cta=tiles, k_tiles=k_tiles,

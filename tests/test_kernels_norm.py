@@ -96,6 +96,23 @@ def test_bad_shift_raises():
     gn.reference(_x((2, 3, 32)), None, shift=_x((5, 32)))
 
 
+@pytest.mark.parametrize("s", [1.0, 0.0123, 3.0 * 2.0**-20, 2.0**-124, 448.0 * 7e4])
+def test_e2m1_codes_count_the_boundaries_passed(s):
+  """``e2m1_codes`` (bisection) equals the count of E2M1 boundaries ``|y|`` passes (``>=``
+  where ties round up, ``>`` where down) at every boundary, its float32 neighbours, both
+  signs, zeros, infinities and NaN. ``s >= 2**-124`` keeps the boundaries normal floats
+  (XLA on the CPU flushes subnormal ones to zero, see ``e2m1_codes``)."""
+  th = gn.e2m1_thresholds(jnp.float32(s))
+  t = np.array([float(v) for v, _ in th], np.float32)
+  mag = np.concatenate([t, np.nextafter(t, 0), np.nextafter(t, np.inf), [0.0, 1e-30, np.inf]])
+  y = np.concatenate([mag, -mag, [np.nan]]).astype(np.float32)
+  count = sum(((np.abs(y) >= v) if up else (np.abs(y) > v)).astype(np.int32)
+              for v, (_, up) in zip(t, th))
+  want = count | ((y.view(np.int32) >> 31 & 1) << 3)
+  got = jax.jit(lambda v: gn.e2m1_codes(v, th))(jnp.asarray(y))
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("s_t", [0.01, 2.0**-4, 1 / 3, 3.7e-5, 250.0])
 def test_e4m3_block_scale_matches_formats_at_every_midpoint(s_t):
   """``amax`` at ``fl(midpoint * d)`` of every E4M3 midpoint, at its float32 neighbours, at

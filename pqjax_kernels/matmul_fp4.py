@@ -37,6 +37,14 @@ runs with the decode written in jnp and the product as a float32 ``jnp.dot`` int
 shared-memory accumulator (the interpreter has no inline PTX, no register A operand and no
 accumulator stores); the GPU tests and the CUDA lowering test cover the register path.
 
+For larger M, ``MatmulConfig.stream`` (``stream_config``) selects a second kernel,
+``_stream_call``: the same decode and register-A ``wgmma``, but no resident activation slice
+and no split-K: each pipeline step also brings one ``(tile_m, TILE_K)`` activation tile,
+shared by the CTA's warpgroups (each with its own weight tile, so a CTA computes a
+``(tile_m, TILE_N * warpgroups)`` output tile over all of K), and bf16/f16 outputs leave it
+finished: scaled, bias added, stored ``(M, N)`` through a transposed shared-memory tile.
+Prepared for M >= 65, where ``"auto"`` still takes the XLA path (not yet measured).
+
 Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
 ``"xla"`` (large M, compute-bound): one elementwise XLA pass decodes the weights to exact
 bf16 (~4.5 + 16 bits per weight moved), another the activations times both tensor scales
@@ -106,6 +114,12 @@ class MatmulConfig:
     m_major: keep the activations ``(M, K)`` (TMA rows of ``2 * TILE_K`` bytes) and let the
       ``wgmma`` read B transposed, instead of transposing them to ``(K, M)`` in XLA first
       (rows of ``2 * tile_m`` bytes). GPU only (JAX >= 0.11); ignored under the interpreter.
+    stream: the kernel for larger M (``_stream_call``): no resident activation slice and no
+      split-K (``k_splits`` must be 1); each pipeline step brings one activation tile, which
+      the CTA's ``warpgroups`` warpgroups share, beside each warpgroup's weight tile. A CTA
+      computes ``tiles_per_cta / warpgroups`` output tiles of ``(tile_m, TILE_N *
+      warpgroups)`` in turn, and writes bf16/f16 outputs finished (scaled, bias added,
+      ``(M, N)``). GPU: JAX >= 0.11 only. See ``stream_config``.
   """
 
   tile_m: int = 16
@@ -116,6 +130,7 @@ class MatmulConfig:
   max_concurrent_steps: int = 4
   m_major: bool = False
   overlap_wgmma: bool = True
+  stream: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +444,12 @@ def smem_bytes(config: MatmulConfig, k: int) -> int:
   """Shared memory one CTA of the kernel allocates for ``K = k``."""
   k_steps = k // TILE_K // config.k_splits
   wgs = config.warpgroups
+  if config.stream:  # activation tiles in the pipeline; float32 outputs at most; scale, bias
+    steps = min(config.max_concurrent_steps,
+                config.tiles_per_cta // wgs * k_steps // config.k_tiles)
+    per_step = config.k_tiles * (config.tile_m * TILE_K * 2 + wgs * _STEP_BYTES)
+    return (steps * per_step + wgs * TILE_N * config.tile_m * 4
+            + config.tiles_per_cta * 2 * TILE_N * 4 + 1024)
   steps = min(config.max_concurrent_steps,
               config.tiles_per_cta // wgs * k_steps // config.k_tiles)
   act = k_steps * config.tile_m * TILE_K * 2
@@ -477,6 +498,21 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
   if best is None:
     raise ValueError(f"no kernel tiling fits shared memory for M={m}, K={k}, N={n}")
   return best
+
+
+def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
+                  warpgroups: int = 2) -> MatmulConfig:
+  """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows: ``tile_m`` 64 up
+  to M = 128, else 128 (None), one output tile per warpgroup, the deepest pipeline (<= 4)
+  that fits shared memory. Not measured yet (NOTES_kernels.md, version 11)."""
+  if tile_m is None:
+    tile_m = 64 if m <= 128 else 128
+  for depth in (4, 3, 2):
+    cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups, warpgroups=warpgroups,
+                       max_concurrent_steps=depth, m_major=True, stream=True)
+    if smem_bytes(cfg, k) <= SMEM_BYTES:
+      return cfg
+  raise ValueError(f"no streaming tiling fits shared memory for tile_m={tile_m}")
 
 
 def _layout_cast(interpret: bool):
@@ -751,6 +787,172 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   return call(x, w.codes, w.scales_t)
 
 
+def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
+                 interpret: bool):
+  """Runs the streaming kernel (``MatmulConfig.stream``) on activations ``x (Mp, K)``.
+
+  ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
+  applies before writing ``out_dtype`` ``(Mp, N)`` itself ("direct"); with None it writes
+  the float32 accumulators ``(1, N, Mp)`` like ``_kernel_call`` (left to XLA: scale,
+  epilogue, transpose).
+
+  Pipeline (per CTA): warpgroup 0 issues every copy; a step's copies (the ``k_tiles``
+  activation tiles ``(tile_m, TILE_K)`` and each warpgroup's weight tile) arrive on one
+  barrier per slot. Each warpgroup decodes its weight tile into registers (the A operand)
+  and runs its ``wgmma`` against the shared activation tile, then arrives on the slot's
+  "consumed" barrier once the group that read the slot has completed (with
+  ``overlap_wgmma`` one step later); warpgroup 0 waits for all arrivals before it refills
+  the slot. The accumulator ``(TILE_N, tile_m)`` of each output tile is written after its
+  last K step.
+  """
+  mp, k = x.shape
+  n = w.shape[0]
+  g = w.group_size
+  dtype = x.dtype
+  tn, tk = TILE_N, TILE_K
+  tm, tiles, kt, nwg = config.tile_m, config.tiles_per_cta, config.k_tiles, config.warpgroups
+  tile_steps = k // tk // kt     # pipeline steps per output tile
+  groups = tiles // nwg          # output tiles per warpgroup, in turn
+  n_steps = groups * tile_steps
+  depth = min(config.max_concurrent_steps, n_steps)
+  overlap = config.overlap_wgmma and depth > 1
+  direct = sb is not None
+  lc = _layout_cast(interpret)
+  zeros = lambda: lc(jnp.zeros((tn, tm), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
+
+  def kernel(x_gmem, wq_gmem, ws_gmem, *rest):
+    if direct:
+      sb_gmem, out_gmem, act_smem, wq_smem, ws_smem, out_smem, acc_smem, sb_smem, full, \
+          consumed, sb_bar = rest
+    else:
+      out_gmem, act_smem, wq_smem, ws_smem, out_smem, acc_smem, full, consumed = rest
+    ni, mi = lax.axis_index("n"), lax.axis_index("m")
+    wg = lax.axis_index("wg") if nwg > 1 else 0
+    m_sl = pl.ds(mi * tm, tm)
+
+    def fetch(step, slot):
+      grp, kk = step // tile_steps, step % tile_steps
+      bar = full.at[slot]
+      for j in range(kt):
+        plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds((kk * kt + j) * tk, tk)],
+                                act_smem.at[slot, j], bar)
+      for v in range(nwg):
+        tile = ni * tiles + grp * nwg + v
+        k_sl = pl.ds(kk * kt, kt)
+        plgpu.copy_gmem_to_smem(wq_gmem.at[tile, k_sl], wq_smem.at[v, slot], bar)
+        plgpu.copy_gmem_to_smem(ws_gmem.at[tile, k_sl], ws_smem.at[v, slot], bar)
+
+    @pl.when(wg == 0)
+    def _prologue():
+      if direct:
+        for t in range(tiles):
+          cols = pl.ds((ni * tiles + t) * tn, tn)
+          plgpu.copy_gmem_to_smem(sb_gmem.at[:, cols], sb_smem.at[t], sb_bar)
+      for st in range(depth):
+        fetch(st, st)
+
+    if direct:
+      plgpu.barrier_wait(sb_bar)
+
+    def scoped(acc_ref):
+      if interpret:
+        acc_ref[...] = zeros()
+
+      def step(i, kk):
+        slot = lax.rem(i, depth)
+        plgpu.barrier_wait(full.at[slot])
+        for j in range(kt):
+          vals = _decode(wq_smem.at[wg, slot, j], tn, tk, w.fmt, dtype, interpret)
+          slices = _scaled_slices(vals, ws_smem.at[wg, slot, j], g, dtype, interpret)
+          if interpret:
+            acc_ref[...] += jnp.dot(jnp.concatenate(slices, axis=1), act_smem[slot, j].T,
+                                    preferred_element_type=jnp.float32)
+          else:
+            _register_wgmma(acc_ref, slices, act_smem.at[slot, j], True)
+            if not overlap:
+              plgpu.wgmma_wait(0)
+        if overlap and not interpret:
+          plgpu.wgmma_wait(1)
+        done = i - 1 if overlap else i  # its wgmma group has completed: its slot is free
+        refill = (done >= 0) & (done + depth < n_steps)
+
+        @pl.when(refill)  # (only where a refill waits: every phase is then observed)
+        def _release():
+          plgpu.barrier_arrive(consumed.at[lax.rem(done, depth)])
+
+        @pl.when((wg == 0) & refill)
+        def _refill():
+          plgpu.barrier_wait(consumed.at[lax.rem(done, depth)])
+          fetch(done + depth, lax.rem(done, depth))
+
+      unroll = 2 if overlap and tile_steps > 1 else 1  # see _kernel_call
+
+      def output_tile(t, carry):
+        def k_steps(kp, c):
+          for u in range(unroll):
+            step(t * tile_steps + kp * unroll + u, kp * unroll + u)
+          return c
+
+        lax.fori_loop(0, tile_steps // unroll, k_steps, None)
+        if tile_steps % unroll:
+          step(t * tile_steps + tile_steps - 1, tile_steps - 1)
+        if overlap and not interpret:
+          plgpu.wgmma_wait(0)
+        local = t * nwg + wg  # the tile among the CTA's
+        tile = ni * tiles + local
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
+        if direct:
+          row = lambda r: lax.broadcast_in_dim(  # noqa: E731
+              lc(sb_smem.at[local, r][...], plgpu.Layout.WGMMA.reduce(1)), (tn, tm), (0,))
+          y = (acc_ref[...] * row(0) + row(1)).astype(out_dtype)
+          if interpret:
+            out_smem.at[wg][...] = y.T
+          else:
+            plgpu.transpose_ref(out_smem.at[wg], (1, 0))[...] = y
+        else:
+          out_smem.at[wg][...] = acc_ref[...]
+        acc_ref[...] = zeros()
+        plgpu.commit_smem()
+        if direct:
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, pl.ds(tile * tn, tn)])
+        else:
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[0, pl.ds(tile * tn, tn), m_sl])
+        return carry
+
+      lax.fori_loop(0, groups, output_tile, None)
+
+    if interpret:
+      scoped(acc_smem.at[wg])
+    else:
+      pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
+    plgpu.wait_smem_to_gmem(0)
+
+  if direct:
+    out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
+    out_smem = plgpu.SMEM((nwg, tm, tn), out_dtype, transforms=_swz(128))
+  else:
+    out_type = jax.ShapeDtypeStruct((1, n, mp), jnp.float32)
+    out_smem = _out_smem(nwg, tn, tm)
+  scratch = [
+      plgpu.SMEM((depth, kt, tm, tk), dtype, transforms=_swz(128)),
+      plgpu.SMEM((nwg, depth, kt, tn, tk), w.codes.dtype, transforms=_CODES_TRANSFORMS),
+      plgpu.SMEM((nwg, depth, kt, tk // g, tn), w.scales_t.dtype),
+      out_smem,
+      plgpu.SMEM((nwg, tn, tm) if interpret else (1,), jnp.float32),
+  ]
+  if direct:
+    scratch.append(plgpu.SMEM((tiles, 2, tn), jnp.float32))
+  scratch += [plgpu.Barrier(num_arrivals=kt + 2 * nwg, num_barriers=depth),
+              plgpu.Barrier(num_arrivals=nwg, num_barriers=depth)]
+  if direct:
+    scratch.append(plgpu.Barrier(num_arrivals=tiles))
+  wg_kw = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
+  call = plgpu.kernel(
+      kernel, out_type=out_type, grid=(n // tn // tiles, mp // tm), grid_names=("n", "m"),
+      scratch_types=scratch, **wg_kw)
+  return call(x, w.codes, w.scales_t, *([sb] if direct else []))
+
+
 def _check_config(config: MatmulConfig, n: int, k: int) -> None:
   tm, s = config.tile_m, config.k_splits
   if tm % 8 or not 8 <= tm <= 256:
@@ -762,6 +964,8 @@ def _check_config(config: MatmulConfig, n: int, k: int) -> None:
   if config.k_tiles < 1 or (k // TILE_K // s) % config.k_tiles:
     raise ValueError(f"k_tiles={config.k_tiles} must divide the {k // TILE_K // s} K tiles "
                      f"of a split")
+  if config.stream and s != 1:
+    raise ValueError(f"stream=True reads all of K per output tile: k_splits={s} must be 1")
   if config.warpgroups not in (1, 2) or config.tiles_per_cta % config.warpgroups:
     raise ValueError(f"warpgroups={config.warpgroups} must be 1 or 2 and divide "
                      f"tiles_per_cta={config.tiles_per_cta}")
@@ -842,7 +1046,19 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     mp = -(-m // config.tile_m) * config.tile_m
     m_major = config.m_major and _REGISTER_CONCAT and not interpret
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
-    partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)
+    if config.stream:
+      if not (_REGISTER_CONCAT or interpret):
+        raise ValueError("stream=True needs JAX >= 0.11 on the GPU (register concatenate)")
+      # bf16/f16 outputs with no epilogue beyond the bias leave the kernel finished.
+      if (jnp.dtype(out_dtype).itemsize == 2 and epilogue is None and residual is None
+          and gate is None):
+        sb = jnp.stack([jnp.broadcast_to(jnp.asarray(out_scale, jnp.float32), (n,)),
+                        jnp.zeros((n,), jnp.float32) if bias is None
+                        else bias.astype(jnp.float32)])
+        return _stream_call(xp, w, config, sb, jnp.dtype(out_dtype), interpret)[:m]
+      partials = _stream_call(xp, w, config, None, None, interpret)
+    else:
+      partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)
     y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 
@@ -855,5 +1071,5 @@ def weight_bytes(n: int, k: int, fmt: str = "nvfp4") -> int:
 
 __all__ = ["METHODS", "MatmulConfig", "PreparedWeights", "decode_weights_bf16",
            "default_config", "dequantize", "fp4_matmul", "pick_method", "prepare_weights",
-           "reference", "weight_bytes"]
+           "reference", "stream_config", "weight_bytes"]
 

@@ -101,6 +101,37 @@ class KernelCases:
         jnp.abs(gate).max()) * 1.13 + 1e-6
     assert (np.abs(np.asarray(out) - np.asarray(ref)) <= bound).all()
 
+  # The streaming kernel: N = 256 is four weight tiles; (wgs, tiles) = (2, 4): two output
+  # tiles per warpgroup in turn; K = 640 / k_tiles = 2: an odd step count, with depth 2 and
+  # 3 the slots are refilled. bf16 out is written finished by the kernel (scale, bias).
+  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out", [
+      (20, 512, 2, 2, 1, 2, True, "bf16"), (20, 640, 1, 2, 1, 3, True, "f32"),
+      (37, 512, 2, 4, 2, 2, False, "bf16"), (9, 640, 2, 2, 1, 3, True, "f32"),
+      (70, 384, 2, 2, 1, 2, True, "bf16")])
+  def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out):
+    if self.method == "xla":
+      pytest.skip("a kernel tiling")
+    n = 256
+    a, qt = _case(13, m, n, k, "nvfp4")
+    qa = gn.quantize_nvfp4(a)
+    bias = jnp.asarray(np.random.default_rng(2).standard_normal(n), jnp.float32)
+    out_dtype = jnp.bfloat16 if out == "bf16" else jnp.float32
+    cfg = fm.MatmulConfig(tile_m=32 if m > 40 else 16, tiles_per_cta=tiles, warpgroups=wgs,
+                          k_tiles=k_tiles, max_concurrent_steps=depth, overlap_wgmma=ovl,
+                          m_major=True, stream=True)
+    kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
+    got = self.run(lambda: fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
+                                         config=cfg, method=self.method, out_dtype=out_dtype,
+                                         interpret=self.interpret, **kw))
+    ref = np.asarray(fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
+                                  out_dtype=jnp.float32, **kw))
+    ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+    bound = _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4") + 2.0**-24 * np.abs(ref)
+    if out == "bf16":  # one rounding to bf16: at most half an ulp, 2**-8 relative
+      bound = bound + 2.0**-8 * (np.abs(ref) + bound)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    assert (np.abs(np.asarray(got, np.float32) - ref) <= bound).all()
+
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 class TestKernelsGPU(KernelCases):
@@ -243,6 +274,37 @@ def test_kernel_lowers_for_cuda(fmt, packed, m_major, wgs, ovl):
   text = jax.jit(f).trace(a, qt.codes, qt.scales, qt.tensor_scale, kw).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("out", [jnp.bfloat16, jnp.float32])
+def test_stream_kernel_lowers_for_cuda(out):
+  """The streaming kernel lowers to Mosaic GPU on JAX >= 0.11 (its finished bf16 output is a
+  transposed store into a swizzled tile, which JAX 0.10.2 refuses); before, a clear error."""
+  a, qt = _case(5, 200, 512, 1024, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  cfg = fm.stream_config(200, 512, 1024)
+  f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
+                                    a_scales=s, a_tensor_scale=t, config=cfg,
+                                    method="kernel", out_dtype=out)
+  lower = lambda: jax.jit(f).trace(qa.codes, qa.scales, qa.tensor_scale).lower(  # noqa: E731
+      lowering_platforms=("cuda",)).as_text()
+  if fm._REGISTER_CONCAT:  # noqa: SLF001
+    assert "mosaic_gpu" in lower()
+  else:
+    with pytest.raises(ValueError, match="stream=True needs JAX >= 0.11"):
+      lower()
+
+
+@pytest.mark.parametrize("k,n", [(3072, 12288), (12288, 3072), (3072, 3072), (1152, 4608)])
+@pytest.mark.parametrize("m", [65, 256, 1024, 4608])
+def test_stream_config_is_valid(m, k, n):
+  """``stream_config`` fits shared memory at every DiT shape and passes the checks."""
+  cfg = fm.stream_config(m, n, k)
+  fm._check_config(cfg, n, k)  # noqa: SLF001
+  assert cfg.stream and cfg.k_splits == 1 and fm.smem_bytes(cfg, k) <= fm.SMEM_BYTES
+  splits = next(d for d in range(2, k) if (k // fm.TILE_K) % d == 0)
+  with pytest.raises(ValueError, match=f"k_splits={splits} must be 1"):
+    fm._check_config(dataclasses.replace(cfg, k_splits=splits), n, k)  # noqa: SLF001
 
 
 @pytest.mark.parametrize("k,n", [(3072, 12288), (12288, 3072), (3072, 3072), (1152, 4608)])

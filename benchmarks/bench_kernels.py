@@ -189,6 +189,8 @@ def _candidates(m, n, k, interpret):
               "kernel", cfg)
     c["ours_w4a4_kernel_serial"] = (
         "kernel", dataclasses.replace(fm.default_config(m, n, k), overlap_wgmma=False))
+    if n // fm.TILE_N >= 132:  # the streaming kernel: no split-K, so only where N fills the SMs
+      c["ours_w4a4_stream"] = ("kernel", fm.stream_config(m, n, k, warpgroups=1))
   elif not interpret:  # the streaming kernel (version 11), beside the XLA path it may replace
     for name, cfg in (("", fm.stream_config(m, n, k)),
                       ("_tm64", fm.stream_config(m, n, k, tile_m=64)),

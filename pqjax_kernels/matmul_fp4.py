@@ -502,11 +502,12 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
 
 def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                   warpgroups: int = 2) -> MatmulConfig:
-  """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows: ``tile_m`` 64 up
-  to M = 128, else 128 (None), one output tile per warpgroup, the deepest pipeline (<= 4)
-  that fits shared memory. Not measured yet (NOTES_kernels.md, version 11)."""
+  """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows: ``tile_m`` (None:
+  the smallest of 16, 32, 64 covering M up to 128, else 128), one output tile per
+  warpgroup, the deepest pipeline (<= 4) that fits shared memory. Not measured yet
+  (NOTES_kernels.md, version 11)."""
   if tile_m is None:
-    tile_m = 64 if m <= 128 else 128
+    tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else 128
   for depth in (4, 3, 2):
     cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups, warpgroups=warpgroups,
                        max_concurrent_steps=depth, m_major=True, stream=True)

@@ -444,14 +444,12 @@ def smem_bytes(config: MatmulConfig, k: int) -> int:
   """Shared memory one CTA of the kernel allocates for ``K = k``."""
   k_steps = k // TILE_K // config.k_splits
   wgs = config.warpgroups
+  steps = min(config.max_concurrent_steps,
+              config.tiles_per_cta // wgs * k_steps // config.k_tiles)
   if config.stream:  # activation tiles in the pipeline; float32 outputs at most; scale, bias
-    steps = min(config.max_concurrent_steps,
-                config.tiles_per_cta // wgs * k_steps // config.k_tiles)
     per_step = config.k_tiles * (config.tile_m * TILE_K * 2 + wgs * _STEP_BYTES)
     return (steps * per_step + wgs * TILE_N * config.tile_m * 4
             + config.tiles_per_cta * 2 * TILE_N * 4 + 1024)
-  steps = min(config.max_concurrent_steps,
-              config.tiles_per_cta // wgs * k_steps // config.k_tiles)
   act = k_steps * config.tile_m * TILE_K * 2
   return act + wgs * (steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4) + 1024
 
@@ -654,6 +652,25 @@ def _register_wgmma(acc_ref, slices, at_smem, m_major: bool):
       plgpu.wgmma(acc_ref, wj, at_smem.at[pl.ds(16 * j, 16)])
 
 
+def _k_loop(step, t, tile_steps: int, overlap: bool) -> None:
+  """``step(i, kk)`` for the K steps ``kk`` of tile ``t`` (pipeline step ``i``), in a loop of
+  its own per tile, so that the accumulator is stored and zeroed only between these loops:
+  zeroing it inside the loop that keeps a ``wgmma`` in flight makes ptxas serialize every
+  ``wgmma`` (C7515). With ``overlap`` the loop is unrolled by two: a step's decode must not
+  write the registers that the previous step's ``wgmma`` (still in flight) reads, which one
+  loop body's step would (PTX leaves that undefined; on an H200 it gave wrong sums)."""
+  unroll = 2 if overlap and tile_steps > 1 else 1
+
+  def body(kp, carry):
+    for u in range(unroll):
+      step(t * tile_steps + kp * unroll + u, kp * unroll + u)
+    return carry
+
+  lax.fori_loop(0, tile_steps // unroll, body, None)
+  if tile_steps % unroll:  # the odd last step: its own code, so its own registers
+    step(t * tile_steps + tile_steps - 1, tile_steps - 1)
+
+
 def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m_major: bool):
   """Runs the Mosaic GPU kernel: activations ``(Mp, K)`` if ``m_major`` else ``(K, Mp)``,
   f16/bf16 -> float32 partials ``(splits, N, Mp)``.
@@ -733,23 +750,8 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         def _refill():
           fetch(done + depth, lax.rem(done, depth))
 
-      # One loop per weight tile, so that the accumulator is stored and zeroed only between
-      # the K loops: zeroing it inside the loop that keeps a wgmma in flight makes ptxas
-      # serialize every wgmma (C7515). With overlap the K loop is unrolled by two: a step's
-      # decode must not write the registers the previous step's wgmma (still in flight)
-      # reads, which one loop body's step would (PTX leaves that undefined; on an H200 it
-      # gave wrong sums).
-      unroll = 2 if overlap and tile_steps > 1 else 1
-
       def weight_tile(t, carry):
-        def k_steps(kp, c):
-          for u in range(unroll):
-            step(t * tile_steps + kp * unroll + u, kp * unroll + u)
-          return c
-
-        lax.fori_loop(0, tile_steps // unroll, k_steps, None)
-        if tile_steps % unroll:  # the odd last step: its own code, so its own registers
-          step(t * tile_steps + tile_steps - 1, tile_steps - 1)
+        _k_loop(step, t, tile_steps, overlap)
         if overlap and not interpret:
           plgpu.wgmma_wait(0)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
@@ -886,17 +888,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
           plgpu.barrier_wait(consumed.at[lax.rem(done, depth)])
           fetch(done + depth, lax.rem(done, depth))
 
-      unroll = 2 if overlap and tile_steps > 1 else 1  # see _kernel_call
-
       def output_tile(t, carry):
-        def k_steps(kp, c):
-          for u in range(unroll):
-            step(t * tile_steps + kp * unroll + u, kp * unroll + u)
-          return c
-
-        lax.fori_loop(0, tile_steps // unroll, k_steps, None)
-        if tile_steps % unroll:
-          step(t * tile_steps + tile_steps - 1, tile_steps - 1)
+        _k_loop(step, t, tile_steps, overlap)
         if overlap and not interpret:
           plgpu.wgmma_wait(0)
         local = t * nwg + wg  # the tile among the CTA's

@@ -42,7 +42,8 @@ For larger M, ``MatmulConfig.stream`` (``stream_config``) selects a second kerne
 and no split-K: each pipeline step also brings one ``(tile_m, TILE_K)`` activation tile,
 shared by the CTA's warpgroups (each with its own weight tile, so a CTA computes a
 ``(tile_m, TILE_N * warpgroups)`` output tile over all of K), and bf16/f16 outputs leave it
-finished: scaled, bias added, stored ``(M, N)`` through a transposed shared-memory tile.
+finished: scaled, bias added, tanh-GELU applied, stored ``(M, N)`` through a transposed
+shared-memory tile.
 Prepared for M >= 65, where ``"auto"`` still takes the XLA path (not yet measured).
 
 Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
@@ -119,7 +120,8 @@ class MatmulConfig:
       the CTA's ``warpgroups`` warpgroups share, beside each warpgroup's weight tile. A CTA
       computes ``tiles_per_cta / warpgroups`` output tiles of ``(tile_m, TILE_N *
       warpgroups)`` in turn, and writes bf16/f16 outputs finished (scaled, bias added,
-      ``(M, N)``). GPU: JAX >= 0.11 only. See ``stream_config``.
+      tanh-GELU, ``(M, N)``; a gated residual is left to XLA). GPU: JAX >= 0.11 only. See
+      ``stream_config``.
   """
 
   tile_m: int = 16
@@ -791,11 +793,12 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
 
 
 def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
-                 interpret: bool):
+                 interpret: bool, gelu: bool = False):
   """Runs the streaming kernel (``MatmulConfig.stream``) on activations ``x (Mp, K)``.
 
   ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
-  applies before writing ``out_dtype`` ``(Mp, N)`` itself ("direct"); with None it writes
+  applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(Mp, N)`` itself
+  ("direct"); with None it writes
   the float32 accumulators ``(1, N, Mp)`` like ``_kernel_call`` (left to XLA: scale,
   epilogue, transpose).
 
@@ -898,7 +901,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         if direct:
           row = lambda r: lax.broadcast_in_dim(  # noqa: E731
               lc(sb_smem.at[local, r][...], plgpu.Layout.WGMMA.reduce(1)), (tn, tm), (0,))
-          y = (acc_ref[...] * row(0) + row(1)).astype(out_dtype)
+          y = acc_ref[...] * row(0) + row(1)
+          if gelu:
+            y = jax.nn.gelu(y, approximate=True)
+          y = y.astype(out_dtype)
           if interpret:
             out_smem.at[wg][...] = y.T
           else:
@@ -1043,13 +1049,13 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     if config.stream:
       if not (_REGISTER_CONCAT or interpret):
         raise ValueError("stream=True needs JAX >= 0.11 on the GPU (register concatenate)")
-      # bf16/f16 outputs with no epilogue beyond the bias leave the kernel finished.
-      if (jnp.dtype(out_dtype).itemsize == 2 and epilogue is None and residual is None
-          and gate is None):
+      # bf16/f16 outputs with no gated residual leave the kernel finished.
+      if jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None:
         sb = jnp.stack([jnp.broadcast_to(jnp.asarray(out_scale, jnp.float32), (n,)),
                         jnp.zeros((n,), jnp.float32) if bias is None
                         else bias.astype(jnp.float32)])
-        return _stream_call(xp, w, config, sb, jnp.dtype(out_dtype), interpret)[:m]
+        return _stream_call(xp, w, config, sb, jnp.dtype(out_dtype), interpret,
+                            gelu=epilogue == "gelu_tanh")[:m]
       partials = _stream_call(xp, w, config, None, None, interpret)
     else:
       partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)

@@ -103,12 +103,12 @@ class KernelCases:
 
   # The streaming kernel: N = 256 is four weight tiles; (wgs, tiles) = (2, 4): two output
   # tiles per warpgroup in turn; K = 640 / k_tiles = 2: an odd step count, with depth 2 and
-  # 3 the slots are refilled. bf16 out is written finished by the kernel (scale, bias).
-  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out", [
-      (20, 512, 2, 2, 1, 2, True, "bf16"), (20, 640, 1, 2, 1, 3, True, "f32"),
-      (37, 512, 2, 4, 2, 2, False, "bf16"), (9, 640, 2, 2, 1, 3, True, "f32"),
-      (70, 384, 2, 2, 1, 2, True, "bf16")])
-  def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out):
+  # 3 the slots are refilled. bf16 out is written finished by the kernel (scale, bias, GELU).
+  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out,gelu", [
+      (20, 512, 2, 2, 1, 2, True, "bf16", False), (20, 640, 1, 2, 1, 3, True, "f32", True),
+      (37, 512, 2, 4, 2, 2, False, "bf16", True), (9, 640, 2, 2, 1, 3, True, "f32", False),
+      (70, 384, 2, 2, 1, 2, True, "bf16", False)])
+  def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out, gelu):
     if self.method == "xla":
       pytest.skip("a kernel tiling")
     n = 256
@@ -120,13 +120,18 @@ class KernelCases:
                           k_tiles=k_tiles, max_concurrent_steps=depth, overlap_wgmma=ovl,
                           m_major=True, stream=True)
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
-    got = self.run(lambda: fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
-                                         config=cfg, method=self.method, out_dtype=out_dtype,
-                                         interpret=self.interpret, **kw))
-    ref = np.asarray(fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
+    got = self.run(lambda: fm.fp4_matmul(
+        qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,
+        out_dtype=out_dtype, epilogue="gelu_tanh" if gelu else None,
+        interpret=self.interpret, **kw))
+    lin = np.asarray(fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
                                   out_dtype=jnp.float32, **kw))
     ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
-    bound = _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4") + 2.0**-24 * np.abs(ref)
+    bound = _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4") + 2.0**-24 * np.abs(lin)
+    ref = lin
+    if gelu:  # 1.13-Lipschitz, and a tanh a few float32 ulps from XLA's
+      ref = np.asarray(jax.nn.gelu(jnp.asarray(lin), approximate=True))
+      bound = 1.13 * bound + 2.0**-20 * np.abs(lin)
     if out == "bf16":  # one rounding to bf16: at most half an ulp, 2**-8 relative
       bound = bound + 2.0**-8 * (np.abs(ref) + bound)
     assert got.dtype == out_dtype and got.shape == (m, n)
@@ -285,7 +290,7 @@ def test_stream_kernel_lowers_for_cuda(out):
   cfg = fm.stream_config(200, 512, 1024)
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
                                     a_scales=s, a_tensor_scale=t, config=cfg,
-                                    method="kernel", out_dtype=out)
+                                    method="kernel", out_dtype=out, epilogue="gelu_tanh")
   lower = lambda: jax.jit(f).trace(qa.codes, qa.scales, qa.tensor_scale).lower(  # noqa: E731
       lowering_platforms=("cuda",)).as_text()
   if fm._REGISTER_CONCAT:  # noqa: SLF001

@@ -110,7 +110,7 @@ class MatmulConfig:
     overlap_wgmma: keep each step's ``wgmma`` group in flight while the next step waits for
       its weights and decodes them (``wgmma_wait(1)``), refilling a slot once the group that
       read it has completed, one step later; False waits for every group before the refill.
-      On by default: 2-4% faster at M <= 64 on the FLUX shapes (H200, NOTES_kernels.md
+      On by default: 2-6% faster at M <= 64 on the FLUX shapes (H200, NOTES_kernels.md
       version 10).
     m_major: keep the activations ``(M, K)`` (TMA rows of ``2 * TILE_K`` bytes) and let the
       ``wgmma`` read B transposed, instead of transposing them to ``(K, M)`` in XLA first

@@ -31,6 +31,24 @@ def _bound(a, w_codes, w_scales, ts, fmt, extra=0.0):
   return mag * ((k + 2) * 2.0**-24 + extra) + 1e-30
 
 
+def _stream_reference(qa, qt, kw, gelu: bool, bf16: bool):
+  """The float32 reference of a streaming-kernel W4A4 call (bias in ``kw``) and the bound on
+  the kernel's distance from it: the summation bound, the kernel's own multiply-add of scale
+  and bias (one float32 rounding), through the GELU (1.13-Lipschitz; its tanh a few float32
+  ulps from XLA's), then one rounding to bf16 (half an ulp: 2**-8 relative)."""
+  lin = np.asarray(fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
+                                out_dtype=jnp.float32, **kw))
+  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+  bound = _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4") + 2.0**-24 * np.abs(lin)
+  ref = lin
+  if gelu:
+    ref = np.asarray(jax.nn.gelu(jnp.asarray(lin), approximate=True))
+    bound = 1.13 * bound + 2.0**-20 * np.abs(lin)
+  if bf16:
+    bound = bound + 2.0**-8 * (np.abs(ref) + bound)
+  return ref, bound
+
+
 def _case(seed, m, n, k, fmt):
   rng = np.random.default_rng(seed)
   w = rng.standard_normal((n, k)).astype(np.float32) * 0.1
@@ -124,16 +142,7 @@ class KernelCases:
         qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,
         out_dtype=out_dtype, epilogue="gelu_tanh" if gelu else None,
         interpret=self.interpret, **kw))
-    lin = np.asarray(fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
-                                  out_dtype=jnp.float32, **kw))
-    ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
-    bound = _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4") + 2.0**-24 * np.abs(lin)
-    ref = lin
-    if gelu:  # 1.13-Lipschitz, and a tanh a few float32 ulps from XLA's
-      ref = np.asarray(jax.nn.gelu(jnp.asarray(lin), approximate=True))
-      bound = 1.13 * bound + 2.0**-20 * np.abs(lin)
-    if out == "bf16":  # one rounding to bf16: at most half an ulp, 2**-8 relative
-      bound = bound + 2.0**-8 * (np.abs(ref) + bound)
+    ref, bound = _stream_reference(qa, qt, kw, gelu, out == "bf16")
     assert got.dtype == out_dtype and got.shape == (m, n)
     assert (np.abs(np.asarray(got, np.float32) - ref) <= bound).all()
 
@@ -172,6 +181,27 @@ def test_w4a4_dit_shapes_gpu(m, k, n, k_tiles, ovl):
   err = np.abs(np.asarray(out) - np.asarray(ref))
   assert np.isfinite(np.asarray(out)).all()
   assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ovl", [False, True])
+@pytest.mark.parametrize("m,k,n,gelu", [(256, 3072, 12288, True), (1024, 12288, 3072, False),
+                                        (200, 3072, 3072, False), (64, 3072, 12288, False)])
+def test_stream_dit_shapes_gpu(m, k, n, gelu, ovl):
+  """The streaming kernel (``stream_config``) at DiT shapes, bf16 written by the kernel (scale,
+  bias, GELU), output memory poisoned first; bound: ``_stream_reference``."""
+  a, qt = _case(17 + m, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
+  cfg = dataclasses.replace(fm.stream_config(m, n, k, warpgroups=1 if m <= 64 else 2),
+                            overlap_wgmma=ovl)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
+  jax.block_until_ready(jnp.full((m, n), jnp.nan, jnp.bfloat16))  # poison freed memory
+  got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
+                      method="kernel", epilogue="gelu_tanh" if gelu else None, **kw)
+  ref, bound = _stream_reference(qa, qt, kw, gelu, True)
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
 
 
 class TestMethodXLA(KernelCases):

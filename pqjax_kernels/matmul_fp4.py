@@ -654,6 +654,29 @@ def _register_wgmma(acc_ref, slices, at_smem, m_major: bool):
       plgpu.wgmma(acc_ref, wj, at_smem.at[pl.ds(16 * j, 16)])
 
 
+def _step_products(acc_ref, wq_ref, ws_ref, act_tile, w: PreparedWeights, dtype,
+                   m_major: bool, overlap: bool, interpret: bool) -> None:
+  """One pipeline step of either kernel: for each of its K tiles ``j``, the weight tile
+  ``wq_ref.at[j]`` decoded and scaled by ``ws_ref.at[j]`` times the activation tile
+  ``act_tile(j)`` (``(tile_m, TILE_K)`` if ``m_major`` else ``(TILE_K, tile_m)``) into the
+  accumulator. Each ``wgmma`` is waited for, or with ``overlap`` the step's last group is
+  left in flight (``wgmma_wait(1)``). The interpreter has no register A operand and no
+  accumulator stores: there a float32 ``jnp.dot`` into a shared-memory accumulator."""
+  for j in range(wq_ref.shape[0]):
+    vals = _decode(wq_ref.at[j], TILE_N, TILE_K, w.fmt, dtype, interpret)
+    slices = _scaled_slices(vals, ws_ref.at[j], w.group_size, dtype, interpret)
+    if interpret:
+      b = act_tile(j)[...]
+      acc_ref[...] += jnp.dot(jnp.concatenate(slices, axis=1), b.T if m_major else b,
+                              preferred_element_type=jnp.float32)
+    else:
+      _register_wgmma(acc_ref, slices, act_tile(j), m_major)
+      if not overlap:
+        plgpu.wgmma_wait(0)
+  if overlap and not interpret:
+    plgpu.wgmma_wait(1)
+
+
 def _k_loop(step, t, tile_steps: int, overlap: bool) -> None:
   """``step(i, kk)`` for the K steps ``kk`` of tile ``t`` (pipeline step ``i``), in a loop of
   its own per tile, so that the accumulator is stored and zeroed only between these loops:
@@ -732,18 +755,9 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         """Pipeline step ``i``: K step ``kk`` of its weight tile."""
         slot = lax.rem(i, depth)
         plgpu.barrier_wait(w_barrier.at[wg * depth + slot])
-        for j in range(kt):
-          vals = _decode(wq_smem.at[wg, slot, j], tn, tk, w.fmt, dtype, interpret)
-          slices = _scaled_slices(vals, ws_smem.at[wg, slot, j], g, dtype, interpret)
-          if interpret:  # no register A operand, and no accumulator stores, there
-            acc_ref[...] += jnp.dot(jnp.concatenate(slices, axis=1), act_smem[kk * kt + j],
-                                    preferred_element_type=jnp.float32)
-          else:
-            _register_wgmma(acc_ref, slices, act_smem.at[kk * kt + j], m_major)
-            if not overlap:
-              plgpu.wgmma_wait(0)
-        if overlap and not interpret:
-          plgpu.wgmma_wait(1)
+        _step_products(acc_ref, wq_smem.at[wg, slot], ws_smem.at[wg, slot],
+                       lambda j: act_smem.at[kk * kt + j], w, dtype, m_major, overlap,
+                       interpret)
         # Refill a slot once the wgmma group that read it has completed (every warp of the
         # warpgroup is then past its decode): this step's, or with overlap the previous one's.
         done = i - 1 if overlap else i
@@ -798,9 +812,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
 
   ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
   applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(Mp, N)`` itself
-  ("direct"); with None it writes
-  the float32 accumulators ``(1, N, Mp)`` like ``_kernel_call`` (left to XLA: scale,
-  epilogue, transpose).
+  ("direct"); with None it writes the float32 accumulators ``(1, N, Mp)`` like
+  ``_kernel_call`` (left to XLA: scale, epilogue, transpose).
 
   Pipeline (per CTA): warpgroup 0 issues every copy; a step's copies (the ``k_tiles``
   activation tiles ``(tile_m, TILE_K)`` and each warpgroup's weight tile) arrive on one
@@ -867,18 +880,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       def step(i, kk):
         slot = lax.rem(i, depth)
         plgpu.barrier_wait(full.at[slot])
-        for j in range(kt):
-          vals = _decode(wq_smem.at[wg, slot, j], tn, tk, w.fmt, dtype, interpret)
-          slices = _scaled_slices(vals, ws_smem.at[wg, slot, j], g, dtype, interpret)
-          if interpret:
-            acc_ref[...] += jnp.dot(jnp.concatenate(slices, axis=1), act_smem[slot, j].T,
-                                    preferred_element_type=jnp.float32)
-          else:
-            _register_wgmma(acc_ref, slices, act_smem.at[slot, j], True)
-            if not overlap:
-              plgpu.wgmma_wait(0)
-        if overlap and not interpret:
-          plgpu.wgmma_wait(1)
+        _step_products(acc_ref, wq_smem.at[wg, slot], ws_smem.at[wg, slot],
+                       lambda j: act_smem.at[slot, j], w, dtype, True, overlap, interpret)
         done = i - 1 if overlap else i  # its wgmma group has completed: its slot is free
         refill = (done >= 0) & (done + depth < n_steps)
 

@@ -191,11 +191,13 @@ def _candidates(m, n, k, interpret):
         "kernel", dataclasses.replace(fm.default_config(m, n, k), overlap_wgmma=False))
     if n // fm.TILE_N >= 132:  # the streaming kernel: no split-K, so only where N fills the SMs
       c["ours_w4a4_stream"] = ("kernel", fm.stream_config(m, n, k, warpgroups=1))
-  elif not interpret:  # the streaming kernel (version 11), beside the XLA path it may replace
-    for name, cfg in (("", fm.stream_config(m, n, k)),
-                      ("_tm64", fm.stream_config(m, n, k, tile_m=64)),
-                      ("_wg1", fm.stream_config(m, n, k, warpgroups=1))):
-      if ("kernel", cfg) not in c.values():
+  elif not interpret:  # the streaming kernel (auto_config's below XLA_MIN_M), beside XLA
+    base = fm.stream_config(m, n, k)
+    for name, cfg in (("", base),
+                      (f"_wg{3 - base.warpgroups}",
+                       fm.stream_config(m, n, k, warpgroups=3 - base.warpgroups)),
+                      ("_t4", fm.stream_config(m, n, k, warpgroups=2, tiles_per_wg=4))):
+      if n % (fm.TILE_N * cfg.tiles_per_cta) == 0 and ("kernel", cfg) not in c.values():
         c["ours_w4a4_stream" + name] = ("kernel", cfg)
   return c
 

@@ -1,10 +1,11 @@
-"""Tiling sweep of the small-M FP4 matmul kernel on one GPU (what ``default_config`` is
-tuned from).
+"""Tiling sweep of the FP4 matmul kernels on one GPU (what ``default_config`` and
+``stream_config`` are tuned from).
 
     python benchmarks/sweep_matmul.py --out DIR [--shapes 16x3072x12288,...] [--limit 40]
+        [--stream]
 
-For each ``MxKxN``: ``default_config``'s tiling and the others of ``candidates`` (at most
-``--limit``), timed as
+For each ``MxKxN``: ``default_config``'s tiling and the others of ``candidates`` (with
+``--stream``: ``stream_config``'s and ``stream_candidates``; at most ``--limit``), timed as
 the whole ``fp4_matmul`` W4A4 call (activation decode, kernel, split-K sum: what a user
 runs) with ``bench_kernels``' timer (CUPTI kernel time, median, R weight buffers per call
 beyond L2, memory poisoned first) and checked against the float32 reference like there.
@@ -59,11 +60,38 @@ def candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
   return out[:limit]
 
 
+def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
+  """Tilings of the streaming kernel: ``stream_config``'s first, then every tile_m (128, 256,
+  64; up to M rounded up to 64) x warpgroups (1, 2) x output tiles per warpgroup (1, 2, 4)
+  with at least one wave of CTAs, each at the deepest pipeline that fits; then the first
+  with ``overlap_wgmma`` off and with pipeline depth 2."""
+  base = fm.stream_config(m, n, k)
+  out = [base]
+  for tm in (128, 256, 64):
+    if tm > max(64, -(-m // 64) * 64):
+      continue
+    for wgs in (1, 2):
+      for per_wg in (1, 2, 4):
+        cols = fm.TILE_N * wgs * per_wg
+        if n % cols or n // cols * -(-m // tm) < num_sms:
+          continue
+        try:
+          cfg = fm.stream_config(m, n, k, tile_m=tm, warpgroups=wgs, tiles_per_wg=per_wg)
+        except ValueError:  # does not fit shared memory
+          continue
+        if cfg not in out:
+          out.append(cfg)
+  out += [dataclasses.replace(base, overlap_wgmma=False),
+          dataclasses.replace(base, max_concurrent_steps=2)]
+  return out[:limit]
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated MxKxN")
   p.add_argument("--limit", type=int, default=40, help="configs per shape")
+  p.add_argument("--stream", action="store_true", help="sweep the streaming kernel")
   args = p.parse_args()
   dev = jax.devices()[0]
   date = datetime.date.today().isoformat()
@@ -84,7 +112,8 @@ def main():
     a16 = bk._rand_act(key, m, k)
     t_bf16 = timer(jax.jit(lambda a, ws: [a @ w for w in ws]), (a16, bf16), len(bf16))[0]
     rows = []
-    for i, cfg in enumerate(tqdm(candidates(m, n, k, args.limit), desc=shape)):
+    cands = (stream_candidates if args.stream else candidates)(m, n, k, args.limit)
+    for i, cfg in enumerate(tqdm(cands, desc=shape)):
       row = dict(m=m, k=k, n=n, config=dataclasses.asdict(cfg), default=i == 0,
                  xla_bf16_kernel_us=t_bf16)
       try:
@@ -102,9 +131,9 @@ def main():
           f"{len(rows)} configs ({sum(not r['ok'] for r in rows)} failed)")
     for r in good[:5]:
       c = r["config"]
-      print(f"  {r['kernel_us']:6.1f} us  splits {c['k_splits']:3d} tiles {c['tiles_per_cta']:3d}"
-            f" kt {c['k_tiles']} depth {c['max_concurrent_steps']} wg {c['warpgroups']}"
-            f" overlap {c['overlap_wgmma']}")
+      print(f"  {r['kernel_us']:6.1f} us  tm {c['tile_m']:3d} splits {c['k_splits']:3d} tiles "
+            f"{c['tiles_per_cta']:3d} kt {c['k_tiles']} depth {c['max_concurrent_steps']} wg "
+            f"{c['warpgroups']} overlap {c['overlap_wgmma']}")
 
 
 if __name__ == "__main__":

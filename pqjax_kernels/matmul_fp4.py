@@ -40,18 +40,19 @@ accumulator stores); the GPU tests and the CUDA lowering test cover the register
 For larger M, ``MatmulConfig.stream`` (``stream_config``) selects a second kernel,
 ``_stream_call``: the same decode and register-A ``wgmma``, but no resident activation slice
 and no split-K: each pipeline step also brings one ``(tile_m, TILE_K)`` activation tile,
-shared by the CTA's warpgroups (each with its own weight tile, so a CTA computes a
-``(tile_m, TILE_N * warpgroups)`` output tile over all of K), and bf16/f16 outputs leave it
-finished: scaled, bias added, tanh-GELU applied, stored ``(M, N)`` through a transposed
-shared-memory tile.
-Prepared for M >= 65, where ``"auto"`` still takes the XLA path (not yet measured).
+shared by the CTA's consumer warpgroups (each with its own weight tile, so a CTA computes a
+``(tile_m, TILE_N * warpgroups)`` output tile over all of K) and brought by a producer
+warpgroup, and bf16/f16 outputs leave it finished: scaled, bias added, tanh-GELU applied,
+stored ``(M, N)`` through a transposed shared-memory tile.
 
 Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
 ``"xla"`` (large M, compute-bound): one elementwise XLA pass decodes the weights to exact
 bf16 (~4.5 + 16 bits per weight moved), another the activations times both tensor scales
 (one bf16 rounding each, relative <= 2**-8), then XLA's bf16 GEMM (cuBLAS, float32
 accumulation) writes the output dtype itself: no float32 product and no scaling pass.
-``"kernel"``: the fused kernel above (memory-bound small M).
+``"kernel"``: the fused kernels above, tiled by ``auto_config`` unless given: the small-M
+kernel up to M = 64, the streaming kernel (W4A4 NVFP4) from ``STREAM_MIN_M`` to
+``XLA_MIN_M``.
 
 ``prepare_weights`` does the one-time re-layout (int4 view of the codes and the scales, cut
 into contiguous tiles); call it once at quantize time and pass the result as ``w_codes``
@@ -74,9 +75,13 @@ Fmt = Literal["nvfp4", "mxfp4", "int4"]
 Epilogue = Literal["gelu_tanh"] | None
 Method = Literal["auto", "xla", "kernel"]
 METHODS = ("auto", "xla", "kernel")
-# M from which "auto" takes the decode + XLA dot path: the v3 kernel measured faster through
-# M=64, the XLA path faster at M=256 (NOTES_kernels.md; M in 65..255 not measured).
-XLA_MIN_M = 65
+# "auto" per M (H200, NOTES_kernels.md version 12): W4A4 NVFP4 runs the small-M kernel up to
+# M = 64, the streaming kernel from STREAM_MIN_M (1.05-2x faster than the XLA path at M = 256
+# to 1024) and the XLA path from XLA_MIN_M (a tie at M = 2048; XLA 9% faster at 4608).
+# W4A16 and the other formats, whose streaming kernel is not measured, take the XLA path from
+# STREAM_MIN_M.
+STREAM_MIN_M = 65
+XLA_MIN_M = 2048
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
 TILE_N = 64    # weight rows per CTA: one wgmma M block
@@ -117,7 +122,8 @@ class MatmulConfig:
       (rows of ``2 * tile_m`` bytes). GPU only (JAX >= 0.11); ignored under the interpreter.
     stream: the kernel for larger M (``_stream_call``): no resident activation slice and no
       split-K (``k_splits`` must be 1); each pipeline step brings one activation tile, which
-      the CTA's ``warpgroups`` warpgroups share, beside each warpgroup's weight tile. A CTA
+      the CTA's ``warpgroups`` consumer warpgroups share, beside each one's weight tile (an
+      extra producer warpgroup issues the copies). A CTA
       computes ``tiles_per_cta / warpgroups`` output tiles of ``(tile_m, TILE_N *
       warpgroups)`` in turn, and writes bf16/f16 outputs finished (scaled, bias added,
       tanh-GELU, ``(M, N)``; a gated residual is left to XLA). GPU: JAX >= 0.11 only. See
@@ -359,9 +365,22 @@ def _xla_product(x, w: PreparedWeights, out_scale, out_dtype):
                          preferred_element_type=acc)
 
 
-def pick_method(m: int) -> str:
-  """The method ``"auto"`` uses for M rows (threshold measured on an H200, see NOTES)."""
-  return "xla" if m >= XLA_MIN_M else "kernel"
+def pick_method(m: int, w4a4_nvfp4: bool = True) -> str:
+  """The method ``"auto"`` uses for M rows (thresholds measured on an H200: ``XLA_MIN_M``);
+  ``w4a4_nvfp4``: NVFP4 activations and weights (the streaming kernel's measured case; it
+  needs JAX >= 0.11 on the GPU)."""
+  streams = w4a4_nvfp4 and _REGISTER_CONCAT
+  return "xla" if m >= (XLA_MIN_M if streams else STREAM_MIN_M) else "kernel"
+
+
+def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
+                out_itemsize: int = 2) -> MatmulConfig:
+  """The kernel tiling ``fp4_matmul`` uses when none is given: ``default_config`` below
+  ``STREAM_MIN_M`` (and for W4A16 and the other formats), else ``stream_config`` for
+  outputs of ``out_itemsize`` bytes (2: bf16/f16 written by the kernel)."""
+  if w4a4_nvfp4 and m >= STREAM_MIN_M:
+    return stream_config(m, n, k, out_itemsize=out_itemsize)
+  return default_config(m, n, k)
 
 
 def _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype):
@@ -442,15 +461,17 @@ SMEM_BYTES = 227 * 1024  # shared memory per SM (and per CTA) on Hopper
 _STEP_BYTES = TILE_N * TILE_K // 2 + (TILE_K // 16) * TILE_N * 2  # codes + f16 scales
 
 
-def smem_bytes(config: MatmulConfig, k: int) -> int:
-  """Shared memory one CTA of the kernel allocates for ``K = k``."""
+def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
+  """Shared memory one CTA of the kernel allocates for ``K = k``; ``out_itemsize``: bytes per
+  element of the streaming kernel's output tile (2 when it writes bf16/f16 itself, else 4).
+  """
   k_steps = k // TILE_K // config.k_splits
   wgs = config.warpgroups
   steps = min(config.max_concurrent_steps,
               config.tiles_per_cta // wgs * k_steps // config.k_tiles)
   if config.stream:  # activation tiles in the pipeline; float32 outputs at most; scale, bias
     per_step = config.k_tiles * (config.tile_m * TILE_K * 2 + wgs * _STEP_BYTES)
-    return (steps * per_step + wgs * TILE_N * config.tile_m * 4
+    return (steps * per_step + wgs * TILE_N * config.tile_m * out_itemsize
             + config.tiles_per_cta * 2 * TILE_N * 4 + 1024)
   act = k_steps * config.tile_m * TILE_K * 2
   return act + wgs * (steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4) + 1024
@@ -501,17 +522,25 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
 
 
 def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
-                  warpgroups: int = 2) -> MatmulConfig:
+                  warpgroups: int | None = None, tiles_per_wg: int = 1,
+                  out_itemsize: int = 2, num_sms: int = 132) -> MatmulConfig:
   """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows: ``tile_m`` (None:
-  the smallest of 16, 32, 64 covering M up to 128, else 128), one output tile per
-  warpgroup, the deepest pipeline (<= 4) that fits shared memory. Not measured yet
-  (NOTES_kernels.md, version 11)."""
+  the smallest of 16, 32, 64 covering M up to 128, else 128), ``warpgroups`` consumer
+  warpgroups (None: two where that still gives two waves of CTAs, else one: measured best
+  at M = 256 to 2048 on the FLUX shapes, NOTES_kernels.md version 12), ``tiles_per_wg``
+  output tiles per warpgroup in turn, the deepest pipeline (<= 4) that fits shared memory
+  with an output of ``out_itemsize`` bytes per element (2: bf16/f16 written by the kernel).
+  """
   if tile_m is None:
     tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else 128
+  if warpgroups is None:
+    ctas = n // (2 * TILE_N * tiles_per_wg) * -(-m // tile_m)
+    warpgroups = 2 if ctas >= 2 * num_sms else 1
   for depth in (4, 3, 2):
-    cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups, warpgroups=warpgroups,
-                       max_concurrent_steps=depth, m_major=True, stream=True)
-    if smem_bytes(cfg, k) <= SMEM_BYTES:
+    cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups * tiles_per_wg,
+                       warpgroups=warpgroups, max_concurrent_steps=depth, m_major=True,
+                       stream=True)
+    if smem_bytes(cfg, k, out_itemsize) <= SMEM_BYTES:
       return cfg
   raise ValueError(f"no streaming tiling fits shared memory for tile_m={tile_m}")
 
@@ -815,14 +844,14 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   ("direct"); with None it writes the float32 accumulators ``(1, N, Mp)`` like
   ``_kernel_call`` (left to XLA: scale, epilogue, transpose).
 
-  Pipeline (per CTA): warpgroup 0 issues every copy; a step's copies (the ``k_tiles``
-  activation tiles ``(tile_m, TILE_K)`` and each warpgroup's weight tile) arrive on one
-  barrier per slot. Each warpgroup decodes its weight tile into registers (the A operand)
-  and runs its ``wgmma`` against the shared activation tile, then arrives on the slot's
-  "consumed" barrier once the group that read the slot has completed (with
-  ``overlap_wgmma`` one step later); warpgroup 0 waits for all arrivals before it refills
-  the slot. The accumulator ``(TILE_N, tile_m)`` of each output tile is written after its
-  last K step.
+  Pipeline (per CTA; warp-specialized): a producer warpgroup (index ``warpgroups``) issues
+  every copy; a step's copies (the ``k_tiles`` activation tiles ``(tile_m, TILE_K)`` and each
+  consumer warpgroup's weight tile) arrive on one barrier per slot. Each consumer warpgroup
+  decodes its weight tile into registers (the A operand) and runs its ``wgmma`` against the
+  shared activation tile, then arrives on the slot's "consumed" barrier once the group that
+  read the slot has completed (with ``overlap_wgmma`` one step later); the producer waits
+  for all arrivals before it refills the slot, so no consumer waits for another. The
+  accumulator ``(TILE_N, tile_m)`` of each output tile is written after its last K step.
   """
   mp, k = x.shape
   n = w.shape[0]
@@ -846,7 +875,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     else:
       out_gmem, act_smem, wq_smem, ws_smem, out_smem, acc_smem, full, consumed = rest
     ni, mi = lax.axis_index("n"), lax.axis_index("m")
-    wg = lax.axis_index("wg") if nwg > 1 else 0
+    wg = lax.axis_index("wg")
     m_sl = pl.ds(mi * tm, tm)
 
     def fetch(step, slot):
@@ -861,8 +890,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         plgpu.copy_gmem_to_smem(wq_gmem.at[tile, k_sl], wq_smem.at[v, slot], bar)
         plgpu.copy_gmem_to_smem(ws_gmem.at[tile, k_sl], ws_smem.at[v, slot], bar)
 
-    @pl.when(wg == 0)
-    def _prologue():
+    @pl.when(wg == nwg)
+    def _producer():
       if direct:
         for t in range(tiles):
           cols = pl.ds((ni * tiles + t) * tn, tn)
@@ -870,8 +899,13 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       for st in range(depth):
         fetch(st, st)
 
-    if direct:
-      plgpu.barrier_wait(sb_bar)
+      def refill(st, carry):  # once every consumer is done with the slot's previous step
+        slot = lax.rem(st, depth)
+        plgpu.barrier_wait(consumed.at[slot])
+        fetch(st, slot)
+        return carry
+
+      lax.fori_loop(depth, n_steps, refill, None)
 
     def scoped(acc_ref):
       if interpret:
@@ -883,16 +917,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         _step_products(acc_ref, wq_smem.at[wg, slot], ws_smem.at[wg, slot],
                        lambda j: act_smem.at[slot, j], w, dtype, True, overlap, interpret)
         done = i - 1 if overlap else i  # its wgmma group has completed: its slot is free
-        refill = (done >= 0) & (done + depth < n_steps)
 
-        @pl.when(refill)  # (only where a refill waits: every phase is then observed)
+        @pl.when((done >= 0) & (done + depth < n_steps))  # only where a refill waits
         def _release():
           plgpu.barrier_arrive(consumed.at[lax.rem(done, depth)])
-
-        @pl.when((wg == 0) & refill)
-        def _refill():
-          plgpu.barrier_wait(consumed.at[lax.rem(done, depth)])
-          fetch(done + depth, lax.rem(done, depth))
 
       def output_tile(t, carry):
         _k_loop(step, t, tile_steps, overlap)
@@ -924,11 +952,15 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
 
       lax.fori_loop(0, groups, output_tile, None)
 
-    if interpret:
-      scoped(acc_smem.at[wg])
-    else:
-      pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
-    plgpu.wait_smem_to_gmem(0)
+    @pl.when(wg < nwg)
+    def _consumer():
+      if direct:
+        plgpu.barrier_wait(sb_bar)
+      if interpret:
+        scoped(acc_smem.at[wg])
+      else:
+        pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
+      plgpu.wait_smem_to_gmem(0)
 
   if direct:
     out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
@@ -949,14 +981,14 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
               plgpu.Barrier(num_arrivals=nwg, num_barriers=depth)]
   if direct:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
-  wg_kw = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
+  wg_kw = dict(num_threads=nwg + 1, thread_name="wg")  # + the producer
   call = plgpu.kernel(
       kernel, out_type=out_type, grid=(n // tn // tiles, mp // tm), grid_names=("n", "m"),
       scratch_types=scratch, **wg_kw)
   return call(x, w.codes, w.scales_t, *([sb] if direct else []))
 
 
-def _check_config(config: MatmulConfig, n: int, k: int) -> None:
+def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -> None:
   tm, s = config.tile_m, config.k_splits
   if tm % 8 or not 8 <= tm <= 256:
     raise ValueError(f"tile_m={tm} must be a multiple of 8 in [8, 256]")
@@ -975,9 +1007,11 @@ def _check_config(config: MatmulConfig, n: int, k: int) -> None:
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")
-  if (need := smem_bytes(config, k)) > SMEM_BYTES:
-    raise ValueError(f"{config} needs {need} bytes of shared memory for "
-                     f"K={k}, more than {SMEM_BYTES}: raise k_splits")
+  if (need := smem_bytes(config, k, out_itemsize)) > SMEM_BYTES:
+    fix = ("lower max_concurrent_steps or tile_m (stream_config(out_itemsize=4) for float32 "
+           "outputs)" if config.stream else "raise k_splits")
+    raise ValueError(f"{config} needs {need} bytes of shared memory for K={k} and "
+                     f"{out_itemsize}-byte outputs, more than {SMEM_BYTES}: {fix}")
 
 
 def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
@@ -1001,9 +1035,9 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     residual: optional ``(M, N)``: ``out = residual + gate * f(a @ W.T + bias)``.
     gate: optional ``(N,)``, ``(M, N)`` or per-sample ``(B, N)`` (rows ``b*T .. b*T+T-1``).
     out_dtype: output dtype.
-    config: ``MatmulConfig`` of the kernels; None picks ``default_config``.
+    config: ``MatmulConfig`` of the kernels; None picks ``auto_config``.
     method: ``"xla"`` (decode + XLA bf16 dot), ``"kernel"`` or ``"auto"``
-      (``pick_method(M)``).
+      (``pick_method``).
     interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
 
   Returns:
@@ -1028,10 +1062,13 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   m = _check_common(a, k, n, a_scales, a_tensor_scale, bias, epilogue, residual, gate)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  method = pick_method(m) if method == "auto" else method
+  w4a4_nvfp4 = a.dtype == jnp.uint8 and w.fmt == "nvfp4"
+  method = pick_method(m, w4a4_nvfp4) if method == "auto" else method
+  # The streaming kernel writes bf16/f16 outputs with no gated residual finished itself.
+  direct = jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None
   if method != "xla":
-    config = config or default_config(m, n, k)
-    _check_config(config, n, k)
+    config = config or auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4)
+    _check_config(config, n, k, out_itemsize=2 if config.stream and direct else 4)
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)
@@ -1052,8 +1089,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     if config.stream:
       if not (_REGISTER_CONCAT or interpret):
         raise ValueError("stream=True needs JAX >= 0.11 on the GPU (register concatenate)")
-      # bf16/f16 outputs with no gated residual leave the kernel finished.
-      if jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None:
+      if direct:
         sb = jnp.stack([jnp.broadcast_to(jnp.asarray(out_scale, jnp.float32), (n,)),
                         jnp.zeros((n,), jnp.float32) if bias is None
                         else bias.astype(jnp.float32)])
@@ -1072,7 +1108,7 @@ def weight_bytes(n: int, k: int, fmt: str = "nvfp4") -> int:
   return n * k // 2 + 2 * n * k // g
 
 
-__all__ = ["METHODS", "MatmulConfig", "PreparedWeights", "decode_weights_bf16",
+__all__ = ["METHODS", "MatmulConfig", "PreparedWeights", "auto_config", "decode_weights_bf16",
            "default_config", "dequantize", "fp4_matmul", "pick_method", "prepare_weights",
            "reference", "stream_config", "weight_bytes"]
 

@@ -238,9 +238,29 @@ def test_decode_weights_bf16_is_exact(fmt):
   np.testing.assert_array_equal(got, want)
 
 
-def test_pick_method_threshold():
-  assert fm.pick_method(fm.XLA_MIN_M) == "xla"
-  assert fm.pick_method(fm.XLA_MIN_M - 1) != "xla"
+def test_pick_method_thresholds():
+  """W4A4 NVFP4 takes the XLA path from XLA_MIN_M (where the streaming kernel runs: JAX >=
+  0.11), everything else from STREAM_MIN_M."""
+  xla_min = fm.XLA_MIN_M if fm._REGISTER_CONCAT else fm.STREAM_MIN_M  # noqa: SLF001
+  assert fm.pick_method(xla_min) == "xla" and fm.pick_method(xla_min - 1) == "kernel"
+  assert fm.pick_method(fm.STREAM_MIN_M, w4a4_nvfp4=False) == "xla"
+  assert fm.pick_method(fm.STREAM_MIN_M - 1, w4a4_nvfp4=False) == "kernel"
+
+
+@pytest.mark.parametrize("m,k,n,wgs", [(1024, 3072, 12288, 2), (1024, 12288, 3072, 1),
+                                       (2047, 12288, 3072, 2), (256, 3072, 12288, 1),
+                                       (65, 3072, 3072, 1)])
+def test_auto_config(m, k, n, wgs):
+  """From STREAM_MIN_M W4A4 NVFP4 streams, with two consumer warpgroups only where that
+  keeps two waves of CTAs (the measured choice at these shapes); below it, and for other
+  formats, ``default_config``; a float32 output gets a pipeline that fits its tile."""
+  cfg = fm.auto_config(m, n, k)
+  assert cfg.stream and cfg.warpgroups == wgs and cfg.k_splits == 1
+  assert fm.auto_config(m, n, k, w4a4_nvfp4=False) == fm.default_config(m, n, k)
+  assert fm.auto_config(fm.STREAM_MIN_M - 1, n, k) == fm.default_config(fm.STREAM_MIN_M - 1,
+                                                                         n, k)
+  f32 = fm.auto_config(m, n, k, out_itemsize=4)
+  assert fm.smem_bytes(f32, k, 4) <= fm.SMEM_BYTES
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "int4"])
@@ -317,7 +337,7 @@ def test_stream_kernel_lowers_for_cuda(out):
   transposed store into a swizzled tile, which JAX 0.10.2 refuses); before, a clear error."""
   a, qt = _case(5, 200, 512, 1024, "nvfp4")
   qa = gn.quantize_nvfp4(a)
-  cfg = fm.stream_config(200, 512, 1024)
+  cfg = fm.stream_config(200, 512, 1024, warpgroups=2, out_itemsize=jnp.dtype(out).itemsize)
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
                                     a_scales=s, a_tensor_scale=t, config=cfg,
                                     method="kernel", out_dtype=out, epilogue="gelu_tanh")
@@ -330,13 +350,27 @@ def test_stream_kernel_lowers_for_cuda(out):
       lower()
 
 
+def test_stream_config_for_bf16_refuses_float32_output():
+  """A streaming tiling sized for bf16 outputs (the deepest pipeline) does not fit a float32
+  output tile: a ValueError before launch that names the fix, not a failed compile."""
+  a, qt = _case(6, 256, 256, 3072, "nvfp4")
+  cfg = fm.stream_config(256, 256, 3072, warpgroups=2)
+  assert fm.smem_bytes(cfg, 3072, 4) > fm.SMEM_BYTES >= fm.smem_bytes(cfg, 3072, 2)
+  with pytest.raises(ValueError, match="out_itemsize=4"):
+    fm.fp4_matmul(a, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method="kernel",
+                  out_dtype=jnp.float32, interpret=True)
+
+
 @pytest.mark.parametrize("k,n", [(3072, 12288), (12288, 3072), (3072, 3072), (1152, 4608)])
 @pytest.mark.parametrize("m", [65, 256, 1024, 4608])
-def test_stream_config_is_valid(m, k, n):
-  """``stream_config`` fits shared memory at every DiT shape and passes the checks."""
-  cfg = fm.stream_config(m, n, k)
-  fm._check_config(cfg, n, k)  # noqa: SLF001
-  assert cfg.stream and cfg.k_splits == 1 and fm.smem_bytes(cfg, k) <= fm.SMEM_BYTES
+@pytest.mark.parametrize("out_itemsize", [2, 4])
+def test_stream_config_is_valid(m, k, n, out_itemsize):
+  """``stream_config`` fits shared memory at every DiT shape, for bf16 outputs written by the
+  kernel and float32 ones, and passes the checks."""
+  cfg = fm.stream_config(m, n, k, out_itemsize=out_itemsize)
+  fm._check_config(cfg, n, k, out_itemsize)  # noqa: SLF001
+  assert cfg.stream and cfg.k_splits == 1
+  assert fm.smem_bytes(cfg, k, out_itemsize) <= fm.SMEM_BYTES
   splits = next(d for d in range(2, k) if (k // fm.TILE_K) % d == 0)
   with pytest.raises(ValueError, match=f"k_splits={splits} must be 1"):
     fm._check_config(dataclasses.replace(cfg, k_splits=splits), n, k)  # noqa: SLF001
@@ -350,7 +384,7 @@ def test_default_config_is_valid(m, k, n):
   cfg = fm.default_config(m, n, k)
   fm._check_config(cfg, n, k)
   assert cfg.tile_m >= min(m, 16) and cfg.tile_m % 8 == 0
-  if m < fm.XLA_MIN_M:
+  if m < fm.STREAM_MIN_M:
     ctas = n // fm.TILE_N // cfg.tiles_per_cta * -(-m // cfg.tile_m) * cfg.k_splits
     assert 132 <= ctas <= 132 * (fm.SMEM_BYTES // fm.smem_bytes(cfg, k))
 

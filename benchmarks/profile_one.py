@@ -1,0 +1,52 @@
+"""One W4A4 NVFP4 ``fp4_matmul`` launch, for Nsight Compute or a ptxas dump.
+
+    ncu -k regex:mosaic --launch-count 1 --section SpeedOfLight \\
+        python benchmarks/profile_one.py 4608x3072x12288 --stream --warpgroups 2
+
+Random weights and activations as in ``bench_kernels.py``; the call is run twice (the
+first compiles) and checked to be finite, so a profile never shows a broken kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.bench_kernels import _rand_act, _rand_weights  # noqa: E402
+from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
+from pqjax_kernels import norm as gn  # noqa: E402
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("shape", help="MxKxN")
+  p.add_argument("--stream", action="store_true", help="stream_config, else default_config")
+  p.add_argument("--warpgroups", type=int, default=None)
+  p.add_argument("--tile-m", type=int, default=None)
+  args = p.parse_args()
+  m, k, n = (int(v) for v in args.shape.split("x"))
+  kw = {} if args.warpgroups is None else dict(warpgroups=args.warpgroups)
+  if args.stream:
+    cfg = fm.stream_config(m, n, k, tile_m=args.tile_m, **kw)
+  else:
+    cfg = fm.default_config(m, n, k, **kw)
+  key = jax.random.key(0)
+  pw = fm.prepare_weights(*_rand_weights(key, n, k))
+  qa = gn.quantize_nvfp4(_rand_act(jax.random.fold_in(key, 1), m, k))
+  f = jax.jit(lambda a, s, t, w: fm.fp4_matmul(a, w, a_scales=s, a_tensor_scale=t,
+                                                method="kernel", config=cfg))
+  for _ in range(2):
+    out = jax.block_until_ready(f(qa.codes, qa.scales, qa.tensor_scale, pw))
+  if not np.isfinite(np.asarray(out, np.float32)).all():
+    raise SystemExit(f"non-finite output for {args.shape} {cfg}")
+  print("done", args.shape, cfg)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,41 @@
+"""The benchmark scripts' tiling candidates and report labels (no GPU needed)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import report_kernels  # noqa: E402
+import sweep_matmul  # noqa: E402
+
+from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
+
+
+@pytest.mark.parametrize("m,k,n", [(4608, 3072, 12288), (1024, 12288, 3072), (256, 3072, 3072),
+                                   (65, 1152, 4608)])
+def test_stream_candidates_are_valid(m, k, n):
+  """Every streaming tiling the sweep times passes the kernel's checks for a bf16 output
+  (what it times), is distinct, and ``stream_config``'s comes first."""
+  cands = sweep_matmul.stream_candidates(m, n, k, limit=40)
+  assert cands[0] == fm.stream_config(m, n, k) and len(set(cands)) == len(cands)
+  for cfg in cands:
+    assert cfg.stream
+    fm._check_config(cfg, n, k, out_itemsize=2)  # noqa: SLF001
+  assert len(sweep_matmul.stream_candidates(m, n, k, limit=2)) == 2
+
+
+@pytest.mark.parametrize("m,k,n", [(16, 3072, 12288), (64, 12288, 3072)])
+def test_small_m_candidates_are_valid(m, k, n):
+  cands = sweep_matmul.candidates(m, n, k, limit=40)
+  assert cands[0] == fm.default_config(m, n, k) and len(set(cands)) == len(cands)
+  for cfg in cands:
+    fm._check_config(cfg, n, k)  # noqa: SLF001
+
+
+def test_report_names_the_auto_candidate():
+  """The report's "auto" column follows the thresholds ``fp4_matmul`` uses on the GPU."""
+  assert report_kernels.auto_method(fm.STREAM_MIN_M - 1) == "ours_w4a4_kernel"
+  assert report_kernels.auto_method(fm.STREAM_MIN_M) == "ours_w4a4_stream"
+  assert report_kernels.auto_method(fm.XLA_MIN_M - 1) == "ours_w4a4_stream"
+  assert report_kernels.auto_method(fm.XLA_MIN_M) == "ours_w4a4_xla"

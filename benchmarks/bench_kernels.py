@@ -196,7 +196,8 @@ def _candidates(m, n, k, interpret):
     for name, cfg in (("", base),
                       (f"_wg{3 - base.warpgroups}",
                        fm.stream_config(m, n, k, warpgroups=3 - base.warpgroups)),
-                      ("_t4", fm.stream_config(m, n, k, warpgroups=2, tiles_per_wg=4))):
+                      ("_t4", fm.stream_config(m, n, k, warpgroups=2, tiles_per_wg=4)),
+                      ("_wt2", fm.stream_config(m, n, k, warpgroups=2, wg_tiles=2))):
       if n % (fm.TILE_N * cfg.tiles_per_cta) == 0 and ("kernel", cfg) not in c.values():
         c["ours_w4a4_stream" + name] = ("kernel", cfg)
   return c

@@ -61,26 +61,40 @@ def candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
 
 
 def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
-  """Tilings of the streaming kernel: ``stream_config``'s first, then every tile_m (128, 256,
-  64; up to M rounded up to 64) x warpgroups (1, 2) x output tiles per warpgroup (1, 2, 4)
-  with at least one wave of CTAs, each at the deepest pipeline that fits; then the first
-  with ``overlap_wgmma`` off and with pipeline depth 2."""
+  """Tilings of the streaming kernel: ``stream_config``'s first; then two weight tiles per
+  warpgroup and step (``wg_tiles`` 2: 128 x 256 output tiles with two warpgroups) and tile_m
+  256, with the output tiles in the pipeline's memory (``alias_out``: a deeper pipeline) and
+  without, each with and without ``overlap_wgmma``; then every tile_m (128, 256, 64; up to M rounded up to 64) x
+  warpgroups (1, 2) x output tiles per warpgroup (1, 2, 4), each at the deepest pipeline that
+  fits; then the first with ``overlap_wgmma`` off and with pipeline depth 2. Only tilings
+  with at least one wave of CTAs."""
   base = fm.stream_config(m, n, k)
   out = [base]
+
+  def add(tm, wgs, per_wg, wt=1, overlap=True, alias=False):
+    cols = fm.TILE_N * wgs * per_wg * wt
+    if n % cols or n // cols * -(-m // tm) < num_sms:
+      return
+    try:
+      cfg = fm.stream_config(m, n, k, tile_m=tm, warpgroups=wgs, tiles_per_wg=per_wg,
+                             wg_tiles=wt, alias_out=alias)
+    except ValueError:  # does not fit shared memory
+      return
+    cfg = dataclasses.replace(cfg, overlap_wgmma=overlap)
+    if cfg not in out:
+      out.append(cfg)
+
+  for wgs in (2, 1):
+    for alias in (True, False):
+      for overlap in (True, False):
+        add(base.tile_m, wgs, 1, wt=2, overlap=overlap, alias=alias)
+        if m > 128 and wgs == 2:
+          add(256, 2, 1, overlap=overlap, alias=alias)
   for tm in (128, 256, 64):
-    if tm > max(64, -(-m // 64) * 64):
-      continue
-    for wgs in (1, 2):
-      for per_wg in (1, 2, 4):
-        cols = fm.TILE_N * wgs * per_wg
-        if n % cols or n // cols * -(-m // tm) < num_sms:
-          continue
-        try:
-          cfg = fm.stream_config(m, n, k, tile_m=tm, warpgroups=wgs, tiles_per_wg=per_wg)
-        except ValueError:  # does not fit shared memory
-          continue
-        if cfg not in out:
-          out.append(cfg)
+    if tm <= max(64, -(-m // 64) * 64):
+      for wgs in (1, 2):
+        for per_wg in (1, 2, 4):
+          add(tm, wgs, per_wg)
   out += [dataclasses.replace(base, overlap_wgmma=False),
           dataclasses.replace(base, max_concurrent_steps=2)]
   return out[:limit]
@@ -133,7 +147,7 @@ def main():
       c = r["config"]
       print(f"  {r['kernel_us']:6.1f} us  tm {c['tile_m']:3d} splits {c['k_splits']:3d} tiles "
             f"{c['tiles_per_cta']:3d} kt {c['k_tiles']} depth {c['max_concurrent_steps']} wg "
-            f"{c['warpgroups']} overlap {c['overlap_wgmma']}")
+            f"{c['warpgroups']} x {c['wg_tiles']} overlap {c['overlap_wgmma']}")
 
 
 if __name__ == "__main__":

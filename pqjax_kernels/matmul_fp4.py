@@ -128,6 +128,14 @@ class MatmulConfig:
       warpgroups)`` in turn, and writes bf16/f16 outputs finished (scaled, bias added,
       tanh-GELU, ``(M, N)``; a gated residual is left to XLA). GPU: JAX >= 0.11 only. See
       ``stream_config``.
+    wg_tiles: streaming kernel only: weight tiles each consumer warpgroup multiplies per
+      pipeline step (1 or 2), each into its own accumulator; 2 makes a CTA's output tile
+      ``(tile_m, 2 * TILE_N * warpgroups)``, halving the activation traffic per product
+      (version 13, not yet measured).
+    alias_out: streaming kernel with one round of output tiles per CTA (``tiles_per_cta ==
+      warpgroups * wg_tiles``) only: the output tiles reuse the pipeline's shared memory,
+      free once every consumer's last ``wgmma`` group has completed, so a deeper pipeline
+      fits (``tile_m`` 256, or ``wg_tiles`` 2 at depth 4; version 13, not yet measured).
   """
 
   tile_m: int = 16
@@ -139,6 +147,8 @@ class MatmulConfig:
   m_major: bool = False
   overlap_wgmma: bool = True
   stream: bool = False
+  wg_tiles: int = 1
+  alias_out: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,12 +477,14 @@ def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
   """
   k_steps = k // TILE_K // config.k_splits
   wgs = config.warpgroups
+  wts = wgs * config.wg_tiles  # weight tiles per pipeline step (per CTA when streaming)
   steps = min(config.max_concurrent_steps,
-              config.tiles_per_cta // wgs * k_steps // config.k_tiles)
-  if config.stream:  # activation tiles in the pipeline; float32 outputs at most; scale, bias
-    per_step = config.k_tiles * (config.tile_m * TILE_K * 2 + wgs * _STEP_BYTES)
-    return (steps * per_step + wgs * TILE_N * config.tile_m * out_itemsize
-            + config.tiles_per_cta * 2 * TILE_N * 4 + 1024)
+              config.tiles_per_cta // wts * k_steps // config.k_tiles)
+  if config.stream:  # activation tiles in the pipeline; output tiles; scale, bias
+    pipeline = steps * config.k_tiles * (config.tile_m * TILE_K * 2 + wts * _STEP_BYTES)
+    out = wts * TILE_N * config.tile_m * out_itemsize
+    buffers = max(pipeline, out) if config.alias_out else pipeline + out
+    return buffers + config.tiles_per_cta * 2 * TILE_N * 4 + 1024
   act = k_steps * config.tile_m * TILE_K * 2
   return act + wgs * (steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4) + 1024
 
@@ -523,23 +535,25 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
 
 def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                   warpgroups: int | None = None, tiles_per_wg: int = 1,
-                  out_itemsize: int = 2, num_sms: int = 132) -> MatmulConfig:
+                  out_itemsize: int = 2, num_sms: int = 132,
+                  wg_tiles: int = 1, alias_out: bool = False) -> MatmulConfig:
   """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows: ``tile_m`` (None:
   the smallest of 16, 32, 64 covering M up to 128, else 128), ``warpgroups`` consumer
   warpgroups (None: two where that still gives two waves of CTAs, else one: measured best
-  at M = 256 to 2048 on the FLUX shapes, NOTES_kernels.md version 12), ``tiles_per_wg``
-  output tiles per warpgroup in turn, the deepest pipeline (<= 4) that fits shared memory
-  with an output of ``out_itemsize`` bytes per element (2: bf16/f16 written by the kernel).
-  """
+  at M = 256 to 2048 on the FLUX shapes, NOTES_kernels.md version 12), ``wg_tiles`` weight
+  tiles per warpgroup and step (``MatmulConfig.wg_tiles``), ``tiles_per_wg`` rounds of them
+  in turn, the deepest pipeline (<= 4) that fits shared memory with an output of
+  ``out_itemsize`` bytes per element (2: bf16/f16 written by the kernel), in memory of its
+  own or, with ``alias_out`` (one round only), the pipeline's."""
   if tile_m is None:
     tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else 128
   if warpgroups is None:
-    ctas = n // (2 * TILE_N * tiles_per_wg) * -(-m // tile_m)
+    ctas = n // (2 * TILE_N * wg_tiles * tiles_per_wg) * -(-m // tile_m)
     warpgroups = 2 if ctas >= 2 * num_sms else 1
   for depth in (4, 3, 2):
-    cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups * tiles_per_wg,
+    cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups * wg_tiles * tiles_per_wg,
                        warpgroups=warpgroups, max_concurrent_steps=depth, m_major=True,
-                       stream=True)
+                       stream=True, wg_tiles=wg_tiles, alias_out=alias_out)
     if smem_bytes(cfg, k, out_itemsize) <= SMEM_BYTES:
       return cfg
   raise ValueError(f"no streaming tiling fits shared memory for tile_m={tile_m}")
@@ -684,12 +698,12 @@ def _register_wgmma(acc_ref, slices, at_smem, m_major: bool):
 
 
 def _step_products(acc_ref, wq_ref, ws_ref, act_tile, w: PreparedWeights, dtype,
-                   m_major: bool, overlap: bool, interpret: bool) -> None:
+                   m_major: bool, wait_each: bool, interpret: bool) -> None:
   """One pipeline step of either kernel: for each of its K tiles ``j``, the weight tile
   ``wq_ref.at[j]`` decoded and scaled by ``ws_ref.at[j]`` times the activation tile
   ``act_tile(j)`` (``(tile_m, TILE_K)`` if ``m_major`` else ``(TILE_K, tile_m)``) into the
-  accumulator. Each ``wgmma`` is waited for, or with ``overlap`` the step's last group is
-  left in flight (``wgmma_wait(1)``). The interpreter has no register A operand and no
+  accumulator, one ``wgmma`` group per K tile: each waited for if ``wait_each``, else left in
+  flight for the caller to wait for. The interpreter has no register A operand and no
   accumulator stores: there a float32 ``jnp.dot`` into a shared-memory accumulator."""
   for j in range(wq_ref.shape[0]):
     vals = _decode(wq_ref.at[j], TILE_N, TILE_K, w.fmt, dtype, interpret)
@@ -700,10 +714,8 @@ def _step_products(acc_ref, wq_ref, ws_ref, act_tile, w: PreparedWeights, dtype,
                               preferred_element_type=jnp.float32)
     else:
       _register_wgmma(acc_ref, slices, act_tile(j), m_major)
-      if not overlap:
+      if wait_each:
         plgpu.wgmma_wait(0)
-  if overlap and not interpret:
-    plgpu.wgmma_wait(1)
 
 
 def _k_loop(step, t, tile_steps: int, overlap: bool) -> None:
@@ -785,8 +797,10 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         slot = lax.rem(i, depth)
         plgpu.barrier_wait(w_barrier.at[wg * depth + slot])
         _step_products(acc_ref, wq_smem.at[wg, slot], ws_smem.at[wg, slot],
-                       lambda j: act_smem.at[kk * kt + j], w, dtype, m_major, overlap,
+                       lambda j: act_smem.at[kk * kt + j], w, dtype, m_major, not overlap,
                        interpret)
+        if overlap and not interpret:
+          plgpu.wgmma_wait(1)  # the step's last group stays in flight
         # Refill a slot once the wgmma group that read it has completed (every warp of the
         # warpgroup is then past its decode): this step's, or with overlap the previous one's.
         done = i - 1 if overlap else i
@@ -846,12 +860,17 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
 
   Pipeline (per CTA; warp-specialized): a producer warpgroup (index ``warpgroups``) issues
   every copy; a step's copies (the ``k_tiles`` activation tiles ``(tile_m, TILE_K)`` and each
-  consumer warpgroup's weight tile) arrive on one barrier per slot. Each consumer warpgroup
-  decodes its weight tile into registers (the A operand) and runs its ``wgmma`` against the
-  shared activation tile, then arrives on the slot's "consumed" barrier once the group that
-  read the slot has completed (with ``overlap_wgmma`` one step later); the producer waits
-  for all arrivals before it refills the slot, so no consumer waits for another. The
-  accumulator ``(TILE_N, tile_m)`` of each output tile is written after its last K step.
+  consumer warpgroup's ``wg_tiles`` weight tiles) arrive on one barrier per slot. Each
+  consumer warpgroup decodes its weight tiles into registers (the A operands) and runs their
+  ``wgmma`` groups against the shared activation tile, one accumulator ``(TILE_N, tile_m)``
+  per weight tile, then arrives on the slot's "consumed" barrier once the groups that read
+  the slot have completed (with ``overlap_wgmma`` one step later); the producer waits for all
+  arrivals before it refills the slot, so no consumer waits for another. Each accumulator is
+  written after its output tile's last K step, through shared memory of its own or, with
+  ``alias_out``, the pipeline's (once every consumer has passed the "drained" barrier after
+  its last ``wgmma``). With two consumers holding two accumulators or ``tile_m`` 256, the
+  consumers raise their register limit (``setmaxnreg``) to 232 and the producer lowers its
+  own to 40.
   """
   mp, k = x.shape
   n = w.shape[0]
@@ -859,21 +878,30 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   dtype = x.dtype
   tn, tk = TILE_N, TILE_K
   tm, tiles, kt, nwg = config.tile_m, config.tiles_per_cta, config.k_tiles, config.warpgroups
+  wt = config.wg_tiles           # weight tiles (accumulators) per consumer warpgroup
+  step_tiles = nwg * wt          # weight tiles the CTA multiplies per step
   tile_steps = k // tk // kt     # pipeline steps per output tile
-  groups = tiles // nwg          # output tiles per warpgroup, in turn
+  groups = tiles // step_tiles   # rounds of output tiles, in turn
   n_steps = groups * tile_steps
   depth = min(config.max_concurrent_steps, n_steps)
   overlap = config.overlap_wgmma and depth > 1
   direct = sb is not None
+  # Registers rebalanced where two consumers hold 128 accumulator registers each (384
+  # threads get 168 each at launch).
+  regs = nwg == 2 and (wt > 1 or tm > 128) and not interpret
+  # The output tiles in the pipeline's memory (the JAX 0.10.2 interpreter has no RefUnion:
+  # there they get their own).
+  union = config.alias_out and (_REGISTER_CONCAT or not interpret)
   lc = _layout_cast(interpret)
   zeros = lambda: lc(jnp.zeros((tn, tm), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
   def kernel(x_gmem, wq_gmem, ws_gmem, *rest):
     if direct:
-      sb_gmem, out_gmem, act_smem, wq_smem, ws_smem, out_smem, acc_smem, sb_smem, full, \
-          consumed, sb_bar = rest
+      sb_gmem, out_gmem, bufs, wq_smem, ws_smem, acc_smem, sb_smem, full, consumed, drained, \
+          sb_bar = rest
     else:
-      out_gmem, act_smem, wq_smem, ws_smem, out_smem, acc_smem, full, consumed = rest
+      out_gmem, bufs, wq_smem, ws_smem, acc_smem, full, consumed, drained = rest
+    act_smem, out_smem = bufs  # a RefUnion (alias_out) or a tuple
     ni, mi = lax.axis_index("n"), lax.axis_index("m")
     wg = lax.axis_index("wg")
     m_sl = pl.ds(mi * tm, tm)
@@ -884,14 +912,16 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       for j in range(kt):
         plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds((kk * kt + j) * tk, tk)],
                                 act_smem.at[slot, j], bar)
-      for v in range(nwg):
-        tile = ni * tiles + grp * nwg + v
+      for v in range(step_tiles):
+        tile = ni * tiles + grp * step_tiles + v
         k_sl = pl.ds(kk * kt, kt)
         plgpu.copy_gmem_to_smem(wq_gmem.at[tile, k_sl], wq_smem.at[v, slot], bar)
         plgpu.copy_gmem_to_smem(ws_gmem.at[tile, k_sl], ws_smem.at[v, slot], bar)
 
     @pl.when(wg == nwg)
     def _producer():
+      if regs:
+        plgpu.set_max_registers(40, action="decrease")
       if direct:
         for t in range(tiles):
           cols = pl.ds((ni * tiles + t) * tn, tn)
@@ -907,78 +937,92 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
 
       lax.fori_loop(depth, n_steps, refill, None)
 
-    def scoped(acc_ref):
+    def scoped(*accs):
       if interpret:
-        acc_ref[...] = zeros()
+        for acc in accs:
+          acc[...] = zeros()
 
       def step(i, kk):
         slot = lax.rem(i, depth)
         plgpu.barrier_wait(full.at[slot])
-        _step_products(acc_ref, wq_smem.at[wg, slot], ws_smem.at[wg, slot],
-                       lambda j: act_smem.at[slot, j], w, dtype, True, overlap, interpret)
-        done = i - 1 if overlap else i  # its wgmma group has completed: its slot is free
+        for p, acc in enumerate(accs):
+          _step_products(acc, wq_smem.at[wg * wt + p, slot], ws_smem.at[wg * wt + p, slot],
+                         lambda j: act_smem.at[slot, j], w, dtype, True, not overlap,
+                         interpret)
+        if overlap and not interpret:
+          plgpu.wgmma_wait(wt * kt)  # this step's groups stay in flight; the previous done
+        done = i - 1 if overlap else i  # its wgmma groups have completed: its slot is free
 
         @pl.when((done >= 0) & (done + depth < n_steps))  # only where a refill waits
         def _release():
           plgpu.barrier_arrive(consumed.at[lax.rem(done, depth)])
 
-      def output_tile(t, carry):
+      def output_tiles(t, carry):
         _k_loop(step, t, tile_steps, overlap)
         if overlap and not interpret:
           plgpu.wgmma_wait(0)
-        local = t * nwg + wg  # the tile among the CTA's
-        tile = ni * tiles + local
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
-        if direct:
-          row = lambda r: lax.broadcast_in_dim(  # noqa: E731
-              lc(sb_smem.at[local, r][...], plgpu.Layout.WGMMA.reduce(1)), (tn, tm), (0,))
-          y = acc_ref[...] * row(0) + row(1)
-          if gelu:
-            y = jax.nn.gelu(y, approximate=True)
-          y = y.astype(out_dtype)
-          if interpret:
-            out_smem.at[wg][...] = y.T
+        if config.alias_out:  # every consumer is done reading the pipeline's memory
+          plgpu.barrier_arrive(drained)
+          plgpu.barrier_wait(drained)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tiles' stores
+        for p, acc in enumerate(accs):
+          local = t * step_tiles + wg * wt + p  # the tile among the CTA's
+          o_smem = out_smem.at[wg * wt + p]
+          if direct:
+            row = lambda r: lax.broadcast_in_dim(  # noqa: E731
+                lc(sb_smem.at[local, r][...], plgpu.Layout.WGMMA.reduce(1)), (tn, tm), (0,))
+            y = acc[...] * row(0) + row(1)
+            if gelu:
+              y = jax.nn.gelu(y, approximate=True)
+            y = y.astype(out_dtype)
+            if interpret:
+              o_smem[...] = y.T
+            else:
+              plgpu.transpose_ref(o_smem, (1, 0))[...] = y
           else:
-            plgpu.transpose_ref(out_smem.at[wg], (1, 0))[...] = y
-        else:
-          out_smem.at[wg][...] = acc_ref[...]
-        acc_ref[...] = zeros()
+            o_smem[...] = acc[...]
+          acc[...] = zeros()
         plgpu.commit_smem()
-        if direct:
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, pl.ds(tile * tn, tn)])
-        else:
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[0, pl.ds(tile * tn, tn), m_sl])
+        for p in range(wt):
+          cols = pl.ds((ni * tiles + t * step_tiles + wg * wt + p) * tn, tn)
+          if direct:
+            plgpu.copy_smem_to_gmem(out_smem.at[wg * wt + p], out_gmem.at[m_sl, cols])
+          else:
+            plgpu.copy_smem_to_gmem(out_smem.at[wg * wt + p], out_gmem.at[0, cols, m_sl])
         return carry
 
-      lax.fori_loop(0, groups, output_tile, None)
+      lax.fori_loop(0, groups, output_tiles, None)
 
     @pl.when(wg < nwg)
     def _consumer():
+      if regs:
+        plgpu.set_max_registers(232, action="increase")
       if direct:
         plgpu.barrier_wait(sb_bar)
       if interpret:
-        scoped(acc_smem.at[wg])
+        scoped(*[acc_smem.at[wg * wt + p] for p in range(wt)])
       else:
-        pl.run_scoped(scoped, plgpu.ACC((tn, tm), jnp.float32))
+        pl.run_scoped(scoped, *[plgpu.ACC((tn, tm), jnp.float32)] * wt)
       plgpu.wait_smem_to_gmem(0)
 
   if direct:
     out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
-    out_smem = plgpu.SMEM((nwg, tm, tn), out_dtype, transforms=_swz(128))
+    out_smem = plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128))
   else:
     out_type = jax.ShapeDtypeStruct((1, n, mp), jnp.float32)
-    out_smem = _out_smem(nwg, tn, tm)
+    out_smem = _out_smem(step_tiles, tn, tm)
+  act_smem = plgpu.SMEM((depth, kt, tm, tk), dtype, transforms=_swz(128))
   scratch = [
-      plgpu.SMEM((depth, kt, tm, tk), dtype, transforms=_swz(128)),
-      plgpu.SMEM((nwg, depth, kt, tn, tk), w.codes.dtype, transforms=_CODES_TRANSFORMS),
-      plgpu.SMEM((nwg, depth, kt, tk // g, tn), w.scales_t.dtype),
-      out_smem,
-      plgpu.SMEM((nwg, tn, tm) if interpret else (1,), jnp.float32),
+      plgpu.RefUnion(act_smem, out_smem) if union else (act_smem, out_smem),
+      plgpu.SMEM((step_tiles, depth, kt, tn, tk), w.codes.dtype, transforms=_CODES_TRANSFORMS),
+      plgpu.SMEM((step_tiles, depth, kt, tk // g, tn), w.scales_t.dtype),
+      plgpu.SMEM((step_tiles, tn, tm) if interpret else (1,), jnp.float32),
   ]
   if direct:
     scratch.append(plgpu.SMEM((tiles, 2, tn), jnp.float32))
-  scratch += [plgpu.Barrier(num_arrivals=kt + 2 * nwg, num_barriers=depth),
-              plgpu.Barrier(num_arrivals=nwg, num_barriers=depth)]
+  scratch += [plgpu.Barrier(num_arrivals=kt + 2 * step_tiles, num_barriers=depth),
+              plgpu.Barrier(num_arrivals=nwg, num_barriers=depth),
+              plgpu.Barrier(num_arrivals=nwg)]  # "drained" (alias_out)
   if direct:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
   wg_kw = dict(num_threads=nwg + 1, thread_name="wg")  # + the producer
@@ -1004,6 +1048,15 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
   if config.warpgroups not in (1, 2) or config.tiles_per_cta % config.warpgroups:
     raise ValueError(f"warpgroups={config.warpgroups} must be 1 or 2 and divide "
                      f"tiles_per_cta={config.tiles_per_cta}")
+  if config.wg_tiles not in (1, 2) or (config.wg_tiles > 1 and not config.stream) or \
+      config.tiles_per_cta % (config.warpgroups * config.wg_tiles):
+    raise ValueError(f"wg_tiles={config.wg_tiles} must be 1, or 2 with stream=True, and "
+                     f"warpgroups * wg_tiles must divide tiles_per_cta={config.tiles_per_cta}")
+  if config.alias_out and not (
+      config.stream and config.tiles_per_cta == config.warpgroups * config.wg_tiles):
+    raise ValueError(f"alias_out=True needs stream=True and one round of output tiles: "
+                     f"tiles_per_cta={config.tiles_per_cta} must equal warpgroups * wg_tiles "
+                     f"= {config.warpgroups * config.wg_tiles}")
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")

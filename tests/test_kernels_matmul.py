@@ -10,6 +10,7 @@ bf16 rounding each (relative <= 2**-8), adding 2**-8 * sum_k |a_k w_k|.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +32,17 @@ def _bound(a, w_codes, w_scales, ts, fmt, extra=0.0):
   return mag * ((k + 2) * 2.0**-24 + extra) + 1e-30
 
 
-def _stream_reference(qa, qt, kw, gelu: bool, bf16: bool):
+def _stream_reference(qa, qt, kw, gelu: bool, bf16: bool, extra: float = 0.0):
   """The float32 reference of a streaming-kernel W4A4 call (bias in ``kw``) and the bound on
-  the kernel's distance from it: the summation bound, the kernel's own multiply-add of scale
-  and bias (one float32 rounding), through the GELU (1.13-Lipschitz; its tanh a few float32
-  ulps from XLA's), then one rounding to bf16 (half an ulp: 2**-8 relative)."""
+  the kernel's distance from it: the summation bound (plus ``extra`` relative rounding of the
+  operands, as ``_bound``), the kernel's own multiply-add of scale and bias (one float32
+  rounding), through the GELU (1.13-Lipschitz; its tanh a few float32 ulps from XLA's), then
+  one rounding to bf16 (half an ulp: 2**-8 relative)."""
   lin = np.asarray(fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
                                 out_dtype=jnp.float32, **kw))
   ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
-  bound = _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4") + 2.0**-24 * np.abs(lin)
+  bound = (_bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4", extra)
+           + 2.0**-24 * np.abs(lin))
   ref = lin
   if gelu:
     ref = np.asarray(jax.nn.gelu(jnp.asarray(lin), approximate=True))
@@ -122,11 +125,19 @@ class KernelCases:
   # The streaming kernel: N = 256 is four weight tiles; (wgs, tiles) = (2, 4): two output
   # tiles per warpgroup in turn; K = 640 / k_tiles = 2: an odd step count, with depth 2 and
   # 3 the slots are refilled. bf16 out is written finished by the kernel (scale, bias, GELU).
-  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out,gelu", [
-      (20, 512, 2, 2, 1, 2, True, "bf16", False), (20, 640, 1, 2, 1, 3, True, "f32", True),
-      (37, 512, 2, 4, 2, 2, False, "bf16", True), (9, 640, 2, 2, 1, 3, True, "f32", False),
-      (70, 384, 2, 2, 1, 2, True, "bf16", False)])
-  def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out, gelu):
+  # wt = 2: two weight tiles (accumulators) per warpgroup and step; (1, 4, wt 2): two rounds.
+  # alias: the output tiles in the pipeline's memory (one round per CTA).
+  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out,gelu,wt,alias", [
+      (20, 512, 2, 2, 1, 2, True, "bf16", False, 1, False),
+      (20, 640, 1, 2, 1, 3, True, "f32", True, 1, False),
+      (37, 512, 2, 4, 2, 2, False, "bf16", True, 1, False),
+      (9, 640, 2, 2, 1, 3, True, "f32", False, 1, False),
+      (70, 384, 2, 2, 1, 2, True, "bf16", False, 1, False),
+      (20, 640, 2, 4, 1, 3, True, "bf16", True, 2, False),
+      (37, 512, 1, 4, 2, 2, True, "f32", False, 2, False),
+      (20, 640, 2, 2, 1, 3, True, "bf16", True, 1, True),
+      (37, 512, 2, 4, 1, 2, False, "f32", False, 2, True)])
+  def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out, gelu, wt, alias):
     if self.method == "xla":
       pytest.skip("a kernel tiling")
     n = 256
@@ -136,7 +147,7 @@ class KernelCases:
     out_dtype = jnp.bfloat16 if out == "bf16" else jnp.float32
     cfg = fm.MatmulConfig(tile_m=32 if m > 40 else 16, tiles_per_cta=tiles, warpgroups=wgs,
                           k_tiles=k_tiles, max_concurrent_steps=depth, overlap_wgmma=ovl,
-                          m_major=True, stream=True)
+                          m_major=True, stream=True, wg_tiles=wt, alias_out=alias)
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
     got = self.run(lambda: fm.fp4_matmul(
         qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,
@@ -201,6 +212,33 @@ def test_stream_dit_shapes_gpu(m, k, n, gelu, ovl):
                       method="kernel", epilogue="gelu_tanh" if gelu else None, **kw)
   ref, bound = _stream_reference(qa, qt, kw, gelu, True)
   got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+
+
+@functools.cache
+def _dit_weights(k: int, n: int):
+  return _case(100 + k + n, 1, n, k, "nvfp4")[1]
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 16, 64, 256, 1024, 4096, 4608])
+@pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 12288), (12288, 3072), (1152, 4608)])
+def test_auto_dit_shapes_gpu(k, n, m):
+  """What a model runs: ``method="auto"`` (small-M kernel, streaming kernel or XLA path by M)
+  at every DiT shape the issue names, W4A4 with bias, bf16 out; activations redrawn per case,
+  output memory poisoned first. Bound: ``_stream_reference``; where the XLA path runs, plus
+  its bf16 rounding of the scaled activations and of the GEMM's output before the bias (two
+  roundings of 2**-8 relative to ``sum |a w|``)."""
+  qt = _dit_weights(k, n)
+  rng = np.random.default_rng(k + n + m)
+  qa = gn.quantize_nvfp4(jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16))
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale,
+            bias=jnp.asarray(rng.standard_normal(n), jnp.float32))
+  jax.block_until_ready(jnp.full((m, n), jnp.nan, jnp.bfloat16))  # poison freed memory
+  got = np.asarray(fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw),
+                   np.float32)
+  extra = 2 * 2.0**-8 if fm.pick_method(m) == "xla" else 0.0
+  ref, bound = _stream_reference(qa, qt, kw, False, True, extra)
   assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
 
 
@@ -297,6 +335,11 @@ def test_w4a4_reference_matches_oracle():
     (dict(method="kernel", config=fm.MatmulConfig(tiles_per_cta=3)), "tiles_per_cta"),
     (dict(method="kernel", config=fm.MatmulConfig(k_tiles=3)), "k_tiles"),
     (dict(method="kernel", config=fm.MatmulConfig(tiles_per_cta=1, warpgroups=2)), "warpgroups"),
+    (dict(method="kernel", config=fm.MatmulConfig(tiles_per_cta=2, wg_tiles=2)), "wg_tiles"),
+    (dict(method="kernel", config=fm.MatmulConfig(stream=True, tiles_per_cta=2, wg_tiles=3)),
+     "wg_tiles"),
+    (dict(method="kernel", config=fm.MatmulConfig(stream=True, tiles_per_cta=2, alias_out=True)),
+     "alias_out"),
     (dict(k=12288, method="kernel", config=fm.MatmulConfig(tile_m=64)), "shared memory"),
 ])
 def test_bad_input_raises(kwargs, match):
@@ -332,12 +375,17 @@ def test_kernel_lowers_for_cuda(fmt, packed, m_major, wgs, ovl):
 
 
 @pytest.mark.parametrize("out", [jnp.bfloat16, jnp.float32])
-def test_stream_kernel_lowers_for_cuda(out):
+@pytest.mark.parametrize("tm,wt,alias", [(64, 1, False), (64, 2, False), (256, 1, True),
+                                         (128, 2, True)])
+def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias):
   """The streaming kernel lowers to Mosaic GPU on JAX >= 0.11 (its finished bf16 output is a
-  transposed store into a swizzled tile, which JAX 0.10.2 refuses); before, a clear error."""
+  transposed store into a swizzled tile, which JAX 0.10.2 refuses); before, a clear error.
+  ``wt`` 2 or ``tm`` 256: two consumers of 128 accumulator registers each, registers
+  rebalanced (``setmaxnreg``); ``alias``: output tiles in the pipeline's memory."""
   a, qt = _case(5, 200, 512, 1024, "nvfp4")
   qa = gn.quantize_nvfp4(a)
-  cfg = fm.stream_config(200, 512, 1024, warpgroups=2, out_itemsize=jnp.dtype(out).itemsize)
+  cfg = fm.stream_config(200, 512, 1024, tile_m=tm, warpgroups=2, wg_tiles=wt,
+                         alias_out=alias, out_itemsize=jnp.dtype(out).itemsize)
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
                                     a_scales=s, a_tensor_scale=t, config=cfg,
                                     method="kernel", out_dtype=out, epilogue="gelu_tanh")

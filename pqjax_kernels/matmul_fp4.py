@@ -965,12 +965,13 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
           plgpu.barrier_arrive(drained)
           plgpu.barrier_wait(drained)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tiles' stores
+        local = lambda p: t * step_tiles + wg * wt + p  # noqa: E731 (tile among the CTA's)
         for p, acc in enumerate(accs):
-          local = t * step_tiles + wg * wt + p  # the tile among the CTA's
           o_smem = out_smem.at[wg * wt + p]
           if direct:
             row = lambda r: lax.broadcast_in_dim(  # noqa: E731
-                lc(sb_smem.at[local, r][...], plgpu.Layout.WGMMA.reduce(1)), (tn, tm), (0,))
+                lc(sb_smem.at[local(p), r][...], plgpu.Layout.WGMMA.reduce(1)), (tn, tm),
+                (0,))
             y = acc[...] * row(0) + row(1)
             if gelu:
               y = jax.nn.gelu(y, approximate=True)
@@ -984,7 +985,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
           acc[...] = zeros()
         plgpu.commit_smem()
         for p in range(wt):
-          cols = pl.ds((ni * tiles + t * step_tiles + wg * wt + p) * tn, tn)
+          cols = pl.ds((ni * tiles + local(p)) * tn, tn)
           if direct:
             plgpu.copy_smem_to_gmem(out_smem.at[wg * wt + p], out_gmem.at[m_sl, cols])
           else:

@@ -68,18 +68,18 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
   fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
   for ax, (k, n) in zip(axes[0], shapes):
     sub = sorted((r for r in rows if (r["k"], r["n"]) == (k, n)), key=lambda r: r["m"])
-    for name in PLOTTED:
+    for i, name in enumerate(PLOTTED):  # one colour per series in every panel
       pts = [(r["m"], r[f"{BASELINE}_kernel_us"] / r[f"{name}_kernel_us"]) for r in sub
              if f"{name}_kernel_us" in r]
       if pts:
-        ax.plot(*zip(*pts), marker="o", label=name)
+        ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=name)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_title(f"K={k} N={n}")
     ax.set_xlabel("M (tokens)")
+    ax.legend(fontsize=6)
   axes[0][0].set_ylabel("speed vs XLA bf16 (>1 faster)")
-  axes[0][-1].legend(fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -64,10 +64,10 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
   """Tilings of the streaming kernel: ``stream_config``'s first; then two weight tiles per
   warpgroup and step (``wg_tiles`` 2: 128 x 256 output tiles with two warpgroups) and tile_m
   256, with the output tiles in the pipeline's memory (``alias_out``: a deeper pipeline) and
-  without, each with and without ``overlap_wgmma``; then every tile_m (128, 256, 64; up to M rounded up to 64) x
-  warpgroups (1, 2) x output tiles per warpgroup (1, 2, 4), each at the deepest pipeline that
-  fits; then the first with ``overlap_wgmma`` off and with pipeline depth 2. Only tilings
-  with at least one wave of CTAs."""
+  without, each with and without ``overlap_wgmma``; then every tile_m (128, 256, 64; up to M
+  rounded up to 64) x warpgroups (1, 2) x output tiles per warpgroup (1, 2, 4), each at the
+  deepest pipeline that fits; then the first with ``overlap_wgmma`` off and with pipeline
+  depth 2. Only tilings with at least one wave of CTAs."""
   base = fm.stream_config(m, n, k)
   out = [base]
 

@@ -1118,11 +1118,13 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   w4a4_nvfp4 = a.dtype == jnp.uint8 and w.fmt == "nvfp4"
   method = pick_method(m, w4a4_nvfp4) if method == "auto" else method
-  # The streaming kernel writes bf16/f16 outputs with no gated residual finished itself.
+  # The streaming kernel writes bf16/f16 outputs with no gated residual finished itself (its
+  # output tile is then 2 bytes per element; the small-M kernel's is float32 regardless).
   direct = jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None
+  out_itemsize = 2 if direct else 4
   if method != "xla":
-    config = config or auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4)
-    _check_config(config, n, k, out_itemsize=2 if config.stream and direct else 4)
+    config = config or auto_config(m, n, k, w4a4_nvfp4, out_itemsize)
+    _check_config(config, n, k, out_itemsize)
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)

@@ -192,12 +192,12 @@ def _candidates(m, n, k, interpret):
     if n // fm.TILE_N >= 132:  # the streaming kernel: no split-K, so only where N fills the SMs
       c["ours_w4a4_stream"] = ("kernel", fm.stream_config(m, n, k, warpgroups=1))
   elif not interpret:  # the streaming kernel (auto_config's below XLA_MIN_M), beside XLA
-    base = fm.stream_config(m, n, k)
-    for name, cfg in (("", base),
-                      (f"_wg{3 - base.warpgroups}",
-                       fm.stream_config(m, n, k, warpgroups=3 - base.warpgroups)),
-                      ("_t4", fm.stream_config(m, n, k, warpgroups=2, tiles_per_wg=4)),
-                      ("_wt2", fm.stream_config(m, n, k, warpgroups=2, wg_tiles=2))):
+    # its default tiling, then tile_m 128 (version 12's default) with the automatic number of
+    # consumer warpgroups and with the other one
+    tm128 = fm.stream_config(m, n, k, tile_m=128)
+    alt = 3 - tm128.warpgroups
+    for name, cfg in (("", fm.stream_config(m, n, k)), ("_tm128", tm128),
+                      (f"_tm128_wg{alt}", fm.stream_config(m, n, k, tile_m=128, warpgroups=alt))):
       if n % (fm.TILE_N * cfg.tiles_per_cta) == 0 and ("kernel", cfg) not in c.values():
         c["ours_w4a4_stream" + name] = ("kernel", cfg)
   return c

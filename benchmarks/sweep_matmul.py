@@ -61,13 +61,14 @@ def candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
 
 
 def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
-  """Tilings of the streaming kernel: ``stream_config``'s first; then two weight tiles per
-  warpgroup and step (``wg_tiles`` 2: 128 x 256 output tiles with two warpgroups) and tile_m
-  256, with the output tiles in the pipeline's memory (``alias_out``: a deeper pipeline) and
-  without, each with and without ``overlap_wgmma``; then every tile_m (128, 256, 64; up to M
-  rounded up to 64) x warpgroups (1, 2) x output tiles per warpgroup (1, 2, 4), each at the
-  deepest pipeline that fits; then the first with ``overlap_wgmma`` off and with pipeline
-  depth 2. Only tilings with at least one wave of CTAs."""
+  """Tilings of the streaming kernel: ``stream_config``'s first; then tile_m 256 with the
+  output tiles in the pipeline's memory (two, then one consumer warpgroups; ``overlap_wgmma``
+  off, then on); two weight tiles per warpgroup and step (``wg_tiles`` 2) and tile_m 256,
+  each with the output tiles in the pipeline's memory and in their own, with and without
+  ``overlap_wgmma``; then every tile_m (128, 256, 64; up to M rounded up to 64) x
+  warpgroups (1, 2) x output tiles per warpgroup (1, 2, 4), each at the deepest pipeline that
+  fits; then the first with ``overlap_wgmma`` flipped and with pipeline depth 2. Only tilings
+  with at least one wave of CTAs."""
   base = fm.stream_config(m, n, k)
   out = [base]
 
@@ -84,6 +85,10 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
     if cfg not in out:
       out.append(cfg)
 
+  if m > 128:  # tile_m 256 first: the best at 1024 and 4608 rows (NOTES version 13)
+    for wgs in (2, 1):
+      for overlap in (False, True):
+        add(256, wgs, 1, overlap=overlap, alias=True)
   for wgs in (2, 1):
     for alias in (True, False):
       for overlap in (True, False):
@@ -95,8 +100,10 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
       for wgs in (1, 2):
         for per_wg in (1, 2, 4):
           add(tm, wgs, per_wg)
-  out += [dataclasses.replace(base, overlap_wgmma=False),
-          dataclasses.replace(base, max_concurrent_steps=2)]
+  for cfg in (dataclasses.replace(base, overlap_wgmma=not base.overlap_wgmma),
+              dataclasses.replace(base, max_concurrent_steps=2)):
+    if cfg not in out:
+      out.append(cfg)
   return out[:limit]
 
 

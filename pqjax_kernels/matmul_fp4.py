@@ -75,13 +75,14 @@ Fmt = Literal["nvfp4", "mxfp4", "int4"]
 Epilogue = Literal["gelu_tanh"] | None
 Method = Literal["auto", "xla", "kernel"]
 METHODS = ("auto", "xla", "kernel")
-# "auto" per M (H200, NOTES_kernels.md version 12): W4A4 NVFP4 runs the small-M kernel up to
-# M = 64, the streaming kernel from STREAM_MIN_M (1.05-2x faster than the XLA path at M = 256
-# to 1024) and the XLA path from XLA_MIN_M (a tie at M = 2048; XLA 9% faster at 4608).
-# W4A16 and the other formats, whose streaming kernel is not measured, take the XLA path from
+# "auto" per M (H200, NOTES_kernels.md version 13): W4A4 NVFP4 runs the small-M kernel up to
+# M = 64, the streaming kernel from STREAM_MIN_M (faster than the XLA path at M = 256 to 2048,
+# a tie at 4608) and the XLA path from XLA_MIN_M: its one weight decode amortizes over M, so
+# it takes over above the measured range (8192 is an estimate, not a measurement). W4A16 and
+# the other formats, whose streaming kernel is not measured, take the XLA path from
 # STREAM_MIN_M.
 STREAM_MIN_M = 65
-XLA_MIN_M = 2048
+XLA_MIN_M = 8192
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
 TILE_N = 64    # weight rows per CTA: one wgmma M block
@@ -131,11 +132,11 @@ class MatmulConfig:
     wg_tiles: streaming kernel only: weight tiles each consumer warpgroup multiplies per
       pipeline step (1 or 2), each into its own accumulator; 2 makes a CTA's output tile
       ``(tile_m, 2 * TILE_N * warpgroups)``, halving the activation traffic per product
-      (version 13, not yet measured).
+      (version 13: slower than ``tile_m`` 256, which halves the decode per product).
     alias_out: streaming kernel with one round of output tiles per CTA (``tiles_per_cta ==
       warpgroups * wg_tiles``) only: the output tiles reuse the pipeline's shared memory,
       free once every consumer's last ``wgmma`` group has completed, so a deeper pipeline
-      fits (``tile_m`` 256, or ``wg_tiles`` 2 at depth 4; version 13, not yet measured).
+      fits (``tile_m`` 256 at depth 3 instead of 2, ``wg_tiles`` 2 at 4 instead of 3).
   """
 
   tile_m: int = 16
@@ -536,27 +537,60 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
 def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                   warpgroups: int | None = None, tiles_per_wg: int = 1,
                   out_itemsize: int = 2, num_sms: int = 132,
-                  wg_tiles: int = 1, alias_out: bool = False) -> MatmulConfig:
-  """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows: ``tile_m`` (None:
-  the smallest of 16, 32, 64 covering M up to 128, else 128), ``warpgroups`` consumer
-  warpgroups (None: two where that still gives two waves of CTAs, else one: measured best
-  at M = 256 to 2048 on the FLUX shapes, NOTES_kernels.md version 12), ``wg_tiles`` weight
-  tiles per warpgroup and step (``MatmulConfig.wg_tiles``), ``tiles_per_wg`` rounds of them
-  in turn, the deepest pipeline (<= 4) that fits shared memory with an output of
-  ``out_itemsize`` bytes per element (2: bf16/f16 written by the kernel), in memory of its
-  own or, with ``alias_out`` (one round only), the pipeline's."""
+                  wg_tiles: int = 1, alias_out: bool | None = None) -> MatmulConfig:
+  """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows.
+
+  Defaults measured on an H200 (NOTES_kernels.md version 13): ``tile_m`` 256 with two
+  consumer warpgroups where that gives two waves of CTAs (each decoded weight tile then
+  serves 256 rows: 7-18% faster than 128 at 1024-4608 rows of the FLUX shapes), else the
+  smallest of 16, 32, 64 covering M up to 128, else 128; ``warpgroups`` consumers: two where
+  that still gives two waves of CTAs, else one. ``overlap_wgmma`` is off where two consumers
+  hold 128 accumulator registers each (4-7% faster: the other consumer covers the wait).
+
+  Args:
+    m, n, k: the problem, ``(M, K) x (K, N)``.
+    tile_m: activation rows per CTA (None: as above).
+    warpgroups: consumer warpgroups (None: as above).
+    tiles_per_wg: rounds of output tiles each consumer computes in turn.
+    out_itemsize: bytes per element of the output tile (2: bf16/f16 written by the kernel).
+    num_sms: streaming multiprocessors, for the wave count.
+    wg_tiles: weight tiles (accumulators) per consumer and step (``MatmulConfig.wg_tiles``).
+    alias_out: output tiles in the pipeline's shared memory (one round only); None: where
+      that gives a deeper pipeline.
+
+  Returns:
+    The tiling at the deepest pipeline (<= 4) that fits shared memory.
+
+  Raises:
+    ValueError: if no pipeline depth fits.
+  """
+  waves = lambda tm, wgs: (  # noqa: E731
+      n // (wgs * TILE_N * wg_tiles * tiles_per_wg) * -(-m // tm) / num_sms)
   if tile_m is None:
-    tile_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else 128
+    tile_m = (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else
+              256 if warpgroups in (None, 2) and wg_tiles * tiles_per_wg == 1
+              and waves(256, 2) >= 2 else 128)
   if warpgroups is None:
-    ctas = n // (2 * TILE_N * wg_tiles * tiles_per_wg) * -(-m // tile_m)
-    warpgroups = 2 if ctas >= 2 * num_sms else 1
-  for depth in (4, 3, 2):
-    cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups * wg_tiles * tiles_per_wg,
-                       warpgroups=warpgroups, max_concurrent_steps=depth, m_major=True,
-                       stream=True, wg_tiles=wg_tiles, alias_out=alias_out)
-    if smem_bytes(cfg, k, out_itemsize) <= SMEM_BYTES:
-      return cfg
-  raise ValueError(f"no streaming tiling fits shared memory for tile_m={tile_m}")
+    warpgroups = 2 if waves(tile_m, 2) >= 2 else 1
+  wide = warpgroups == 2 and (wg_tiles > 1 or tile_m > 128)
+  if alias_out is None:
+    aliases = (True, False) if tiles_per_wg == 1 else (False,)
+  else:
+    aliases = (alias_out,)
+  fits = []
+  for alias in aliases:
+    for depth in (4, 3, 2):
+      cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups * wg_tiles * tiles_per_wg,
+                         warpgroups=warpgroups, max_concurrent_steps=depth, m_major=True,
+                         overlap_wgmma=not wide, stream=True, wg_tiles=wg_tiles,
+                         alias_out=alias)
+      if smem_bytes(cfg, k, out_itemsize) <= SMEM_BYTES:
+        fits.append(cfg)
+        break
+  if not fits:
+    raise ValueError(f"no streaming tiling fits shared memory for tile_m={tile_m}")
+  # deepest first; at equal depth, output tiles of their own
+  return max(fits, key=lambda c: (c.max_concurrent_steps, not c.alias_out))
 
 
 def _layout_cast(interpret: bool):

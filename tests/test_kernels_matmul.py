@@ -285,15 +285,19 @@ def test_pick_method_thresholds():
   assert fm.pick_method(fm.STREAM_MIN_M - 1, w4a4_nvfp4=False) == "kernel"
 
 
-@pytest.mark.parametrize("m,k,n,wgs", [(1024, 3072, 12288, 2), (1024, 12288, 3072, 1),
-                                       (2047, 12288, 3072, 2), (256, 3072, 12288, 1),
-                                       (65, 3072, 3072, 1)])
-def test_auto_config(m, k, n, wgs):
-  """From STREAM_MIN_M W4A4 NVFP4 streams, with two consumer warpgroups only where that
-  keeps two waves of CTAs (the measured choice at these shapes); below it, and for other
-  formats, ``default_config``; a float32 output gets a pipeline that fits its tile."""
+@pytest.mark.parametrize("m,k,n,wgs,tm", [(1024, 3072, 12288, 2, 256), (1024, 12288, 3072, 1, 128),
+                                          (2047, 12288, 3072, 2, 128), (256, 3072, 12288, 1, 128),
+                                          (4608, 12288, 3072, 2, 256), (65, 3072, 3072, 1, 64)])
+def test_auto_config(m, k, n, wgs, tm):
+  """From STREAM_MIN_M W4A4 NVFP4 streams: tile_m 256 with two consumer warpgroups where that
+  keeps two waves of CTAs, else two consumers only where that does (the measured choices at
+  these shapes); tile_m 256 puts the output tiles in the pipeline's memory (depth 3, not 2)
+  and does not overlap wgmma groups. Below STREAM_MIN_M, and for other formats,
+  ``default_config``; a float32 output gets a pipeline that fits its tile."""
   cfg = fm.auto_config(m, n, k)
-  assert cfg.stream and cfg.warpgroups == wgs and cfg.k_splits == 1
+  assert cfg.stream and cfg.k_splits == 1 and (cfg.warpgroups, cfg.tile_m) == (wgs, tm)
+  assert (cfg.alias_out, cfg.max_concurrent_steps) == ((True, 3) if tm == 256 else (False, 4))
+  assert cfg.overlap_wgmma == (tm < 256)
   assert fm.auto_config(m, n, k, w4a4_nvfp4=False) == fm.default_config(m, n, k)
   assert fm.auto_config(fm.STREAM_MIN_M - 1, n, k) == fm.default_config(fm.STREAM_MIN_M - 1,
                                                                          n, k)

@@ -191,7 +191,7 @@ def _candidates(m, n, k, interpret):
         "kernel", dataclasses.replace(fm.default_config(m, n, k), overlap_wgmma=False))
     if n // fm.TILE_N >= 132:  # the streaming kernel: no split-K, so only where N fills the SMs
       c["ours_w4a4_stream"] = ("kernel", fm.stream_config(m, n, k, warpgroups=1))
-  elif not interpret:  # the streaming kernel (auto_config's below XLA_MIN_M), beside XLA
+  elif not interpret:  # the streaming kernel (auto_config's from STREAM_MIN_M), beside XLA
     # its default tiling, then tile_m 128 (version 12's default) with the automatic number of
     # consumer warpgroups and with the other one
     tm128 = fm.stream_config(m, n, k, tile_m=128)

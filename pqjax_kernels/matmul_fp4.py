@@ -51,8 +51,8 @@ bf16 (~4.5 + 16 bits per weight moved), another the activations times both tenso
 (one bf16 rounding each, relative <= 2**-8), then XLA's bf16 GEMM (cuBLAS, float32
 accumulation) writes the output dtype itself: no float32 product and no scaling pass.
 ``"kernel"``: the fused kernels above, tiled by ``auto_config`` unless given: the small-M
-kernel up to M = 64, the streaming kernel (W4A4 NVFP4) from ``STREAM_MIN_M`` to
-``XLA_MIN_M``.
+kernel up to M = 64, the streaming kernel (W4A4 NVFP4) from ``STREAM_MIN_M`` (see
+``pick_method`` for the largest M).
 
 ``prepare_weights`` does the one-time re-layout (int4 view of the codes and the scales, cut
 into contiguous tiles); call it once at quantize time and pass the result as ``w_codes``
@@ -75,14 +75,18 @@ Fmt = Literal["nvfp4", "mxfp4", "int4"]
 Epilogue = Literal["gelu_tanh"] | None
 Method = Literal["auto", "xla", "kernel"]
 METHODS = ("auto", "xla", "kernel")
-# "auto" per M (H200, NOTES_kernels.md version 13): W4A4 NVFP4 runs the small-M kernel up to
-# M = 64, the streaming kernel from STREAM_MIN_M (faster than the XLA path at M = 256 to 2048,
-# a tie at 4608) and the XLA path from XLA_MIN_M: its one weight decode amortizes over M, so
-# it takes over above the measured range (8192 is an estimate, not a measurement). W4A16 and
-# the other formats, whose streaming kernel is not measured, take the XLA path from
-# STREAM_MIN_M.
+# "auto" (H200, NOTES_kernels.md version 13): W4A4 NVFP4 runs the small-M kernel up to
+# M = 64, the streaming kernel from STREAM_MIN_M (faster than the XLA path at every measured
+# M = 256 to 2047) and from XLA_MIN_M only where its CTAs fill their waves (prefers_stream):
+# 4608 x 3072 x 12288 (94% fill) streamed 3% faster than the XLA path, 4608 x 12288 x 3072
+# (82%) 4% slower; up to STREAM_MAX_M, an estimate: the XLA path's one weight decode
+# amortizes over M, so it takes over somewhere above the measured range. W4A16 and the other
+# formats, whose streaming kernel is not measured, take the XLA path from STREAM_MIN_M.
 STREAM_MIN_M = 65
-XLA_MIN_M = 8192
+XLA_MIN_M = 2048
+STREAM_MAX_M = 8192
+STREAM_MIN_FILL = 0.9
+STREAM_MIN_K = 3072  # the measured range: shorter K leaves less to hide a tile's fixed costs
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
 TILE_N = 64    # weight rows per CTA: one wgmma M block
@@ -376,12 +380,32 @@ def _xla_product(x, w: PreparedWeights, out_scale, out_dtype):
                          preferred_element_type=acc)
 
 
-def pick_method(m: int, w4a4_nvfp4: bool = True) -> str:
-  """The method ``"auto"`` uses for M rows (thresholds measured on an H200: ``XLA_MIN_M``);
-  ``w4a4_nvfp4``: NVFP4 activations and weights (the streaming kernel's measured case; it
-  needs JAX >= 0.11 on the GPU)."""
-  streams = w4a4_nvfp4 and _REGISTER_CONCAT
-  return "xla" if m >= (XLA_MIN_M if streams else STREAM_MIN_M) else "kernel"
+def wave_fill(config: MatmulConfig, m: int, n: int, num_sms: int = 132) -> float:
+  """The fraction of the SMs' CTA slots a grid of ``config``'s CTAs fills over its waves
+  (one CTA per SM; the streaming kernel's tilings run one)."""
+  ctas = n // (TILE_N * config.tiles_per_cta) * -(-m // config.tile_m)
+  return ctas / (-(-ctas // num_sms) * num_sms)
+
+
+def prefers_stream(m: int, n: int, k: int) -> bool:
+  """Whether W4A4 NVFP4 at M >= ``STREAM_MIN_M`` runs the streaming kernel rather than the
+  XLA path (measured on an H200): always below ``XLA_MIN_M``; from there to ``STREAM_MAX_M``
+  only where its tiling fills at least ``STREAM_MIN_FILL`` of its waves and K >=
+  ``STREAM_MIN_K`` (it beat the XLA path by 3-5% at such rows, and lost by 4% at 82% fill).
+  """
+  return m < XLA_MIN_M or (m < STREAM_MAX_M and k >= STREAM_MIN_K and
+                           wave_fill(stream_config(m, n, k), m, n) >= STREAM_MIN_FILL)
+
+
+def pick_method(m: int, n: int, k: int, w4a4_nvfp4: bool = True) -> str:
+  """The method ``"auto"`` uses for ``(M, K) x (K, N)``: the small-M kernel up to M = 64;
+  then, for W4A4 NVFP4 (``w4a4_nvfp4``) on JAX >= 0.11, the streaming kernel where
+  ``prefers_stream``; else the XLA path (W4A16 and the other formats, whose streaming
+  kernel is not measured, from ``STREAM_MIN_M``)."""
+  if m < STREAM_MIN_M:
+    return "kernel"
+  streams = w4a4_nvfp4 and _REGISTER_CONCAT and prefers_stream(m, n, k)
+  return "kernel" if streams else "xla"
 
 
 def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
@@ -1151,7 +1175,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   w4a4_nvfp4 = a.dtype == jnp.uint8 and w.fmt == "nvfp4"
-  method = pick_method(m, w4a4_nvfp4) if method == "auto" else method
+  method = pick_method(m, n, k, w4a4_nvfp4) if method == "auto" else method
   # The streaming kernel writes bf16/f16 outputs with no gated residual finished itself (its
   # output tile is then 2 bytes per element; the small-M kernel's is float32 regardless).
   direct = jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None
@@ -1199,6 +1223,6 @@ def weight_bytes(n: int, k: int, fmt: str = "nvfp4") -> int:
 
 
 __all__ = ["METHODS", "MatmulConfig", "PreparedWeights", "auto_config", "decode_weights_bf16",
-           "default_config", "dequantize", "fp4_matmul", "pick_method", "prepare_weights",
-           "reference", "stream_config", "weight_bytes"]
+           "default_config", "dequantize", "fp4_matmul", "pick_method", "prefers_stream",
+           "prepare_weights", "reference", "stream_config", "wave_fill", "weight_bytes"]
 

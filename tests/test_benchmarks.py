@@ -35,7 +35,9 @@ def test_small_m_candidates_are_valid(m, k, n):
 
 def test_report_names_the_auto_candidate():
   """The report's "auto" column follows the thresholds ``fp4_matmul`` uses on the GPU."""
-  assert report_kernels.auto_method(fm.STREAM_MIN_M - 1) == "ours_w4a4_kernel"
-  assert report_kernels.auto_method(fm.STREAM_MIN_M) == "ours_w4a4_stream"
-  assert report_kernels.auto_method(fm.XLA_MIN_M - 1) == "ours_w4a4_stream"
-  assert report_kernels.auto_method(fm.XLA_MIN_M) == "ours_w4a4_xla"
+  for m, k, n, want in [(fm.STREAM_MIN_M - 1, 3072, 12288, "kernel"),
+                        (fm.STREAM_MIN_M, 3072, 12288, "stream"),
+                        (fm.XLA_MIN_M, 3072, 12288, "stream"),  # 97% wave fill
+                        (4608, 12288, 3072, "xla"),  # 82%
+                        (fm.XLA_MIN_M, 1152, 4608, "xla")]:  # short K
+    assert report_kernels.auto_method(m, n, k) == "ours_w4a4_" + want, (m, k, n)

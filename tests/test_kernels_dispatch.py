@@ -46,9 +46,10 @@ def test_bad_in_perm_raises():
 
 @pytest.mark.parametrize("gathered,rotate", [(False, False), (True, True)])
 def test_prepared_weights_used_by_mosaic_xla_path(gathered, rotate):
-  """M >= XLA_MIN_M takes the decode + XLA dot path, which runs on any backend; its
-  activation quantize (``pqjax_kernels.norm``) and the reference's (``pqjax.formats``) pick
-  the same codes, so the two backends differ only in the product's arithmetic."""
+  """M = XLA_MIN_M at K = 128 (below STREAM_MIN_K) takes the decode + XLA dot path, which
+  runs on any backend; its activation quantize (``pqjax_kernels.norm``) and the reference's
+  (``pqjax.formats``) pick the same codes, so the two backends differ only in the product's
+  arithmetic."""
   from pqjax_kernels import matmul_fp4 as fm
   from pqjax_kernels import norm
   rng = np.random.default_rng(2)

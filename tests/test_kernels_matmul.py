@@ -237,7 +237,7 @@ def test_auto_dit_shapes_gpu(k, n, m):
   jax.block_until_ready(jnp.full((m, n), jnp.nan, jnp.bfloat16))  # poison freed memory
   got = np.asarray(fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw),
                    np.float32)
-  extra = 2 * 2.0**-8 if fm.pick_method(m) == "xla" else 0.0
+  extra = 2 * 2.0**-8 if fm.pick_method(m, n, k) == "xla" else 0.0
   ref, bound = _stream_reference(qa, qt, kw, False, True, extra)
   assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
 
@@ -277,12 +277,27 @@ def test_decode_weights_bf16_is_exact(fmt):
 
 
 def test_pick_method_thresholds():
-  """W4A4 NVFP4 takes the XLA path from XLA_MIN_M (where the streaming kernel runs: JAX >=
-  0.11), everything else from STREAM_MIN_M."""
-  xla_min = fm.XLA_MIN_M if fm._REGISTER_CONCAT else fm.STREAM_MIN_M  # noqa: SLF001
-  assert fm.pick_method(xla_min) == "xla" and fm.pick_method(xla_min - 1) == "kernel"
-  assert fm.pick_method(fm.STREAM_MIN_M, w4a4_nvfp4=False) == "xla"
-  assert fm.pick_method(fm.STREAM_MIN_M - 1, w4a4_nvfp4=False) == "kernel"
+  """Up to M = 64 the small-M kernel. From STREAM_MIN_M, W4A4 NVFP4 streams (JAX >= 0.11), and
+  from XLA_MIN_M to STREAM_MAX_M only where its CTAs fill >= 90% of their waves and K >=
+  3072, else it takes the XLA path; everything else takes the XLA path from STREAM_MIN_M."""
+  for k, n in [(3072, 12288), (12288, 3072), (1152, 4608)]:
+    assert fm.pick_method(fm.STREAM_MIN_M - 1, n, k) == "kernel"
+    assert fm.pick_method(fm.STREAM_MIN_M - 1, n, k, w4a4_nvfp4=False) == "kernel"
+    assert fm.pick_method(fm.STREAM_MIN_M, n, k, w4a4_nvfp4=False) == "xla"
+  streams = "kernel" if fm._REGISTER_CONCAT else "xla"  # noqa: SLF001
+  for m, k, n in [(65, 1152, 4608), (2047, 12288, 3072), (2048, 3072, 12288),
+                  (4608, 3072, 12288)]:  # below XLA_MIN_M; 97% and 94% fill
+    assert fm.pick_method(m, n, k) == streams, (m, k, n)
+  for m, k, n in [(4608, 12288, 3072), (2048, 1152, 4608), (fm.STREAM_MAX_M, 3072, 12288)]:
+    assert fm.pick_method(m, n, k) == "xla", (m, k, n)  # 82% fill; K 1152; M
+
+
+def test_wave_fill():
+  """432 CTAs (18 rows of 256 x 24 columns of 128) on 132 SMs: four waves, 432 / 528 full."""
+  cfg = fm.stream_config(4608, 3072, 12288)
+  assert (cfg.tile_m, cfg.tiles_per_cta) == (256, 2)
+  assert fm.wave_fill(cfg, 4608, 3072) == pytest.approx(432 / 528)
+  assert fm.wave_fill(cfg, 4608, 3072, num_sms=108) == 1.0
 
 
 @pytest.mark.parametrize("m,k,n,wgs,tm", [(1024, 3072, 12288, 2, 256), (1024, 12288, 3072, 1, 128),

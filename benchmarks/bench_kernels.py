@@ -189,15 +189,21 @@ def _candidates(m, n, k, interpret):
               "kernel", cfg)
     c["ours_w4a4_kernel_serial"] = (
         "kernel", dataclasses.replace(fm.default_config(m, n, k), overlap_wgmma=False))
-    if n // fm.TILE_N >= 132:  # the streaming kernel: no split-K, so only where N fills the SMs
+    if n // fm.TILE_N >= 132:  # the streaming kernel, unsplit, only where N fills the SMs
       c["ours_w4a4_stream"] = ("kernel", fm.stream_config(m, n, k, warpgroups=1))
   elif not interpret:  # the streaming kernel (auto_config's from STREAM_MIN_M), beside XLA
     # its default tiling, then tile_m 128 (version 12's default) with the automatic number of
-    # consumer warpgroups and with the other one
+    # consumer warpgroups and with the other one; where the default leaves SMs idle in its
+    # last wave or cannot use tile_m 256, K split in 2 and 4 (version 14)
+    base = fm.stream_config(m, n, k)
     tm128 = fm.stream_config(m, n, k, tile_m=128)
     alt = 3 - tm128.warpgroups
-    for name, cfg in (("", fm.stream_config(m, n, k)), ("_tm128", tm128),
-                      (f"_tm128_wg{alt}", fm.stream_config(m, n, k, tile_m=128, warpgroups=alt))):
+    cands = [("", base), ("_tm128", tm128),
+             (f"_tm128_wg{alt}", fm.stream_config(m, n, k, tile_m=128, warpgroups=alt))]
+    if fm.wave_fill(base, m, n) < fm.STREAM_MIN_FILL or base.tile_m < 256:
+      cands += [(f"_ks{s}", fm.stream_config(m, n, k, k_splits=s)) for s in (2, 4)
+                if (k // fm.TILE_K) % s == 0]
+    for name, cfg in cands:
       if n % (fm.TILE_N * cfg.tiles_per_cta) == 0 and ("kernel", cfg) not in c.values():
         c["ours_w4a4_stream" + name] = ("kernel", cfg)
   return c

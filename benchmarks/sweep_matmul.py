@@ -61,14 +61,15 @@ def candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
 
 
 def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
-  """Tilings of the streaming kernel: ``stream_config``'s first; then tile_m 256 with the
-  output tiles in the pipeline's memory (two, then one consumer warpgroups; ``overlap_wgmma``
-  off, then on); two weight tiles per warpgroup and step (``wg_tiles`` 2) and tile_m 256,
-  each with the output tiles in the pipeline's memory and in their own, with and without
-  ``overlap_wgmma``; then every tile_m (128, 256, 64; up to M rounded up to 64) x
-  warpgroups (1, 2) x output tiles per warpgroup (1, 2, 4), each at the deepest pipeline that
-  fits; then the first with ``overlap_wgmma`` flipped and with pipeline depth 2. Only tilings
-  with at least one wave of CTAs."""
+  """Tilings of the streaming kernel: ``stream_config``'s first; then ``stream_config``'s
+  with K split in 2, 3 and 4; tile_m 256 with the output tiles in the pipeline's memory (two,
+  then one consumer warpgroups; ``overlap_wgmma`` off, then on); two weight tiles per
+  warpgroup and step (``wg_tiles`` 2) and tile_m 256, each with the output tiles in the
+  pipeline's memory and in their own, with and without ``overlap_wgmma``; then every tile_m
+  (128, 256, 64; up to M rounded up to 64) x warpgroups (1, 2) x output tiles per warpgroup
+  (1, 2, 4), each at the deepest pipeline that fits; then the first with ``overlap_wgmma``
+  flipped and with pipeline depth 2. Only tilings with at least one wave of CTAs (split K
+  excepted: there the splits add CTAs)."""
   base = fm.stream_config(m, n, k)
   out = [base]
 
@@ -85,7 +86,13 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
     if cfg not in out:
       out.append(cfg)
 
-  if m > 128:  # tile_m 256 first: the best at 1024 and 4608 rows (NOTES version 13)
+  steps = k // fm.TILE_K
+  for splits in (2, 3, 4):  # split K: more CTAs where N is narrow (version 14)
+    if steps % splits == 0:
+      cfg = fm.stream_config(m, n, k, k_splits=splits)
+      if cfg not in out:
+        out.append(cfg)
+  if m > 128:  # tile_m 256: the best at 1024 and 4608 rows (NOTES version 13)
     for wgs in (2, 1):
       for overlap in (False, True):
         add(256, wgs, 1, overlap=overlap, alias=True)

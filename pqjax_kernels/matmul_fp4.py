@@ -38,12 +38,13 @@ shared-memory accumulator (the interpreter has no inline PTX, no register A oper
 accumulator stores); the GPU tests and the CUDA lowering test cover the register path.
 
 For larger M, ``MatmulConfig.stream`` (``stream_config``) selects a second kernel,
-``_stream_call``: the same decode and register-A ``wgmma``, but no resident activation slice
-and no split-K: each pipeline step also brings one ``(tile_m, TILE_K)`` activation tile,
-shared by the CTA's consumer warpgroups (each with its own weight tile, so a CTA computes a
-``(tile_m, TILE_N * warpgroups)`` output tile over all of K) and brought by a producer
-warpgroup, and bf16/f16 outputs leave it finished: scaled, bias added, tanh-GELU applied,
-stored ``(M, N)`` through a transposed shared-memory tile.
+``_stream_call``: the same decode and register-A ``wgmma``, but no resident activation
+slice: each pipeline step also brings one ``(tile_m, TILE_K)`` activation tile, shared by
+the CTA's consumer warpgroups (each with its own weight tile, so a CTA computes a
+``(tile_m, TILE_N * warpgroups)`` output tile over all of K, or over its split of K with
+``k_splits``) and brought by a producer warpgroup, and unsplit bf16/f16 outputs leave it
+finished: scaled, bias added, tanh-GELU applied, stored ``(M, N)`` through a transposed
+shared-memory tile.
 
 Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
 ``"xla"`` (large M, compute-bound): one elementwise XLA pass decodes the weights to exact
@@ -125,14 +126,14 @@ class MatmulConfig:
     m_major: keep the activations ``(M, K)`` (TMA rows of ``2 * TILE_K`` bytes) and let the
       ``wgmma`` read B transposed, instead of transposing them to ``(K, M)`` in XLA first
       (rows of ``2 * tile_m`` bytes). GPU only (JAX >= 0.11); ignored under the interpreter.
-    stream: the kernel for larger M (``_stream_call``): no resident activation slice and no
-      split-K (``k_splits`` must be 1); each pipeline step brings one activation tile, which
-      the CTA's ``warpgroups`` consumer warpgroups share, beside each one's weight tile (an
-      extra producer warpgroup issues the copies). A CTA
-      computes ``tiles_per_cta / warpgroups`` output tiles of ``(tile_m, TILE_N *
-      warpgroups)`` in turn, and writes bf16/f16 outputs finished (scaled, bias added,
-      tanh-GELU, ``(M, N)``; a gated residual is left to XLA). GPU: JAX >= 0.11 only. See
-      ``stream_config``.
+    stream: the kernel for larger M (``_stream_call``): no resident activation slice; each
+      pipeline step brings one activation tile, which the CTA's ``warpgroups`` consumer
+      warpgroups share, beside each one's weight tile (an extra producer warpgroup issues
+      the copies). A CTA computes ``tiles_per_cta / warpgroups`` output tiles of
+      ``(tile_m, TILE_N * warpgroups)`` in turn, and with ``k_splits`` 1 writes bf16/f16
+      outputs finished (scaled, bias added, tanh-GELU, ``(M, N)``; a gated residual is left
+      to XLA); split, it writes float32 partials like the small-M kernel. GPU: JAX >= 0.11
+      only. See ``stream_config``.
     wg_tiles: streaming kernel only: weight tiles each consumer warpgroup multiplies per
       pipeline step (1 or 2), each into its own accumulator; 2 makes a CTA's output tile
       ``(tile_m, 2 * TILE_N * warpgroups)``, halving the activation traffic per product
@@ -383,7 +384,7 @@ def _xla_product(x, w: PreparedWeights, out_scale, out_dtype):
 def wave_fill(config: MatmulConfig, m: int, n: int, num_sms: int = 132) -> float:
   """The fraction of the SMs' CTA slots a grid of ``config``'s CTAs fills over its waves
   (one CTA per SM; the streaming kernel's tilings run one)."""
-  ctas = n // (TILE_N * config.tiles_per_cta) * -(-m // config.tile_m)
+  ctas = n // (TILE_N * config.tiles_per_cta) * -(-m // config.tile_m) * config.k_splits
   return ctas / (-(-ctas // num_sms) * num_sms)
 
 
@@ -561,7 +562,8 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
 def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                   warpgroups: int | None = None, tiles_per_wg: int = 1,
                   out_itemsize: int = 2, num_sms: int = 132,
-                  wg_tiles: int = 1, alias_out: bool | None = None) -> MatmulConfig:
+                  wg_tiles: int = 1, alias_out: bool | None = None,
+                  k_splits: int = 1) -> MatmulConfig:
   """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows.
 
   Defaults measured on an H200 (NOTES_kernels.md version 13): ``tile_m`` 256 with two
@@ -581,6 +583,8 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
     wg_tiles: weight tiles (accumulators) per consumer and step (``MatmulConfig.wg_tiles``).
     alias_out: output tiles in the pipeline's shared memory (one round only); None: where
       that gives a deeper pipeline.
+    k_splits: CTAs per output tile along K, each writing float32 partials that XLA sums
+      (more CTAs where N is narrow; version 14, not yet measured): output tiles of 4 bytes.
 
   Returns:
     The tiling at the deepest pipeline (<= 4) that fits shared memory.
@@ -589,7 +593,9 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
     ValueError: if no pipeline depth fits.
   """
   waves = lambda tm, wgs: (  # noqa: E731
-      n // (wgs * TILE_N * wg_tiles * tiles_per_wg) * -(-m // tm) / num_sms)
+      n // (wgs * TILE_N * wg_tiles * tiles_per_wg) * -(-m // tm) * k_splits / num_sms)
+  if k_splits > 1:
+    out_itemsize = 4
   if tile_m is None:
     tile_m = (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else
               256 if warpgroups in (None, 2) and wg_tiles * tiles_per_wg == 1
@@ -607,7 +613,7 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
       cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups * wg_tiles * tiles_per_wg,
                          warpgroups=warpgroups, max_concurrent_steps=depth, m_major=True,
                          overlap_wgmma=not wide, stream=True, wg_tiles=wg_tiles,
-                         alias_out=alias)
+                         alias_out=alias, k_splits=k_splits)
       if smem_bytes(cfg, k, out_itemsize) <= SMEM_BYTES:
         fits.append(cfg)
         break
@@ -913,8 +919,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
 
   ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
   applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(Mp, N)`` itself
-  ("direct"); with None it writes the float32 accumulators ``(1, N, Mp)`` like
-  ``_kernel_call`` (left to XLA: scale, epilogue, transpose).
+  ("direct"; ``k_splits`` 1 only); with None it writes the float32 accumulators
+  ``(k_splits, N, Mp)`` like ``_kernel_call`` (left to XLA: the sum over the splits, scale,
+  epilogue, transpose). Split ``s`` of a CTA's output tiles reads K steps ``s * K/k_splits``
+  onwards.
 
   Pipeline (per CTA; warp-specialized): a producer warpgroup (index ``warpgroups``) issues
   every copy; a step's copies (the ``k_tiles`` activation tiles ``(tile_m, TILE_K)`` and each
@@ -936,9 +944,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   dtype = x.dtype
   tn, tk = TILE_N, TILE_K
   tm, tiles, kt, nwg = config.tile_m, config.tiles_per_cta, config.k_tiles, config.warpgroups
+  splits = config.k_splits
   wt = config.wg_tiles           # weight tiles (accumulators) per consumer warpgroup
   step_tiles = nwg * wt          # weight tiles the CTA multiplies per step
-  tile_steps = k // tk // kt     # pipeline steps per output tile
+  tile_steps = k // tk // kt // splits  # pipeline steps per output tile (and split)
   groups = tiles // step_tiles   # rounds of output tiles, in turn
   n_steps = groups * tile_steps
   depth = min(config.max_concurrent_steps, n_steps)
@@ -960,12 +969,12 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     else:
       out_gmem, bufs, wq_smem, ws_smem, acc_smem, full, consumed, drained = rest
     act_smem, out_smem = bufs  # a RefUnion (alias_out) or a tuple
-    ni, mi = lax.axis_index("n"), lax.axis_index("m")
+    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     wg = lax.axis_index("wg")
     m_sl = pl.ds(mi * tm, tm)
 
     def fetch(step, slot):
-      grp, kk = step // tile_steps, step % tile_steps
+      grp, kk = step // tile_steps, si * tile_steps + step % tile_steps
       bar = full.at[slot]
       for j in range(kt):
         plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds((kk * kt + j) * tk, tk)],
@@ -1047,7 +1056,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
           if direct:
             plgpu.copy_smem_to_gmem(out_smem.at[wg * wt + p], out_gmem.at[m_sl, cols])
           else:
-            plgpu.copy_smem_to_gmem(out_smem.at[wg * wt + p], out_gmem.at[0, cols, m_sl])
+            plgpu.copy_smem_to_gmem(out_smem.at[wg * wt + p], out_gmem.at[si, cols, m_sl])
         return carry
 
       lax.fori_loop(0, groups, output_tiles, None)
@@ -1068,7 +1077,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
     out_smem = plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128))
   else:
-    out_type = jax.ShapeDtypeStruct((1, n, mp), jnp.float32)
+    out_type = jax.ShapeDtypeStruct((splits, n, mp), jnp.float32)
     out_smem = _out_smem(step_tiles, tn, tm)
   act_smem = plgpu.SMEM((depth, kt, tm, tk), dtype, transforms=_swz(128))
   scratch = [
@@ -1086,8 +1095,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
   wg_kw = dict(num_threads=nwg + 1, thread_name="wg")  # + the producer
   call = plgpu.kernel(
-      kernel, out_type=out_type, grid=(n // tn // tiles, mp // tm), grid_names=("n", "m"),
-      scratch_types=scratch, **wg_kw)
+      kernel, out_type=out_type, grid=(n // tn // tiles, mp // tm, splits),
+      grid_names=("n", "m", "s"), scratch_types=scratch, **wg_kw)
   return call(x, w.codes, w.scales_t, *([sb] if direct else []))
 
 
@@ -1102,8 +1111,6 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
   if config.k_tiles < 1 or (k // TILE_K // s) % config.k_tiles:
     raise ValueError(f"k_tiles={config.k_tiles} must divide the {k // TILE_K // s} K tiles "
                      f"of a split")
-  if config.stream and s != 1:
-    raise ValueError(f"stream=True reads all of K per output tile: k_splits={s} must be 1")
   if config.warpgroups not in (1, 2) or config.tiles_per_cta % config.warpgroups:
     raise ValueError(f"warpgroups={config.warpgroups} must be 1 or 2 and divide "
                      f"tiles_per_cta={config.tiles_per_cta}")
@@ -1178,11 +1185,12 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   method = pick_method(m, n, k, w4a4_nvfp4) if method == "auto" else method
   # The streaming kernel writes bf16/f16 outputs with no gated residual finished itself (its
   # output tile is then 2 bytes per element; the small-M kernel's is float32 regardless).
+  # Split K sums float32 partials in XLA first.
   direct = jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None
-  out_itemsize = 2 if direct else 4
   if method != "xla":
-    config = config or auto_config(m, n, k, w4a4_nvfp4, out_itemsize)
-    _check_config(config, n, k, out_itemsize)
+    config = config or auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4)
+    direct = direct and config.k_splits == 1
+    _check_config(config, n, k, 2 if direct else 4)
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)

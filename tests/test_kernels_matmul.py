@@ -126,18 +126,23 @@ class KernelCases:
   # tiles per warpgroup in turn; K = 640 / k_tiles = 2: an odd step count, with depth 2 and
   # 3 the slots are refilled. bf16 out is written finished by the kernel (scale, bias, GELU).
   # wt = 2: two weight tiles (accumulators) per warpgroup and step; (1, 4, wt 2): two rounds.
-  # alias: the output tiles in the pipeline's memory (one round per CTA).
-  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out,gelu,wt,alias", [
-      (20, 512, 2, 2, 1, 2, True, "bf16", False, 1, False),
-      (20, 640, 1, 2, 1, 3, True, "f32", True, 1, False),
-      (37, 512, 2, 4, 2, 2, False, "bf16", True, 1, False),
-      (9, 640, 2, 2, 1, 3, True, "f32", False, 1, False),
-      (70, 384, 2, 2, 1, 2, True, "bf16", False, 1, False),
-      (20, 640, 2, 4, 1, 3, True, "bf16", True, 2, False),
-      (37, 512, 1, 4, 2, 2, True, "f32", False, 2, False),
-      (20, 640, 2, 2, 1, 3, True, "bf16", True, 1, True),
-      (37, 512, 2, 4, 1, 2, False, "f32", False, 2, True)])
-  def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out, gelu, wt, alias):
+  # alias: the output tiles in the pipeline's memory (one round per CTA). splits: CTAs per
+  # output tile along K (float32 partials summed by XLA, so bf16 is not written finished):
+  # K = 1024 in two splits of four steps (slots refilled), K = 768 in three of two.
+  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out,gelu,wt,alias,splits", [
+      (20, 512, 2, 2, 1, 2, True, "bf16", False, 1, False, 1),
+      (20, 640, 1, 2, 1, 3, True, "f32", True, 1, False, 1),
+      (37, 512, 2, 4, 2, 2, False, "bf16", True, 1, False, 1),
+      (9, 640, 2, 2, 1, 3, True, "f32", False, 1, False, 1),
+      (70, 384, 2, 2, 1, 2, True, "bf16", False, 1, False, 1),
+      (20, 640, 2, 4, 1, 3, True, "bf16", True, 2, False, 1),
+      (37, 512, 1, 4, 2, 2, True, "f32", False, 2, False, 1),
+      (20, 640, 2, 2, 1, 3, True, "bf16", True, 1, True, 1),
+      (37, 512, 2, 4, 1, 2, False, "f32", False, 2, True, 1),
+      (20, 1024, 2, 2, 1, 3, True, "bf16", True, 1, True, 2),
+      (37, 768, 1, 2, 1, 2, False, "f32", False, 1, False, 3)])
+  def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out, gelu, wt, alias,
+                            splits):
     if self.method == "xla":
       pytest.skip("a kernel tiling")
     n = 256
@@ -147,7 +152,8 @@ class KernelCases:
     out_dtype = jnp.bfloat16 if out == "bf16" else jnp.float32
     cfg = fm.MatmulConfig(tile_m=32 if m > 40 else 16, tiles_per_cta=tiles, warpgroups=wgs,
                           k_tiles=k_tiles, max_concurrent_steps=depth, overlap_wgmma=ovl,
-                          m_major=True, stream=True, wg_tiles=wt, alias_out=alias)
+                          m_major=True, stream=True, wg_tiles=wt, alias_out=alias,
+                          k_splits=splits)
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
     got = self.run(lambda: fm.fp4_matmul(
         qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,
@@ -211,6 +217,25 @@ def test_stream_dit_shapes_gpu(m, k, n, gelu, ovl):
   got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
                       method="kernel", epilogue="gelu_tanh" if gelu else None, **kw)
   ref, bound = _stream_reference(qa, qt, kw, gelu, True)
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,splits", [(1024, 2), (1024, 4), (4608, 3)])
+def test_stream_split_k_gpu(m, splits):
+  """The streaming kernel with K split (float32 partials summed by XLA, then scale, bias,
+  GELU, bf16) at the MLP down projection, 12288 x 3072, output memory poisoned first."""
+  k, n = 12288, 3072
+  a, qt = _case(29 + m, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
+  cfg = fm.stream_config(m, n, k, k_splits=splits)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
+  jax.block_until_ready(jnp.full((splits, n, m), jnp.nan, jnp.float32))  # poison freed memory
+  got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
+                      method="kernel", epilogue="gelu_tanh", **kw)
+  ref, bound = _stream_reference(qa, qt, kw, True, True)
   got = np.asarray(got, np.float32)
   assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
 
@@ -394,17 +419,20 @@ def test_kernel_lowers_for_cuda(fmt, packed, m_major, wgs, ovl):
 
 
 @pytest.mark.parametrize("out", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("tm,wt,alias", [(64, 1, False), (64, 2, False), (256, 1, True),
-                                         (128, 2, True)])
-def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias):
+@pytest.mark.parametrize("tm,wt,alias,splits", [(64, 1, False, 1), (64, 2, False, 1),
+                                                (256, 1, True, 1), (128, 2, True, 1),
+                                                (256, 1, True, 2)])
+def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits):
   """The streaming kernel lowers to Mosaic GPU on JAX >= 0.11 (its finished bf16 output is a
   transposed store into a swizzled tile, which JAX 0.10.2 refuses); before, a clear error.
   ``wt`` 2 or ``tm`` 256: two consumers of 128 accumulator registers each, registers
-  rebalanced (``setmaxnreg``); ``alias``: output tiles in the pipeline's memory."""
+  rebalanced (``setmaxnreg``); ``alias``: output tiles in the pipeline's memory; ``splits``:
+  split K (float32 partials)."""
   a, qt = _case(5, 200, 512, 1024, "nvfp4")
   qa = gn.quantize_nvfp4(a)
   cfg = fm.stream_config(200, 512, 1024, tile_m=tm, warpgroups=2, wg_tiles=wt,
-                         alias_out=alias, out_itemsize=jnp.dtype(out).itemsize)
+                         alias_out=alias, out_itemsize=jnp.dtype(out).itemsize,
+                         k_splits=splits)
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
                                     a_scales=s, a_tensor_scale=t, config=cfg,
                                     method="kernel", out_dtype=out, epilogue="gelu_tanh")
@@ -433,14 +461,19 @@ def test_stream_config_for_bf16_refuses_float32_output():
 @pytest.mark.parametrize("out_itemsize", [2, 4])
 def test_stream_config_is_valid(m, k, n, out_itemsize):
   """``stream_config`` fits shared memory at every DiT shape, for bf16 outputs written by the
-  kernel and float32 ones, and passes the checks."""
+  kernel and float32 ones, and passes the checks; split K (float32 partial tiles) too, and
+  a split count that does not divide the K steps raises."""
   cfg = fm.stream_config(m, n, k, out_itemsize=out_itemsize)
   fm._check_config(cfg, n, k, out_itemsize)  # noqa: SLF001
   assert cfg.stream and cfg.k_splits == 1
   assert fm.smem_bytes(cfg, k, out_itemsize) <= fm.SMEM_BYTES
-  splits = next(d for d in range(2, k) if (k // fm.TILE_K) % d == 0)
-  with pytest.raises(ValueError, match=f"k_splits={splits} must be 1"):
-    fm._check_config(dataclasses.replace(cfg, k_splits=splits), n, k)  # noqa: SLF001
+  steps = k // fm.TILE_K
+  splits = next(d for d in range(2, steps + 1) if steps % d == 0)
+  split = fm.stream_config(m, n, k, out_itemsize=out_itemsize, k_splits=splits)
+  fm._check_config(split, n, k, 4)  # noqa: SLF001
+  bad = next(d for d in range(2, steps + 2) if steps % d)
+  with pytest.raises(ValueError, match=f"k_splits={bad} must divide the {steps} K steps"):
+    fm._check_config(dataclasses.replace(cfg, k_splits=bad), n, k)  # noqa: SLF001
 
 
 @pytest.mark.parametrize("k,n", [(3072, 12288), (12288, 3072), (3072, 3072), (1152, 4608)])

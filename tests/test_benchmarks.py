@@ -16,12 +16,14 @@ from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
                                    (65, 1152, 4608)])
 def test_stream_candidates_are_valid(m, k, n):
   """Every streaming tiling the sweep times passes the kernel's checks for a bf16 output
-  (what it times), is distinct, and ``stream_config``'s comes first."""
+  (what it times; split K writes float32 partials), is distinct, and ``stream_config``'s
+  comes first, then split K."""
   cands = sweep_matmul.stream_candidates(m, n, k, limit=40)
   assert cands[0] == fm.stream_config(m, n, k) and len(set(cands)) == len(cands)
+  assert cands[1].k_splits > 1
   for cfg in cands:
     assert cfg.stream
-    fm._check_config(cfg, n, k, out_itemsize=2)  # noqa: SLF001
+    fm._check_config(cfg, n, k, out_itemsize=2 if cfg.k_splits == 1 else 4)  # noqa: SLF001
   assert len(sweep_matmul.stream_candidates(m, n, k, limit=2)) == 2
 
 

@@ -76,13 +76,11 @@ Fmt = Literal["nvfp4", "mxfp4", "int4"]
 Epilogue = Literal["gelu_tanh"] | None
 Method = Literal["auto", "xla", "kernel"]
 METHODS = ("auto", "xla", "kernel")
-# "auto" (H200, NOTES_kernels.md version 13): W4A4 NVFP4 runs the small-M kernel up to
-# M = 64, the streaming kernel from STREAM_MIN_M (faster than the XLA path at every measured
-# M = 256 to 2047) and from XLA_MIN_M only where its CTAs fill their waves (prefers_stream):
-# 4608 x 3072 x 12288 (94% fill) streamed 3% faster than the XLA path, 4608 x 12288 x 3072
-# (82%) 4% slower; up to STREAM_MAX_M, an estimate: the XLA path's one weight decode
-# amortizes over M, so it takes over somewhere above the measured range. W4A16 and the other
-# formats, whose streaming kernel is not measured, take the XLA path from STREAM_MIN_M.
+# "auto" (H200, NOTES_kernels.md version 13; pick_method, prefers_stream): W4A4 NVFP4 runs
+# the small-M kernel up to M = 64, the streaming kernel from STREAM_MIN_M, and from
+# XLA_MIN_M to STREAM_MAX_M (an estimate: the XLA path's one weight decode amortizes over M)
+# only where its CTAs fill their waves, else the XLA path. W4A16 and the other formats, whose
+# streaming kernel is not measured, take the XLA path from STREAM_MIN_M.
 STREAM_MIN_M = 65
 XLA_MIN_M = 2048
 STREAM_MAX_M = 8192
@@ -392,7 +390,7 @@ def prefers_stream(m: int, n: int, k: int) -> bool:
   """Whether W4A4 NVFP4 at M >= ``STREAM_MIN_M`` runs the streaming kernel rather than the
   XLA path (measured on an H200): always below ``XLA_MIN_M``; from there to ``STREAM_MAX_M``
   only where its tiling fills at least ``STREAM_MIN_FILL`` of its waves and K >=
-  ``STREAM_MIN_K`` (it beat the XLA path by 3-5% at such rows, and lost by 4% at 82% fill).
+  ``STREAM_MIN_K`` (it beat the XLA path by 3-16% at such rows, and lost by 4% at 82% fill).
   """
   return m < XLA_MIN_M or (m < STREAM_MAX_M and k >= STREAM_MIN_K and
                            wave_fill(stream_config(m, n, k), m, n) >= STREAM_MIN_FILL)

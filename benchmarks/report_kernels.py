@@ -36,9 +36,9 @@ def auto_method(m: int, n: int, k: int) -> str:
 
 
 def best_ours(row: dict) -> tuple[str, float] | None:
-  """The fastest of our methods in a row that also passed its correctness check."""
+  """The fastest of our W4A4 methods in a row that also passed its correctness check."""
   ours = [(k[:-len("_kernel_us")], v) for k, v in row.items()
-          if k.startswith("ours_") and k.endswith("_kernel_us")
+          if k.startswith("ours_w4a4_") and k.endswith("_kernel_us")
           and row.get(k[:-len("_kernel_us")] + "_ok", True)]
   return min(ours, key=lambda kv: kv[1]) if ours else None
 

@@ -1,6 +1,9 @@
-"""The benchmark scripts' tiling candidates and report labels (no GPU needed)."""
+"""The benchmark scripts' tiling candidates, report labels and a tiny CPU run (no GPU
+needed)."""
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -43,3 +46,17 @@ def test_report_names_the_auto_candidate():
                         (4608, 12288, 3072, "xla"),  # 82%
                         (fm.XLA_MIN_M, 1152, 4608, "xla")]:  # short K
     assert report_kernels.auto_method(m, n, k) == "ours_w4a4_" + want, (m, k, n)
+
+
+def test_bench_kernels_tiny_runs_and_checks(tmp_path):
+  """``bench_kernels.py --tiny`` (CPU, small shapes) runs end to end: every candidate it can
+  run there is checked against the float32 reference, W4A16 from M = 65 included."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_kernels.py"),
+                  "--tiny", "--skip-norm", "--out", str(tmp_path)], check=True, cwd=root,
+                 env={**os.environ, "PYTHONPATH": root}, capture_output=True)
+  (path,) = tmp_path.glob("kernels_*.json")
+  res = json.loads(path.read_text())
+  assert res["check_ok"] and {r["m"] for r in res["matmul"]} == {5, 80}
+  modes = {(c["mode"], c["m"]) for c in res["check"]}
+  assert {("ours_w4a4_xla", 5), ("ours_w4a4_xla", 80), ("ours_w4a16_xla", 80)} <= modes

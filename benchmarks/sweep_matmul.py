@@ -99,9 +99,10 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
   for wgs in (2, 1):
     for alias in (True, False):
       for overlap in (True, False):
-        add(base.tile_m, wgs, 1, wt=2, overlap=overlap, alias=alias)
-        if m > 128 and wgs == 2:
-          add(256, 2, 1, overlap=overlap, alias=alias)
+        # two accumulators of tile_m <= 128 columns: 128 registers a thread, as tile_m 256
+        add(min(base.tile_m, 128), wgs, 1, wt=2, overlap=overlap, alias=alias)
+        if m > 128 and wgs == 2 and not alias:  # aliased: above
+          add(256, 2, 1, overlap=overlap, alias=False)
   for tm in (128, 256, 64):
     if tm <= max(64, -(-m // 64) * 64):
       for wgs in (1, 2):

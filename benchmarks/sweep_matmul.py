@@ -73,6 +73,10 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
   base = fm.stream_config(m, n, k)
   out = [base]
 
+  def keep(cfg):
+    if cfg not in out:
+      out.append(cfg)
+
   def add(tm, wgs, per_wg, wt=1, overlap=True, alias=False):
     cols = fm.TILE_N * wgs * per_wg * wt
     if n % cols or n // cols * -(-m // tm) < num_sms:
@@ -82,16 +86,12 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
                              wg_tiles=wt, alias_out=alias)
     except ValueError:  # does not fit shared memory
       return
-    cfg = dataclasses.replace(cfg, overlap_wgmma=overlap)
-    if cfg not in out:
-      out.append(cfg)
+    keep(dataclasses.replace(cfg, overlap_wgmma=overlap))
 
   steps = k // fm.TILE_K
   for splits in (2, 3, 4):  # split K: more CTAs where N is narrow (version 14)
     if steps % splits == 0:
-      cfg = fm.stream_config(m, n, k, k_splits=splits)
-      if cfg not in out:
-        out.append(cfg)
+      keep(fm.stream_config(m, n, k, k_splits=splits))
   if m > 128:  # tile_m 256: the best at 1024 and 4608 rows (NOTES version 13)
     for wgs in (2, 1):
       for overlap in (False, True):
@@ -108,10 +108,8 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
       for wgs in (1, 2):
         for per_wg in (1, 2, 4):
           add(tm, wgs, per_wg)
-  for cfg in (dataclasses.replace(base, overlap_wgmma=not base.overlap_wgmma),
-              dataclasses.replace(base, max_concurrent_steps=2)):
-    if cfg not in out:
-      out.append(cfg)
+  keep(dataclasses.replace(base, overlap_wgmma=not base.overlap_wgmma))
+  keep(dataclasses.replace(base, max_concurrent_steps=2))
   return out[:limit]
 
 

@@ -379,10 +379,15 @@ def _xla_product(x, w: PreparedWeights, out_scale, out_dtype):
                          preferred_element_type=acc)
 
 
+def _ctas(m: int, n: int, tile_m: int, tiles_per_cta: int, k_splits: int = 1) -> int:
+  """CTAs in the grid of a tiling: column blocks x row blocks x splits."""
+  return n // (TILE_N * tiles_per_cta) * -(-m // tile_m) * k_splits
+
+
 def wave_fill(config: MatmulConfig, m: int, n: int, num_sms: int = 132) -> float:
   """The fraction of the SMs' CTA slots a grid of ``config``'s CTAs fills over its waves
   (one CTA per SM; the streaming kernel's tilings run one)."""
-  ctas = n // (TILE_N * config.tiles_per_cta) * -(-m // config.tile_m) * config.k_splits
+  ctas = _ctas(m, n, config.tile_m, config.tiles_per_cta, config.k_splits)
   return ctas / (-(-ctas // num_sms) * num_sms)
 
 
@@ -591,7 +596,7 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
     ValueError: if no pipeline depth fits.
   """
   waves = lambda tm, wgs: (  # noqa: E731
-      n // (wgs * TILE_N * wg_tiles * tiles_per_wg) * -(-m // tm) * k_splits / num_sms)
+      _ctas(m, n, tm, wgs * wg_tiles * tiles_per_wg, k_splits) / num_sms)
   if k_splits > 1:
     out_itemsize = 4
   if tile_m is None:

@@ -30,13 +30,14 @@ def main() -> None:
   p.add_argument("--warpgroups", type=int, default=None)
   p.add_argument("--tile-m", type=int, default=None)
   p.add_argument("--wg-tiles", type=int, default=1, help="streaming: tiles per warpgroup")
-  p.add_argument("--alias-out", action="store_true", help="streaming: MatmulConfig.alias_out")
+  p.add_argument("--alias-out", action="store_true",
+                 help="streaming: MatmulConfig.alias_out (else stream_config's choice)")
   args = p.parse_args()
   m, k, n = (int(v) for v in args.shape.split("x"))
   kw = {} if args.warpgroups is None else dict(warpgroups=args.warpgroups)
   if args.stream:
     cfg = fm.stream_config(m, n, k, tile_m=args.tile_m, wg_tiles=args.wg_tiles,
-                           alias_out=args.alias_out, **kw)
+                           alias_out=True if args.alias_out else None, **kw)
   else:
     cfg = fm.default_config(m, n, k, **kw)
   key = jax.random.key(0)

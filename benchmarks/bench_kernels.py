@@ -194,15 +194,20 @@ def _candidates(m, n, k, interpret):
   elif not interpret:  # the streaming kernel (auto_config's from STREAM_MIN_M), beside XLA
     # its default tiling, then tile_m 128 (version 12's default) with the automatic number of
     # consumer warpgroups and with the other one; where the default leaves SMs idle in its
-    # last wave or cannot use tile_m 256, K split in 2 and 4 (version 14)
+    # last wave or cannot use tile_m 256, K split in 2 and 4 (version 14: float32 partials;
+    # version 15: summed in the cluster's shared memory)
     base = fm.stream_config(m, n, k)
     tm128 = fm.stream_config(m, n, k, tile_m=128)
     alt = 3 - tm128.warpgroups
     cands = [("", base), ("_tm128", tm128),
              (f"_tm128_wg{alt}", fm.stream_config(m, n, k, tile_m=128, warpgroups=alt))]
     if fm.wave_fill(base, m, n) < fm.STREAM_MIN_FILL or base.tile_m < 256:
-      cands += [(f"_ks{s}", fm.stream_config(m, n, k, k_splits=s)) for s in (2, 4)
-                if (k // fm.TILE_K) % s == 0]
+      for s in (2, 4):
+        if (k // fm.TILE_K) % s == 0:
+          cands.append((f"_ks{s}", fm.stream_config(m, n, k, k_splits=s)))
+          cl = fm.stream_config(m, n, k, k_splits=s, cluster_splits=True)
+          if cl.tile_m % (32 * s) == 0:
+            cands.append((f"_cl{s}", cl))
     for name, cfg in cands:
       if n % (fm.TILE_N * cfg.tiles_per_cta) == 0 and ("kernel", cfg) not in c.values():
         c["ours_w4a4_stream" + name] = ("kernel", cfg)

@@ -140,6 +140,11 @@ class MatmulConfig:
       warpgroups * wg_tiles``) only: the output tiles reuse the pipeline's shared memory,
       free once every consumer's last ``wgmma`` group has completed, so a deeper pipeline
       fits (``tile_m`` 256 at depth 3 instead of 2, ``wg_tiles`` 2 at 4 instead of 3).
+    cluster_splits: streaming kernel with ``k_splits`` > 1 and ``alias_out`` (GPU only): the
+      ``k_splits`` CTAs of an output tile run as one cluster and sum their accumulators
+      through distributed shared memory, each finishing ``tile_m / k_splits`` of the tile's
+      rows (scale, bias, tanh-GELU, bf16/f16), instead of writing float32 partials for XLA
+      to sum (version 15).
   """
 
   tile_m: int = 16
@@ -153,6 +158,7 @@ class MatmulConfig:
   stream: bool = False
   wg_tiles: int = 1
   alias_out: bool = False
+  cluster_splits: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,6 +518,8 @@ def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
   if config.stream:  # activation tiles in the pipeline; output tiles; scale, bias
     pipeline = steps * config.k_tiles * (config.tile_m * TILE_K * 2 + wts * _STEP_BYTES)
     out = wts * TILE_N * config.tile_m * out_itemsize
+    if config.cluster_splits:  # float32 tiles the cluster sums, one finished slice each
+      out = wts * TILE_N * (config.tile_m * 4 + config.tile_m // config.k_splits * out_itemsize)
     buffers = max(pipeline, out) if config.alias_out else pipeline + out
     return buffers + config.tiles_per_cta * 2 * TILE_N * 4 + 1024
   act = k_steps * config.tile_m * TILE_K * 2
@@ -566,7 +574,7 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                   warpgroups: int | None = None, tiles_per_wg: int = 1,
                   out_itemsize: int = 2, num_sms: int = 132,
                   wg_tiles: int = 1, alias_out: bool | None = None,
-                  k_splits: int = 1) -> MatmulConfig:
+                  k_splits: int = 1, cluster_splits: bool = False) -> MatmulConfig:
   """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows.
 
   Defaults measured on an H200 (NOTES_kernels.md version 13): ``tile_m`` 256 with two
@@ -587,7 +595,9 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
     alias_out: output tiles in the pipeline's shared memory (one round only); None: where
       that gives a deeper pipeline.
     k_splits: CTAs per output tile along K, each writing float32 partials that XLA sums
-      (more CTAs where N is narrow; version 14, not yet measured): output tiles of 4 bytes.
+      (more CTAs where N is narrow; version 14): output tiles of 4 bytes.
+    cluster_splits: the splits sum in their cluster's shared memory instead
+      (``MatmulConfig.cluster_splits``; output tiles in the pipeline's memory).
 
   Returns:
     The tiling at the deepest pipeline (<= 4) that fits shared memory.
@@ -597,7 +607,8 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
   """
   waves = lambda tm, wgs: (  # noqa: E731
       _ctas(m, n, tm, wgs * wg_tiles * tiles_per_wg, k_splits) / num_sms)
-  if k_splits > 1:
+  cluster_splits = cluster_splits and k_splits > 1
+  if k_splits > 1 and not cluster_splits:
     out_itemsize = 4
   if tile_m is None:
     tile_m = (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else
@@ -606,7 +617,9 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
   if warpgroups is None:
     warpgroups = 2 if waves(tile_m, 2) >= 2 else 1
   wide = warpgroups == 2 and (wg_tiles > 1 or tile_m > 128)
-  if alias_out is None:
+  if cluster_splits:
+    aliases = (True,)
+  elif alias_out is None:
     aliases = (True, False) if tiles_per_wg == 1 else (False,)
   else:
     aliases = (alias_out,)
@@ -616,7 +629,8 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
       cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups * wg_tiles * tiles_per_wg,
                          warpgroups=warpgroups, max_concurrent_steps=depth, m_major=True,
                          overlap_wgmma=not wide, stream=True, wg_tiles=wg_tiles,
-                         alias_out=alias, k_splits=k_splits)
+                         alias_out=alias, k_splits=k_splits,
+                         cluster_splits=cluster_splits)
       if smem_bytes(cfg, k, out_itemsize) <= SMEM_BYTES:
         fits.append(cfg)
         break
@@ -638,9 +652,10 @@ def _swz(bytes_):
 _CODES_TRANSFORMS = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))
 
 
-def _out_smem(count: int, rows: int, tm: int):
-  sw = min(128, tm * 4)
-  return plgpu.SMEM((count, rows, tm), jnp.float32,
+def _out_smem(*shape: int):
+  """Float32 output tiles ``(..., rows, tm)``, swizzled."""
+  sw = min(128, shape[-1] * 4)
+  return plgpu.SMEM(shape, jnp.float32,
                     transforms=(plgpu.TilingTransform((8, sw // 4)), plgpu.SwizzleTransform(sw)))
 
 
@@ -916,16 +931,32 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   return call(x, w.codes, w.scales_t)
 
 
+def _cluster_sync() -> None:
+  """``barrier.cluster``: every thread of every CTA in the cluster must reach it; releases the
+  shared-memory writes before it and acquires the peers' (cluster scope)."""
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415 (only while lowering)
+
+  @plgpu.inline_mgpu()
+  def sync(_):
+    mgpu.utils.inline_ptx("barrier.cluster.arrive.release.aligned;\n"
+                          "\tbarrier.cluster.wait.acquire.aligned;", has_side_effects=True)
+
+  sync()
+
+
 def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
                  interpret: bool, gelu: bool = False):
   """Runs the streaming kernel (``MatmulConfig.stream``) on activations ``x (Mp, K)``.
 
   ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
   applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(Mp, N)`` itself
-  ("direct"; ``k_splits`` 1 only); with None it writes the float32 accumulators
+  ("direct"; ``k_splits`` 1, or ``cluster_splits``); else it writes the float32 accumulators
   ``(k_splits, N, Mp)`` like ``_kernel_call`` (left to XLA: the sum over the splits, scale,
   epilogue, transpose). Split ``s`` of a CTA's output tiles reads K steps ``s * K/k_splits``
-  onwards.
+  onwards. With ``cluster_splits`` the splits of an output tile form a cluster: after its last
+  K step each CTA puts its accumulators in its shared memory, and CTA ``s`` sums rows
+  ``s * tile_m/k_splits`` onwards of every peer's (distributed shared memory, in split order)
+  and finishes them, between two cluster barriers.
 
   Pipeline (per CTA; warp-specialized): a producer warpgroup (index ``warpgroups``) issues
   every copy; a step's copies (the ``k_tiles`` activation tiles ``(tile_m, TILE_K)`` and each
@@ -956,6 +987,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   depth = min(config.max_concurrent_steps, n_steps)
   overlap = config.overlap_wgmma and depth > 1
   direct = sb is not None
+  cl = config.cluster_splits
+  tm_s = tm // splits if cl else tm  # rows of each output tile a CTA finishes
   # Registers rebalanced where two consumers hold 128 accumulator registers each (384
   # threads get 168 each at launch).
   regs = nwg == 2 and (wt > 1 or tm > 128) and not interpret
@@ -1006,6 +1039,9 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         return carry
 
       lax.fori_loop(depth, n_steps, refill, None)
+      if cl:  # the consumers' two cluster barriers count every thread
+        _cluster_sync()
+        _cluster_sync()
 
     def scoped(*accs):
       if interpret:
@@ -1036,16 +1072,46 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
           plgpu.barrier_wait(drained)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tiles' stores
         local = lambda p: t * step_tiles + wg * wt + p  # noqa: E731 (tile among the CTA's)
+
+        def finish(y, tile):  # scale, bias, tanh-GELU, cast: (TILE_N, rows) of a local tile
+          row = lambda r: lax.broadcast_in_dim(  # noqa: E731
+              lc(sb_smem.at[tile, r][...], plgpu.Layout.WGMMA.reduce(1)), y.shape, (0,))
+          y = y * row(0) + row(1)
+          return (jax.nn.gelu(y, approximate=True) if gelu else y).astype(out_dtype)
+
+        if cl:  # one accumulator (wg_tiles 1): the cluster sums it, this CTA rows si
+          # Peers' memory is read through refs of their own (JAX 0.11.2 cannot offset a
+          # cluster ref), so consumer and slice are picked by static branches.
+          o32, stage = out_smem
+          acc = accs[0][...]
+          for w in range(nwg):
+            @pl.when(wg == w)
+            def _put():
+              for j in range(splits):
+                o32[w][j][...] = acc[:, j * tm_s:(j + 1) * tm_s]
+
+          _cluster_sync()  # every split's accumulators are in its CTA's shared memory
+          for w in range(nwg):
+            for j in range(splits):
+              @pl.when((wg == w) & (si == j))
+              def _sum():
+                parts = [plgpu.load(plgpu.cluster_ref(o32[w][j], {"s": p}),
+                                    layout=plgpu.Layout.WGMMA) for p in range(splits)]
+                y = parts[0]
+                for part in parts[1:]:
+                  y = y + part
+                plgpu.transpose_ref(stage.at[w], (1, 0))[...] = finish(y, t * step_tiles + w)
+
+          _cluster_sync()  # no peer exits while its shared memory is read
+          plgpu.commit_smem()
+          cols = pl.ds((ni * tiles + local(0)) * tn, tn)
+          plgpu.copy_smem_to_gmem(stage.at[wg], out_gmem.at[pl.ds(mi * tm + si * tm_s, tm_s),
+                                                            cols])
+          return carry
         for p, acc in enumerate(accs):
           o_smem = out_smem.at[wg * wt + p]
           if direct:
-            row = lambda r: lax.broadcast_in_dim(  # noqa: E731
-                lc(sb_smem.at[local(p), r][...], plgpu.Layout.WGMMA.reduce(1)), (tn, tm),
-                (0,))
-            y = acc[...] * row(0) + row(1)
-            if gelu:
-              y = jax.nn.gelu(y, approximate=True)
-            y = y.astype(out_dtype)
+            y = finish(acc[...], local(p))
             if interpret:
               o_smem[...] = y.T
             else:
@@ -1076,7 +1142,11 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         pl.run_scoped(scoped, *[plgpu.ACC((tn, tm), jnp.float32)] * wt)
       plgpu.wait_smem_to_gmem(0)
 
-  if direct:
+  if cl:
+    out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
+    out_smem = ([[_out_smem(tn, tm_s) for _ in range(splits)] for _ in range(nwg)],
+                plgpu.SMEM((step_tiles, tm_s, tn), out_dtype, transforms=_swz(128)))
+  elif direct:
     out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
     out_smem = plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128))
   else:
@@ -1097,9 +1167,12 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   if direct:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
   wg_kw = dict(num_threads=nwg + 1, thread_name="wg")  # + the producer
-  call = plgpu.kernel(
-      kernel, out_type=out_type, grid=(n // tn // tiles, mp // tm, splits),
-      grid_names=("n", "m", "s"), scratch_types=scratch, **wg_kw)
+  if cl:  # the splits of an output tile: one cluster
+    grid_kw = dict(grid=(n // tn // tiles, mp // tm), grid_names=("n", "m"),
+                   cluster=(splits,), cluster_names=("s",))
+  else:
+    grid_kw = dict(grid=(n // tn // tiles, mp // tm, splits), grid_names=("n", "m", "s"))
+  call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, **grid_kw, **wg_kw)
   return call(x, w.codes, w.scales_t, *([sb] if direct else []))
 
 
@@ -1126,6 +1199,10 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
     raise ValueError(f"alias_out=True needs stream=True and one round of output tiles: "
                      f"tiles_per_cta={config.tiles_per_cta} must equal warpgroups * wg_tiles "
                      f"= {config.warpgroups * config.wg_tiles}")
+  if config.cluster_splits and not (config.stream and config.alias_out and
+                                    config.wg_tiles == 1 and 2 <= s <= 8 and tm % (32 * s) == 0):
+    raise ValueError(f"cluster_splits=True needs stream=True, alias_out=True, wg_tiles=1, "
+                     f"k_splits={s} in [2, 8] and tile_m={tm} a multiple of 32 * k_splits")
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")
@@ -1192,7 +1269,11 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   direct = jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None
   if method != "xla":
     config = config or auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4)
-    direct = direct and config.k_splits == 1
+    if config.cluster_splits and not direct:  # float32 or gated outputs: partials for XLA
+      config = dataclasses.replace(config, cluster_splits=False)
+    if config.cluster_splits and interpret:
+      raise ValueError("cluster_splits=True needs a GPU: the interpreter has no clusters")
+    direct = direct and (config.k_splits == 1 or config.cluster_splits)
     _check_config(config, n, k, 2 if direct else 4)
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:

@@ -266,6 +266,31 @@ def test_stream_split_k_gpu(m, splits):
   assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
 
 
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,splits,tm", [(1024, 4, 256), (1000, 2, 256), (2048, 2, 256),
+                                         (4608, 2, 256), (300, 4, 128), (200, 2, 64)])
+def test_stream_cluster_splits_gpu(m, splits, tm):
+  """Split K summed in the cluster's shared memory (version 15), at the MLP down projection,
+  12288 x 3072: each CTA of a cluster finishes its rows of the tile from every split's
+  accumulators (float32, in split order), then scale, bias, GELU, bf16, through the output
+  tile of its own; the same bound as the float32 partials (the sum's order aside, which it
+  covers). Ragged M; output memory poisoned first."""
+  k, n = 12288, 3072
+  a, qt = _case(31 + m, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
+  cfg = fm.stream_config(m, n, k, tile_m=tm, warpgroups=2, k_splits=splits,
+                         cluster_splits=True)
+  assert cfg.cluster_splits
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
+  jax.block_until_ready(jnp.full((m, n), jnp.nan, jnp.bfloat16))  # poison freed memory
+  got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
+                      method="kernel", epilogue="gelu_tanh", **kw)
+  ref, bound = _stream_reference(qa, qt, kw, True, True)
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+
+
 @functools.cache
 def _dit_weights(k: int, n: int):
   return _case(100 + k + n, 1, n, k, "nvfp4")[1]
@@ -411,6 +436,9 @@ def test_w4a4_reference_matches_oracle():
     (dict(method="kernel", config=fm.MatmulConfig(stream=True, tiles_per_cta=2, alias_out=True)),
      "alias_out"),
     (dict(k=12288, method="kernel", config=fm.MatmulConfig(tile_m=64)), "shared memory"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_m=64, stream=True, k_splits=2,
+                                                  cluster_splits=True)),
+     "cluster_splits=True needs stream=True, alias_out=True"),
 ])
 def test_bad_input_raises(kwargs, match):
   n, k = kwargs.get("n", 128), kwargs.get("k", 256)
@@ -445,20 +473,25 @@ def test_kernel_lowers_for_cuda(fmt, packed, m_major, wgs, ovl):
 
 
 @pytest.mark.parametrize("out", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("tm,wt,alias,splits", [(64, 1, False, 1), (64, 2, False, 1),
-                                                (256, 1, True, 1), (128, 2, True, 1),
-                                                (256, 1, True, 2)])
-def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits):
+@pytest.mark.parametrize("tm,wt,alias,splits,cl", [(64, 1, False, 1, False),
+                                                   (64, 2, False, 1, False),
+                                                   (256, 1, True, 1, False),
+                                                   (128, 2, True, 1, False),
+                                                   (256, 1, True, 2, False),
+                                                   (256, 1, True, 4, True),
+                                                   (128, 1, True, 2, True)])
+def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl):
   """The streaming kernel lowers to Mosaic GPU on JAX >= 0.11 (its finished bf16 output is a
   transposed store into a swizzled tile, which JAX 0.10.2 refuses); before, a clear error.
   ``wt`` 2 or ``tm`` 256: two consumers of 128 accumulator registers each, registers
   rebalanced (``setmaxnreg``); ``alias``: output tiles in the pipeline's memory; ``splits``:
-  split K (float32 partials)."""
+  split K (float32 partials); ``cl``: the splits summed in their cluster's shared memory
+  (bf16 out; float32 out falls back to the partials)."""
   a, qt = _case(5, 200, 512, 1024, "nvfp4")
   qa = gn.quantize_nvfp4(a)
   cfg = fm.stream_config(200, 512, 1024, tile_m=tm, warpgroups=2, wg_tiles=wt,
                          alias_out=alias, out_itemsize=jnp.dtype(out).itemsize,
-                         k_splits=splits)
+                         k_splits=splits, cluster_splits=cl)
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
                                     a_scales=s, a_tensor_scale=t, config=cfg,
                                     method="kernel", out_dtype=out, epilogue="gelu_tanh")
@@ -633,3 +666,14 @@ def test_e2m1_ptx_decodes_words():
     nib = np.array([(int(w) >> 4 * j) & 15 for j in range(8)])
     want = np.asarray(fm._nibble_values(jnp.asarray(nib), "nvfp4"))
     np.testing.assert_array_equal(got, want, err_msg=f"word {int(w):#010x}")
+
+
+def test_cluster_splits_refused_under_the_interpreter():
+  """The interpreter has no CTA clusters: a clear error before anything runs, not a hang."""
+  a, qt = _case(7, 300, 512, 2048, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  cfg = fm.stream_config(300, 512, 2048, tile_m=256, warpgroups=2, k_splits=2,
+                         cluster_splits=True)
+  with pytest.raises(ValueError, match="cluster_splits=True needs a GPU"):
+    fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
+                  a_tensor_scale=qa.tensor_scale, config=cfg, method="kernel", interpret=True)

@@ -30,6 +30,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -208,13 +209,17 @@ def _candidates(m, n, k, interpret):
           cl = fm.stream_config(m, n, k, k_splits=s, cluster_splits=True)
           if cl.tile_m % (32 * s) == 0:
             cands.append((f"_cl{s}", cl))
+    # each with the CTAs sweeping N for each block of rows (version 15), where the
+    # activations outgrow the L2 cache
+    if m * k * 2 > 2**24:
+      cands += [(name + "_ni", dataclasses.replace(cfg, n_inner=True)) for name, cfg in cands]
     for name, cfg in cands:
       if n % (fm.TILE_N * cfg.tiles_per_cta) == 0 and ("kernel", cfg) not in c.values():
         c["ours_w4a4_stream" + name] = ("kernel", cfg)
   return c
 
 
-def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
+def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret, only=""):
   key = jax.random.key(1)
   ctx = _interp_ctx(interpret)
   for k, n in shapes:
@@ -240,6 +245,15 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
             jax.nn.scaled_matmul(af[None], c[None], asc[None], sc[None],
                                  preferred_element_type=jnp.bfloat16)[0] for c, sc in f4]),
             (_f4(ac, m, k), asc, f4), r16)
+      if m > 64 and not interpret:  # diagnostic: the streaming kernel alone (no XLA decode)
+        cfg0 = fm.auto_config(m, n, k)
+        mp = -(-m // cfg0.tile_m) * cfg0.tile_m
+        am = jnp.pad(fm.dequantize(ac, asc, 1.0, "nvfp4").astype(jnp.float16),
+                     ((0, mp - m), (0, 0)))
+        sb = jnp.stack([jnp.full((n,), ats, jnp.float32), jnp.zeros((n,), jnp.float32)])
+        cands["diag_stream_kernel_only"] = (jax.jit(lambda am, pws: [
+            fm._stream_call(am, p, cfg0, sb * p.tensor_scale, jnp.dtype(jnp.bfloat16), False)
+            for p in pws]), (am, pws), r4)
       if m <= 64 and not interpret:  # diagnostic: the Mosaic kernel alone (no XLA pro/epilogue)
         cfg0 = fm.default_config(m, n, k)
         mp = -(-m // cfg0.tile_m) * cfg0.tile_m
@@ -265,6 +279,7 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret):
           cands[name] = (jax.jit(lambda a, pws, method=method, cfg=cfg: [
               fm.fp4_matmul(a, p, method=method, config=cfg) for p in pws]), (a, pws), r4)
           refs[name] = ref16
+      cands = {c: v for c, v in cands.items() if c == "xla_bf16" or re.search(only, c)}
       for name, (fn, args, reps) in cands.items():
         try:
           with ctx():
@@ -402,6 +417,8 @@ def main():
   p.add_argument("--norm-sweep", action="store_true", help="also time rows / chunk choices")
   p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
   p.add_argument("--shapes", default=None, help="comma-separated KxN, e.g. 3072x12288")
+  p.add_argument("--only", default="", help="regex: time only the candidates it matches "
+                 "(and XLA bf16)")
   args = p.parse_args()
   dev = jax.devices()[0]
   date = datetime.date.today().isoformat()
@@ -444,7 +461,7 @@ def main():
       shapes = [] if args.skip_matmul else SHAPES_KN if not args.shapes else [
           tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")]
       bench_matmul(results, log, save, shapes, [int(v) for v in args.ms.split(",")],
-                   prev, timer, False)
+                   prev, timer, False, args.only)
   except Exception:
     log(traceback.format_exc())
   save()

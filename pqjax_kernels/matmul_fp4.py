@@ -145,6 +145,10 @@ class MatmulConfig:
       through distributed shared memory, each finishing ``tile_m / k_splits`` of the tile's
       rows (scale, bias, tanh-GELU, bf16/f16), instead of writing float32 partials for XLA
       to sum (version 15).
+    n_inner: streaming kernel only: CTAs launch sweeping the weight tiles (N) for each block
+      of activation rows instead of the rows for each weight block, so the CTAs resident
+      together share activation rows rather than weights (for activations larger than the L2
+      cache, as at the MLP down projection's K = 12288).
   """
 
   tile_m: int = 16
@@ -159,6 +163,7 @@ class MatmulConfig:
   wg_tiles: int = 1
   alias_out: bool = False
   cluster_splits: bool = False
+  n_inner: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1167,11 +1172,13 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   if direct:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
   wg_kw = dict(num_threads=nwg + 1, thread_name="wg")  # + the producer
+  blocks = {"n": n // tn // tiles, "m": mp // tm}
+  names = ("m", "n") if config.n_inner else ("n", "m")  # the last varies fastest
+  grid_kw = dict(grid=tuple(blocks[a] for a in names), grid_names=names)
   if cl:  # the splits of an output tile: one cluster
-    grid_kw = dict(grid=(n // tn // tiles, mp // tm), grid_names=("n", "m"),
-                   cluster=(splits,), cluster_names=("s",))
+    grid_kw.update(cluster=(splits,), cluster_names=("s",))
   else:
-    grid_kw = dict(grid=(n // tn // tiles, mp // tm, splits), grid_names=("n", "m", "s"))
+    grid_kw.update(grid=(*grid_kw["grid"], splits), grid_names=(*names, "s"))
   call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, **grid_kw, **wg_kw)
   return call(x, w.codes, w.scales_t, *([sb] if direct else []))
 

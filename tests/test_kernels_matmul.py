@@ -154,21 +154,22 @@ class KernelCases:
   # wt = 2: two weight tiles (accumulators) per warpgroup and step; (1, 4, wt 2): two rounds.
   # alias: the output tiles in the pipeline's memory (one round per CTA). splits: CTAs per
   # output tile along K (float32 partials summed by XLA, so bf16 is not written finished):
-  # K = 1024 in two splits of four steps (slots refilled), K = 768 in three of two.
-  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out,gelu,wt,alias,splits", [
-      (20, 512, 2, 2, 1, 2, True, "bf16", False, 1, False, 1),
-      (20, 640, 1, 2, 1, 3, True, "f32", True, 1, False, 1),
-      (37, 512, 2, 4, 2, 2, False, "bf16", True, 1, False, 1),
-      (9, 640, 2, 2, 1, 3, True, "f32", False, 1, False, 1),
-      (70, 384, 2, 2, 1, 2, True, "bf16", False, 1, False, 1),
-      (20, 640, 2, 4, 1, 3, True, "bf16", True, 2, False, 1),
-      (37, 512, 1, 4, 2, 2, True, "f32", False, 2, False, 1),
-      (20, 640, 2, 2, 1, 3, True, "bf16", True, 1, True, 1),
-      (37, 512, 2, 4, 1, 2, False, "f32", False, 2, True, 1),
-      (20, 1024, 2, 2, 1, 3, True, "bf16", True, 1, True, 2),
-      (37, 768, 1, 2, 1, 2, False, "f32", False, 1, False, 3)])
+  # K = 1024 in two splits of four steps (slots refilled), K = 768 in three of two. ni: the
+  # CTAs sweep N for each block of rows (two of each here).
+  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out,gelu,wt,alias,splits,ni", [
+      (20, 512, 2, 2, 1, 2, True, "bf16", False, 1, False, 1, True),
+      (20, 640, 1, 2, 1, 3, True, "f32", True, 1, False, 1, False),
+      (37, 512, 2, 4, 2, 2, False, "bf16", True, 1, False, 1, False),
+      (9, 640, 2, 2, 1, 3, True, "f32", False, 1, False, 1, False),
+      (70, 384, 2, 2, 1, 2, True, "bf16", False, 1, False, 1, False),
+      (20, 640, 2, 4, 1, 3, True, "bf16", True, 2, False, 1, False),
+      (37, 512, 1, 4, 2, 2, True, "f32", False, 2, False, 1, False),
+      (20, 640, 2, 2, 1, 3, True, "bf16", True, 1, True, 1, False),
+      (37, 512, 2, 4, 1, 2, False, "f32", False, 2, True, 1, False),
+      (20, 1024, 2, 2, 1, 3, True, "bf16", True, 1, True, 2, True),
+      (37, 768, 1, 2, 1, 2, False, "f32", False, 1, False, 3, False)])
   def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out, gelu, wt, alias,
-                            splits):
+                            splits, ni):
     if self.method == "xla":
       pytest.skip("a kernel tiling")
     n = 256
@@ -179,7 +180,7 @@ class KernelCases:
     cfg = fm.MatmulConfig(tile_m=32 if m > 40 else 16, tiles_per_cta=tiles, warpgroups=wgs,
                           k_tiles=k_tiles, max_concurrent_steps=depth, overlap_wgmma=ovl,
                           m_major=True, stream=True, wg_tiles=wt, alias_out=alias,
-                          k_splits=splits)
+                          k_splits=splits, n_inner=ni)
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
     got = self.run(lambda: fm.fp4_matmul(
         qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,

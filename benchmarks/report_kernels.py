@@ -26,13 +26,22 @@ PLOTTED = ("ours_w4a4_kernel", "ours_w4a4_stream", "ours_w4a4_xla",
            "scaled_matmul_nvfp4")  # tiling variants: table
 
 
-def auto_method(m: int, n: int, k: int) -> str:
-  """The candidate ``fp4_matmul(method="auto")`` runs for ``(M, K) x (K, N)`` (its default
-  tiling) on the GPU machines' JAX (>= 0.11), whatever JAX renders the report."""
+def auto_method(m: int, n: int, k: int, row: dict | None = None) -> str:
+  """The candidate ``fp4_matmul(method="auto")`` runs for ``(M, K) x (K, N)`` on the GPU
+  machines' JAX (>= 0.11), whatever JAX renders the report: where it streams, the candidate
+  of ``row`` timed with ``auto_config``'s tiling, else (a run before that tiling) the run's
+  default, ``ours_w4a4_stream``."""
   from pqjax_kernels import matmul_fp4 as fm  # noqa: PLC0415 (imports jax)
   if m < fm.STREAM_MIN_M:
     return "ours_w4a4_kernel"
-  return "ours_w4a4_stream" if fm.prefers_stream(m, n, k) else "ours_w4a4_xla"
+  if not fm.prefers_stream(m, n, k):
+    return "ours_w4a4_xla"
+  want = fm.auto_config(m, n, k)
+  for key, cfg in (row or {}).items():
+    if key.startswith("ours_w4a4_stream") and key.endswith("_config") and \
+        fm.MatmulConfig(**cfg) == want:
+      return key[:-len("_config")]
+  return "ours_w4a4_stream"
 
 
 def best_ours(row: dict) -> tuple[str, float] | None:
@@ -56,7 +65,7 @@ def markdown(rows: list[dict]) -> str:
     name, us = best
     sm_txt = f"{sm:.1f}" if sm else "-"
     vs_sm = f"{sm / us:.2f}x" if sm else "-"
-    auto = r.get(auto_method(r["m"], r["n"], r["k"]) + "_kernel_us")
+    auto = r.get(auto_method(r["m"], r["n"], r["k"], r) + "_kernel_us")
     auto_txt = f"{auto:.1f} ({bf16 / auto:.2f}x)" if auto else "-"
     lines.append(f"| {r['m']} x {r['k']} x {r['n']} | {bf16:.1f} | {sm_txt} | {auto_txt} | "
                  f"{us:.1f} ({name[len('ours_'):]}) | {bf16 / us:.2f}x | {vs_sm} | "

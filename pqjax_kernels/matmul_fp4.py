@@ -86,6 +86,8 @@ XLA_MIN_M = 2048
 STREAM_MAX_M = 8192
 STREAM_MIN_FILL = 0.9
 STREAM_MIN_K = 3072  # the measured range: shorter K leaves less to hide a tile's fixed costs
+SPLIT_MIN_M = 1024  # split K by default from here (measured at 1024 and 2048 rows)
+N_INNER_BYTES = 2**24  # f16 activations larger than this: CTAs sweep N (measured from 24 MiB)
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
 TILE_N = 64    # weight rows per CTA: one wgmma M block
@@ -402,14 +404,29 @@ def wave_fill(config: MatmulConfig, m: int, n: int, num_sms: int = 132) -> float
   return ctas / (-(-ctas // num_sms) * num_sms)
 
 
+def stream_splits(m: int, n: int, k: int, num_sms: int = 132) -> int:
+  """The streaming kernel's default ``k_splits``: from ``SPLIT_MIN_M`` rows, the fewest of 1,
+  2 and 4 with which ``tile_m`` 256 and two consumers make two waves of CTAs while each split
+  keeps ``STREAM_MIN_K`` of K; else 1. Measured on an H200 at 12288 x 3072 (NOTES_kernels.md
+  version 15): 4 at M = 1024 (13% faster than unsplit), 2 at M = 2048 (9%); at 4608 rows
+  splitting did not pay."""
+  if m >= SPLIT_MIN_M:
+    for s in (1, 2, 4):
+      if k // s >= STREAM_MIN_K and (k // TILE_K) % s == 0 and \
+          _ctas(m, n, 256, 2, s) >= 2 * num_sms:
+        return s
+  return 1
+
+
 def prefers_stream(m: int, n: int, k: int) -> bool:
   """Whether W4A4 NVFP4 at M >= ``STREAM_MIN_M`` runs the streaming kernel rather than the
   XLA path (measured on an H200): always below ``XLA_MIN_M``; from there to ``STREAM_MAX_M``
-  only where its tiling fills at least ``STREAM_MIN_FILL`` of its waves and K >=
-  ``STREAM_MIN_K`` (it beat the XLA path by 3-16% at such rows, and lost by 4% at 82% fill).
+  only where its tiling (``auto_config``'s) fills at least ``STREAM_MIN_FILL`` of its waves
+  and K >= ``STREAM_MIN_K`` (it beat the XLA path by 3-16% at such rows, and lost by 2-4% at
+  82% fill).
   """
   return m < XLA_MIN_M or (m < STREAM_MAX_M and k >= STREAM_MIN_K and
-                           wave_fill(stream_config(m, n, k), m, n) >= STREAM_MIN_FILL)
+                           wave_fill(auto_config(m, n, k), m, n) >= STREAM_MIN_FILL)
 
 
 def pick_method(m: int, n: int, k: int, w4a4_nvfp4: bool = True) -> str:
@@ -427,9 +444,13 @@ def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
                 out_itemsize: int = 2) -> MatmulConfig:
   """The kernel tiling ``fp4_matmul`` uses when none is given: ``default_config`` below
   ``STREAM_MIN_M`` (and for W4A16 and the other formats), else ``stream_config`` for
-  outputs of ``out_itemsize`` bytes (2: bf16/f16 written by the kernel)."""
+  outputs of ``out_itemsize`` bytes (2: bf16/f16 written by the kernel) with
+  ``stream_splits``' K splits (float32 partials), its CTAs sweeping N for each block of rows
+  where the f16 activations exceed ``N_INNER_BYTES`` (2-7% faster unsplit, 2-21% split, at
+  the six such rows measured)."""
   if w4a4_nvfp4 and m >= STREAM_MIN_M:
-    return stream_config(m, n, k, out_itemsize=out_itemsize)
+    cfg = stream_config(m, n, k, out_itemsize=out_itemsize, k_splits=stream_splits(m, n, k))
+    return dataclasses.replace(cfg, n_inner=m * k * 2 > N_INNER_BYTES)
   return default_config(m, n, k)
 
 
@@ -1323,5 +1344,6 @@ def weight_bytes(n: int, k: int, fmt: str = "nvfp4") -> int:
 
 __all__ = ["METHODS", "MatmulConfig", "PreparedWeights", "auto_config", "decode_weights_bf16",
            "default_config", "dequantize", "fp4_matmul", "pick_method", "prefers_stream",
-           "prepare_weights", "reference", "stream_config", "wave_fill", "weight_bytes"]
+           "prepare_weights", "reference", "stream_config", "stream_splits", "wave_fill",
+           "weight_bytes"]
 

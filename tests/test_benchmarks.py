@@ -1,6 +1,7 @@
 """The benchmark scripts' tiling candidates, report labels and a tiny CPU run (no GPU
 needed)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,6 +47,12 @@ def test_report_names_the_auto_candidate():
                         (4608, 12288, 3072, "xla"),  # 82%
                         (fm.XLA_MIN_M, 1152, 4608, "xla")]:  # short K
     assert report_kernels.auto_method(m, n, k) == "ours_w4a4_" + want, (m, k, n)
+  # where a run timed auto_config's tiling under another name, that candidate
+  m, k, n = 1024, 12288, 3072
+  row = {"ours_w4a4_stream_config": dataclasses.asdict(fm.stream_config(m, n, k)),
+         "ours_w4a4_stream_ks4_ni_config": dataclasses.asdict(fm.auto_config(m, n, k))}
+  assert report_kernels.auto_method(m, n, k, row) == "ours_w4a4_stream_ks4_ni"
+  assert report_kernels.auto_method(m, n, k, {}) == "ours_w4a4_stream"
 
 
 def test_bench_kernels_tiny_runs_and_checks(tmp_path):

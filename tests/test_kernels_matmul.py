@@ -377,17 +377,23 @@ def test_wave_fill():
   assert fm.wave_fill(cfg, 4608, 3072, num_sms=108) == 1.0
 
 
-@pytest.mark.parametrize("m,k,n,wgs,tm", [(1024, 3072, 12288, 2, 256), (1024, 12288, 3072, 1, 128),
-                                          (2047, 12288, 3072, 2, 128), (256, 3072, 12288, 1, 128),
-                                          (4608, 12288, 3072, 2, 256), (65, 3072, 3072, 1, 64)])
-def test_auto_config(m, k, n, wgs, tm):
+@pytest.mark.parametrize("m,k,n,wgs,tm,splits,ni", [
+    (1024, 3072, 12288, 2, 256, 1, False), (1024, 12288, 3072, 2, 256, 4, True),
+    (2047, 12288, 3072, 2, 256, 2, True), (256, 12288, 3072, 1, 128, 1, False),
+    (4608, 12288, 3072, 2, 256, 1, True), (65, 3072, 3072, 1, 64, 1, False),
+    (1024, 3072, 3072, 1, 128, 1, False), (4608, 3072, 12288, 2, 256, 1, True)])
+def test_auto_config(m, k, n, wgs, tm, splits, ni):
   """From STREAM_MIN_M W4A4 NVFP4 streams: tile_m 256 with two consumer warpgroups where that
-  keeps two waves of CTAs, else two consumers only where that does (the measured choices at
-  these shapes); tile_m 256 puts the output tiles in the pipeline's memory (depth 3, not 2)
-  and does not overlap wgmma groups. Below STREAM_MIN_M, and for other formats,
+  keeps two waves of CTAs, else two consumers only where that does; from 1024 rows K split in
+  the fewest of 2 and 4 that give tile_m 256 two waves, each split keeping 3072 of K; the
+  CTAs sweep N where the f16 activations exceed 16 MiB (the measured choices at these
+  shapes). tile_m 256 puts the output tiles in the pipeline's memory (depth 3, not 2) and
+  does not overlap wgmma groups. Below STREAM_MIN_M, and for other formats,
   ``default_config``; a float32 output gets a pipeline that fits its tile."""
   cfg = fm.auto_config(m, n, k)
-  assert cfg.stream and cfg.k_splits == 1 and (cfg.warpgroups, cfg.tile_m) == (wgs, tm)
+  assert cfg.stream and (cfg.warpgroups, cfg.tile_m) == (wgs, tm)
+  assert (cfg.k_splits, cfg.n_inner, cfg.cluster_splits) == (splits, ni, False)
+  assert fm.stream_splits(m, n, k) == splits
   assert (cfg.alias_out, cfg.max_concurrent_steps) == ((True, 3) if tm == 256 else (False, 4))
   assert cfg.overlap_wgmma == (tm < 256)
   assert fm.auto_config(m, n, k, w4a4_nvfp4=False) == fm.default_config(m, n, k)

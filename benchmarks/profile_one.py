@@ -10,6 +10,7 @@ first compiles) and checked to be finite, so a profile never shows a broken kern
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -32,12 +33,16 @@ def main() -> None:
   p.add_argument("--wg-tiles", type=int, default=1, help="streaming: tiles per warpgroup")
   p.add_argument("--alias-out", action="store_true",
                  help="streaming: MatmulConfig.alias_out (else stream_config's choice)")
+  p.add_argument("--k-splits", type=int, default=1, help="streaming: MatmulConfig.k_splits")
+  p.add_argument("--n-inner", action="store_true", help="streaming: MatmulConfig.n_inner")
   args = p.parse_args()
   m, k, n = (int(v) for v in args.shape.split("x"))
   kw = {} if args.warpgroups is None else dict(warpgroups=args.warpgroups)
   if args.stream:
-    cfg = fm.stream_config(m, n, k, tile_m=args.tile_m, wg_tiles=args.wg_tiles,
-                           alias_out=True if args.alias_out else None, **kw)
+    cfg = dataclasses.replace(
+        fm.stream_config(m, n, k, tile_m=args.tile_m, wg_tiles=args.wg_tiles,
+                         alias_out=True if args.alias_out else None, k_splits=args.k_splits,
+                         **kw), n_inner=args.n_inner)
   else:
     cfg = fm.default_config(m, n, k, **kw)
   key = jax.random.key(0)

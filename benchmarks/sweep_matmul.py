@@ -61,8 +61,9 @@ def candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
 
 
 def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
-  """Tilings of the streaming kernel: ``stream_config``'s first; then ``stream_config``'s
-  with K split in 2, 3 and 4; tile_m 256 with the output tiles in the pipeline's memory (two,
+  """Tilings of the streaming kernel: ``auto_config``'s (what ``fp4_matmul`` runs) first;
+  then ``stream_config``'s unsplit and with K split in 2, 3 and 4, each in both CTA orders
+  (``n_inner``); tile_m 256 with the output tiles in the pipeline's memory (two,
   then one consumer warpgroups; ``overlap_wgmma`` off, then on); two weight tiles per
   warpgroup and step (``wg_tiles`` 2) and tile_m 256, each with the output tiles in the
   pipeline's memory and in their own, with and without ``overlap_wgmma``; then every tile_m
@@ -71,7 +72,7 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
   flipped and with pipeline depth 2. Only tilings with at least one wave of CTAs (split K
   excepted: there the splits add CTAs)."""
   base = fm.stream_config(m, n, k)
-  out = [base]
+  out = [fm.auto_config(m, n, k)]
 
   def keep(cfg):
     if cfg not in out:
@@ -89,9 +90,11 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
     keep(dataclasses.replace(cfg, overlap_wgmma=overlap))
 
   steps = k // fm.TILE_K
-  for splits in (2, 3, 4):  # split K: more CTAs where N is narrow (version 14)
+  for splits in (1, 2, 3, 4):  # split K: more CTAs where N is narrow (version 14)
     if steps % splits == 0:
-      keep(fm.stream_config(m, n, k, k_splits=splits))
+      cfg = fm.stream_config(m, n, k, k_splits=splits)
+      for ni in (out[0].n_inner, not out[0].n_inner):  # CTA order (version 15)
+        keep(dataclasses.replace(cfg, n_inner=ni))
   if m > 128:  # tile_m 256: the best at 1024 and 4608 rows (NOTES version 13)
     for wgs in (2, 1):
       for overlap in (False, True):

@@ -44,7 +44,9 @@ the CTA's consumer warpgroups (each with its own weight tile, so a CTA computes 
 ``(tile_m, TILE_N * warpgroups)`` output tile over all of K, or over its split of K with
 ``k_splits``) and brought by a producer warpgroup, and unsplit bf16/f16 outputs leave it
 finished: scaled, bias added, tanh-GELU applied, stored ``(M, N)`` through a transposed
-shared-memory tile.
+shared-memory tile. Split outputs are float32 partials that XLA sums, or (opt-in,
+``cluster_splits``) are summed by the splits' CTA cluster in distributed shared memory;
+``n_inner`` orders the CTAs to share activation rows rather than weights.
 
 Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
 ``"xla"`` (large M, compute-bound): one elementwise XLA pass decodes the weights to exact
@@ -408,7 +410,7 @@ def stream_splits(m: int, n: int, k: int, num_sms: int = 132) -> int:
   """The streaming kernel's default ``k_splits``: from ``SPLIT_MIN_M`` rows, the fewest of 1,
   2 and 4 with which ``tile_m`` 256 and two consumers make two waves of CTAs while each split
   keeps ``STREAM_MIN_K`` of K; else 1. Measured on an H200 at 12288 x 3072 (NOTES_kernels.md
-  version 15): 4 at M = 1024 (13% faster than unsplit), 2 at M = 2048 (9%); at 4608 rows
+  version 15): 4 at M = 1024 (13% faster than unsplit), 2 at M = 2048 (7%); at 4608 rows
   splitting did not pay."""
   if m >= SPLIT_MIN_M:
     for s in (1, 2, 4):
@@ -422,7 +424,7 @@ def prefers_stream(m: int, n: int, k: int) -> bool:
   """Whether W4A4 NVFP4 at M >= ``STREAM_MIN_M`` runs the streaming kernel rather than the
   XLA path (measured on an H200): always below ``XLA_MIN_M``; from there to ``STREAM_MAX_M``
   only where its tiling (``auto_config``'s) fills at least ``STREAM_MIN_FILL`` of its waves
-  and K >= ``STREAM_MIN_K`` (it beat the XLA path by 3-16% at such rows, and lost by 2-4% at
+  and K >= ``STREAM_MIN_K`` (it beat the XLA path by 3-16% at such rows, and lost by 2-8% at
   82% fill).
   """
   return m < XLA_MIN_M or (m < STREAM_MAX_M and k >= STREAM_MIN_K and
@@ -446,8 +448,8 @@ def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
   ``STREAM_MIN_M`` (and for W4A16 and the other formats), else ``stream_config`` for
   outputs of ``out_itemsize`` bytes (2: bf16/f16 written by the kernel) with
   ``stream_splits``' K splits (float32 partials), its CTAs sweeping N for each block of rows
-  where the f16 activations exceed ``N_INNER_BYTES`` (2-7% faster unsplit, 2-21% split, at
-  the six such rows measured)."""
+  where the f16 activations exceed ``N_INNER_BYTES`` (faster in all 13 tilings and rows
+  measured, by 1.5-21%)."""
   if w4a4_nvfp4 and m >= STREAM_MIN_M:
     cfg = stream_config(m, n, k, out_itemsize=out_itemsize, k_splits=stream_splits(m, n, k))
     return dataclasses.replace(cfg, n_inner=m * k * 2 > N_INNER_BYTES)

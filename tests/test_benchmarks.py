@@ -20,11 +20,12 @@ from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
                                    (65, 1152, 4608)])
 def test_stream_candidates_are_valid(m, k, n):
   """Every streaming tiling the sweep times passes the kernel's checks for a bf16 output
-  (what it times; split K writes float32 partials), is distinct, and ``stream_config``'s
-  comes first, then split K."""
+  (what it times; split K writes float32 partials), is distinct, and ``auto_config``'s
+  comes first, then the unsplit and split tilings in both CTA orders."""
   cands = sweep_matmul.stream_candidates(m, n, k, limit=40)
-  assert cands[0] == fm.stream_config(m, n, k) and len(set(cands)) == len(cands)
-  assert cands[1].k_splits > 1
+  assert cands[0] == fm.auto_config(m, n, k) and len(set(cands)) == len(cands)
+  orders = {(c.k_splits, c.n_inner) for c in cands}
+  assert {(1, False), (1, True)} <= orders and any(s > 1 for s, _ in orders)
   for cfg in cands:
     assert cfg.stream and cfg.tile_m * cfg.wg_tiles <= 256  # accumulators that fit registers
     fm._check_config(cfg, n, k, out_itemsize=2 if cfg.k_splits == 1 else 4)  # noqa: SLF001

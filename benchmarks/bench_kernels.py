@@ -250,9 +250,9 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret, only=""
         mp = -(-m // cfg0.tile_m) * cfg0.tile_m
         am = jnp.pad(fm.dequantize(ac, asc, 1.0, "nvfp4").astype(jnp.float16),
                      ((0, mp - m), (0, 0)))
-        sb = jnp.stack([jnp.full((n,), ats, jnp.float32), jnp.zeros((n,), jnp.float32)])
         cands["diag_stream_kernel_only"] = (jax.jit(lambda am, pws: [
-            fm._stream_call(am, p, cfg0, sb * p.tensor_scale, jnp.dtype(jnp.bfloat16), False)
+            fm._stream_call(am, p, cfg0, fm._scale_bias(ats * p.tensor_scale, None, n),
+                            jnp.dtype(jnp.bfloat16), False)
             for p in pws]), (am, pws), r4)
       if m <= 64 and not interpret:  # diagnostic: the Mosaic kernel alone (no XLA pro/epilogue)
         cfg0 = fm.default_config(m, n, k)

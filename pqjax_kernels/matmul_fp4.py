@@ -408,14 +408,14 @@ def wave_fill(config: MatmulConfig, m: int, n: int, num_sms: int = 132) -> float
 
 def stream_splits(m: int, n: int, k: int, num_sms: int = 132) -> int:
   """The streaming kernel's default ``k_splits``: from ``SPLIT_MIN_M`` rows, the fewest of 1,
-  2 and 4 with which ``tile_m`` 256 and two consumers make two waves of CTAs while each split
-  keeps ``STREAM_MIN_K`` of K; else 1. Measured on an H200 at 12288 x 3072 (NOTES_kernels.md
+  2 and 4 with which ``stream_config`` picks ``tile_m`` 256 (two consumers making two waves
+  of CTAs) while each split keeps ``STREAM_MIN_K`` of K; else 1. Measured on an H200 at 12288 x 3072 (NOTES_kernels.md
   version 15): 4 at M = 1024 (13% faster than unsplit), 2 at M = 2048 (7%); at 4608 rows
   splitting did not pay."""
   if m >= SPLIT_MIN_M:
     for s in (1, 2, 4):
       if k // s >= STREAM_MIN_K and (k // TILE_K) % s == 0 and \
-          _ctas(m, n, 256, 2, s) >= 2 * num_sms:
+          stream_config(m, n, k, num_sms=num_sms, k_splits=s).tile_m == 256:
         return s
   return 1
 
@@ -454,6 +454,12 @@ def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
     cfg = stream_config(m, n, k, out_itemsize=out_itemsize, k_splits=stream_splits(m, n, k))
     return dataclasses.replace(cfg, n_inner=m * k * 2 > N_INNER_BYTES)
   return default_config(m, n, k)
+
+
+def _scale_bias(out_scale, bias, n: int) -> jax.Array:
+  """The float32 ``(2, N)`` per-column output scale and bias the streaming kernel applies."""
+  return jnp.stack([jnp.broadcast_to(jnp.asarray(out_scale, jnp.float32), (n,)),
+                    jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32)])
 
 
 def _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype):
@@ -1128,7 +1134,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
                 y = parts[0]
                 for part in parts[1:]:
                   y = y + part
-                plgpu.transpose_ref(stage.at[w], (1, 0))[...] = finish(y, t * step_tiles + w)
+                plgpu.transpose_ref(stage.at[w], (1, 0))[...] = finish(y, local(0))
 
           _cluster_sync()  # no peer exits while its shared memory is read
           plgpu.commit_smem()
@@ -1326,11 +1332,8 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       if not (_REGISTER_CONCAT or interpret):
         raise ValueError("stream=True needs JAX >= 0.11 on the GPU (register concatenate)")
       if direct:
-        sb = jnp.stack([jnp.broadcast_to(jnp.asarray(out_scale, jnp.float32), (n,)),
-                        jnp.zeros((n,), jnp.float32) if bias is None
-                        else bias.astype(jnp.float32)])
-        return _stream_call(xp, w, config, sb, jnp.dtype(out_dtype), interpret,
-                            gelu=epilogue == "gelu_tanh")[:m]
+        return _stream_call(xp, w, config, _scale_bias(out_scale, bias, n),
+                            jnp.dtype(out_dtype), interpret, gelu=epilogue == "gelu_tanh")[:m]
       partials = _stream_call(xp, w, config, None, None, interpret)
     else:
       partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)

@@ -213,6 +213,14 @@ def _candidates(m, n, k, interpret):
     # activations outgrow the L2 cache
     if m * k * 2 > 2**24:
       cands += [(name + "_ni", dataclasses.replace(cfg, n_inner=True)) for name, cfg in cands]
+    # each with the activation codes decoded in the kernel (version 16), where it fits
+    for name, cfg in list(cands):
+      ac = dataclasses.replace(cfg, act_codes=True)
+      try:
+        fm._check_config(ac, n, k, 2 if cfg.k_splits == 1 else 4)
+      except ValueError:
+        continue
+      cands.append((name + "_ac", ac))
     for name, cfg in cands:
       if n % (fm.TILE_N * cfg.tiles_per_cta) == 0 and ("kernel", cfg) not in c.values():
         c["ours_w4a4_stream" + name] = ("kernel", cfg)

@@ -153,6 +153,12 @@ class MatmulConfig:
       of activation rows instead of the rows for each weight block, so the CTAs resident
       together share activation rows rather than weights (for activations larger than the L2
       cache, as at the MLP down projection's K = 12288).
+    act_codes: streaming kernel, W4A4 NVFP4 only: the activations enter the kernel as their
+      NVFP4 codes and float16 block scales, a quarter of the float16 values' bytes, and the
+      producer warpgroup decodes each step's tile into one of two float16 tiles the
+      consumers' ``wgmma`` read (the issue's "decode in the kernel"), instead of XLA decoding
+      them to float16 before the kernel. ``max_concurrent_steps`` is then the depth of the
+      ring of codes and weights; ``tile_m`` a multiple of 64, ``k_tiles`` 1.
   """
 
   tile_m: int = 16
@@ -168,6 +174,7 @@ class MatmulConfig:
   alias_out: bool = False
   cluster_splits: bool = False
   n_inner: bool = False
+  act_codes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -550,12 +557,17 @@ def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
   steps = min(config.max_concurrent_steps,
               config.tiles_per_cta // wts * k_steps // config.k_tiles)
   if config.stream:  # activation tiles in the pipeline; output tiles; scale, bias
-    pipeline = steps * config.k_tiles * (config.tile_m * TILE_K * 2 + wts * _STEP_BYTES)
+    act = config.tile_m * TILE_K * 2  # one float16 activation tile
+    if config.act_codes:  # two decoded tiles; a ring of codes, scales and weight tiles
+      pipeline = min(2, steps) * act
+      ring = steps * (act // 4 + act // 16 + wts * _STEP_BYTES)
+    else:
+      pipeline, ring = steps * config.k_tiles * (act + wts * _STEP_BYTES), 0
     out = wts * TILE_N * config.tile_m * out_itemsize
     if config.cluster_splits:  # float32 tiles the cluster sums, one finished slice each
       out = wts * TILE_N * (config.tile_m * 4 + config.tile_m // config.k_splits * out_itemsize)
     buffers = max(pipeline, out) if config.alias_out else pipeline + out
-    return buffers + config.tiles_per_cta * 2 * TILE_N * 4 + 1024
+    return buffers + ring + config.tiles_per_cta * 2 * TILE_N * 4 + 1024
   act = k_steps * config.tile_m * TILE_K * 2
   return act + wgs * (steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4) + 1024
 
@@ -608,7 +620,8 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                   warpgroups: int | None = None, tiles_per_wg: int = 1,
                   out_itemsize: int = 2, num_sms: int = 132,
                   wg_tiles: int = 1, alias_out: bool | None = None,
-                  k_splits: int = 1, cluster_splits: bool = False) -> MatmulConfig:
+                  k_splits: int = 1, cluster_splits: bool = False,
+                  act_codes: bool = False) -> MatmulConfig:
   """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows.
 
   Defaults measured on an H200 (NOTES_kernels.md version 13): ``tile_m`` 256 with two
@@ -632,6 +645,8 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
       (more CTAs where N is narrow; version 14): output tiles of 4 bytes.
     cluster_splits: the splits sum in their cluster's shared memory instead
       (``MatmulConfig.cluster_splits``; output tiles in the pipeline's memory).
+    act_codes: the kernel decodes the NVFP4 activation codes (``MatmulConfig.act_codes``);
+      ``tile_m`` is then at least 64.
 
   Returns:
     The tiling at the deepest pipeline (<= 4) that fits shared memory.
@@ -645,7 +660,8 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
   if k_splits > 1 and not cluster_splits:
     out_itemsize = 4
   if tile_m is None:
-    tile_m = (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else
+    tile_m = (64 if m <= 128 and act_codes else
+              16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else
               256 if warpgroups in (None, 2) and wg_tiles * tiles_per_wg == 1
               and waves(256, 2) >= 2 else 128)
   if warpgroups is None:
@@ -664,7 +680,7 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                          warpgroups=warpgroups, max_concurrent_steps=depth, m_major=True,
                          overlap_wgmma=not wide, stream=True, wg_tiles=wg_tiles,
                          alias_out=alias, k_splits=k_splits,
-                         cluster_splits=cluster_splits)
+                         cluster_splits=cluster_splits, act_codes=act_codes)
       if smem_bytes(cfg, k, out_itemsize) <= SMEM_BYTES:
         fits.append(cfg)
         break
@@ -766,6 +782,61 @@ def _e2m1_to_f16_registers(codes):
     for i in range(4):
       out[_wgmma_index(idx, i)] = mgpu.utils.bitcast(llvm.extractvalue(i32, res, [i]), pair_ty)
   return type(codes)(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _act_to_f16_registers(codes, scales_ref):
+  """Mosaic GPU: uint8 ``WGMMA_8BIT`` ``FragmentedArray`` ``(64, TILE_K/2)`` of activation
+  codes (NVFP4, element ``2i`` in the low nibble of byte ``i``) and their float16 block
+  scales ``scales_ref (64, TILE_K/16)`` -> float16 values ``(64, TILE_K)`` in the
+  ``WGMMA_UPCAST_4X`` layout.
+
+  Both layouts give a thread the same row and the same 8 consecutive elements per register
+  (4 code bytes: one 32-bit word; 8 float16: one 16-byte vector), so each word decodes in
+  place: ``_E2M1_TO_F16X2_PTX``, then one ``f16x2`` multiply per pair by the word's scale
+  (a word lies in one group of 16; the product is exact in float16).
+  """
+  from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector  # noqa: PLC0415
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import fragmented_array as fa  # noqa: PLC0415
+  i32 = ir.IntegerType.get_signless(32)
+  pair_ty = ir.VectorType.get((2,), ir.F16Type.get())
+  group_bytes = arith.constant(ir.IndexType.get(), ir.IntegerAttr.get(ir.IndexType.get(), 8))
+  regs = codes.registers
+  out = np.empty(regs.shape, dtype=object)
+  for (idx, reg), (row, col) in zip(np.ndenumerate(regs),
+                                    codes.layout.thread_idxs(codes.shape)):
+    scale = vector.broadcast(pair_ty, memref.load(scales_ref,
+                                                  [row, arith.divui(col, group_bytes)]))
+    res = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4),
+                          [mgpu.utils.bitcast(reg, i32)], _E2M1_TO_F16X2_PTX,
+                          "=r,=r,=r,=r,r")
+    out[idx] = mgpu.utils.vector_concat([
+        arith.mulf(mgpu.utils.bitcast(llvm.extractvalue(i32, res, [i]), pair_ty), scale)
+        for i in range(4)])
+  return type(codes)(_registers=out, _layout=fa.WGMMA_LAYOUT_UPCAST_4X, _is_signed=None)
+
+
+def _decode_act_tile(codes_ref, scales_ref, out_ref, rows: int, interpret: bool) -> None:
+  """The producer's decode (``MatmulConfig.act_codes``): ``out_ref`` ``(rows, TILE_K)``
+  float16 activation tile = E2M1 values of ``codes_ref`` ``(rows, TILE_K/2)`` uint8 times
+  the float16 block scales of ``scales_ref`` ``(rows, TILE_K/16)``, 64 rows at a time (the
+  register layouts' height). The interpreter runs the same arithmetic in jnp."""
+  if interpret:
+    c = codes_ref[...].astype(jnp.int32)
+    vals = jnp.stack([_nibble_values(c & 15, "nvfp4"), _nibble_values(c >> 4, "nvfp4")],
+                     axis=-1).reshape(rows, TILE_K)
+    s = jnp.repeat(scales_ref[...].astype(jnp.float32), 16, axis=-1)
+    out_ref[...] = (vals * s).astype(jnp.float16)
+    return
+  for r0 in range(0, rows, 64):
+    sl = pl.ds(r0, 64)
+    codes = plgpu.load(codes_ref.at[sl], layout=plgpu.Layout.WGMMA_8BIT)
+    out_ref.at[sl][...] = plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA_8BIT, plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct((64, TILE_K), jnp.float16,
+                                           plgpu.Layout.WGMMA_UPCAST_4X))(
+            lambda _, c, s: _act_to_f16_registers(c, s))(codes, scales_ref.at[sl])
 
 
 def _decode(codes_ref, rows: int, tk: int, fmt: str, dtype, interpret: bool):
@@ -1005,11 +1076,21 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   its last ``wgmma``). With two consumers holding two accumulators or ``tile_m`` 256, the
   consumers raise their register limit (``setmaxnreg``) to 232 and the producer lowers its
   own to 40.
+
+  With ``act_codes`` ``x`` is a pair: uint8 NVFP4 codes ``(Mp, K/2)`` and float16 block
+  scales ``(Mp, K/16)``. A step's copies then bring the codes and scales (a ring of
+  ``max_concurrent_steps`` slots, with the weight tiles), and the producer, once the slot
+  is full and the consumers are done with the step two before, decodes the tile into the
+  float16 tile of that step (two, alternating; ``_decode_act_tile``) and arrives on its
+  "decoded" barrier, which the consumers wait for besides the slot's; the consumers'
+  "consumed" arrivals then free both the float16 tile and the ring slot of their step.
   """
-  mp, k = x.shape
+  ac = config.act_codes
+  x, xs = x if ac else (x, None)
+  mp, k = x.shape[0], x.shape[1] * (2 if ac else 1)
   n = w.shape[0]
   g = w.group_size
-  dtype = x.dtype
+  dtype = jnp.float16 if ac else x.dtype
   tn, tk = TILE_N, TILE_K
   tm, tiles, kt, nwg = config.tile_m, config.tiles_per_cta, config.k_tiles, config.warpgroups
   splits = config.k_splits
@@ -1020,19 +1101,29 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   n_steps = groups * tile_steps
   depth = min(config.max_concurrent_steps, n_steps)
   overlap = config.overlap_wgmma and depth > 1
+  # the activation tiles the consumers read: the pipeline's slots, or two decoded ones
+  act_slots = min(2, n_steps) if ac else depth
   direct = sb is not None
   cl = config.cluster_splits
   tm_s = tm // splits if cl else tm  # rows of each output tile a CTA finishes
   # Registers rebalanced where two consumers hold 128 accumulator registers each (384
-  # threads get 168 each at launch).
+  # threads get 168 each at launch); a decoding producer keeps 64.
   regs = nwg == 2 and (wt > 1 or tm > 128) and not interpret
+  producer_regs = 64 if ac else 40
+  consumer_regs = (65536 // 128 - producer_regs) // 2 // 8 * 8
   # The output tiles in the pipeline's memory (the JAX 0.10.2 interpreter has no RefUnion:
   # there they get their own).
   union = config.alias_out and (_REGISTER_CONCAT or not interpret)
   lc = _layout_cast(interpret)
   zeros = lambda: lc(jnp.zeros((tn, tm), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
-  def kernel(x_gmem, wq_gmem, ws_gmem, *rest):
+  def kernel(*refs):
+    if ac:
+      x_gmem, xs_gmem, *refs = refs
+      *refs, codes_smem, xs_smem, decoded = refs
+    else:
+      x_gmem, *refs = refs
+    wq_gmem, ws_gmem, *rest = refs
     if direct:
       sb_gmem, out_gmem, bufs, wq_smem, ws_smem, acc_smem, sb_smem, full, consumed, drained, \
           sb_bar = rest
@@ -1046,7 +1137,13 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     def fetch(step, slot):
       grp, kk = step // tile_steps, si * tile_steps + step % tile_steps
       bar = full.at[slot]
-      for j in range(kt):
+      if ac:  # k_tiles 1
+        plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds(pl.multiple_of(kk * tk // 2, tk // 2),
+                                                      tk // 2)],
+                                codes_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(xs_gmem.at[m_sl, pl.ds(kk * tk // 16, tk // 16)],
+                                xs_smem.at[slot], bar)
+      for j in range(0 if ac else kt):
         plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds((kk * kt + j) * tk, tk)],
                                 act_smem.at[slot, j], bar)
       for v in range(step_tiles):
@@ -1058,7 +1155,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     @pl.when(wg == nwg)
     def _producer():
       if regs:
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(producer_regs, action="decrease")
       if direct:
         for t in range(tiles):
           cols = pl.ds((ni * tiles + t) * tn, tn)
@@ -1072,7 +1169,29 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         fetch(st, slot)
         return carry
 
-      lax.fori_loop(depth, n_steps, refill, None)
+      def decode(st, carry):  # act_codes: step st's float16 tile, then a refill
+        a_slot = lax.rem(st, act_slots)
+
+        @pl.when(st >= act_slots)
+        def _reuse():  # the consumers are done with step st - act_slots: its tile and slot
+          plgpu.barrier_wait(consumed.at[a_slot])
+
+          @pl.when(st - act_slots + depth < n_steps)
+          def _refill():
+            fetch(st - act_slots + depth, lax.rem(st - act_slots, depth))
+
+        slot = lax.rem(st, depth)
+        plgpu.barrier_wait(full.at[slot])
+        _decode_act_tile(codes_smem.at[slot], xs_smem.at[slot], act_smem.at[a_slot, 0], tm,
+                         interpret)
+        plgpu.commit_smem()  # the stores, visible to the consumers' wgmma
+        plgpu.barrier_arrive(decoded.at[a_slot])
+        return carry
+
+      if ac:
+        lax.fori_loop(0, n_steps, decode, None)
+      else:
+        lax.fori_loop(depth, n_steps, refill, None)
       if cl:  # the consumers' two cluster barriers count every thread
         _cluster_sync()
         _cluster_sync()
@@ -1085,17 +1204,21 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       def step(i, kk):
         slot = lax.rem(i, depth)
         plgpu.barrier_wait(full.at[slot])
+        a_slot = slot
+        if ac:
+          a_slot = lax.rem(i, act_slots)
+          plgpu.barrier_wait(decoded.at[a_slot])
         for p, acc in enumerate(accs):
           _step_products(acc, wq_smem.at[wg * wt + p, slot], ws_smem.at[wg * wt + p, slot],
-                         lambda j: act_smem.at[slot, j], w, dtype, True, not overlap,
+                         lambda j: act_smem.at[a_slot, j], w, dtype, True, not overlap,
                          interpret)
         if overlap and not interpret:
           plgpu.wgmma_wait(wt * kt)  # this step's groups stay in flight; the previous done
         done = i - 1 if overlap else i  # its wgmma groups have completed: its slot is free
 
-        @pl.when((done >= 0) & (done + depth < n_steps))  # only where a refill waits
+        @pl.when((done >= 0) & (done + act_slots < n_steps))  # only where the producer waits
         def _release():
-          plgpu.barrier_arrive(consumed.at[lax.rem(done, depth)])
+          plgpu.barrier_arrive(consumed.at[lax.rem(done, act_slots)])
 
       def output_tiles(t, carry):
         _k_loop(step, t, tile_steps, overlap)
@@ -1167,7 +1290,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     @pl.when(wg < nwg)
     def _consumer():
       if regs:
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(consumer_regs, action="increase")
       if direct:
         plgpu.barrier_wait(sb_bar)
       if interpret:
@@ -1186,7 +1309,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   else:
     out_type = jax.ShapeDtypeStruct((splits, n, mp), jnp.float32)
     out_smem = _out_smem(step_tiles, tn, tm)
-  act_smem = plgpu.SMEM((depth, kt, tm, tk), dtype, transforms=_swz(128))
+  act_smem = plgpu.SMEM((act_slots, kt, tm, tk), dtype, transforms=_swz(128))
   scratch = [
       plgpu.RefUnion(act_smem, out_smem) if union else (act_smem, out_smem),
       plgpu.SMEM((step_tiles, depth, kt, tn, tk), w.codes.dtype, transforms=_CODES_TRANSFORMS),
@@ -1195,11 +1318,18 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   ]
   if direct:
     scratch.append(plgpu.SMEM((tiles, 2, tn), jnp.float32))
-  scratch += [plgpu.Barrier(num_arrivals=kt + 2 * step_tiles, num_barriers=depth),
-              plgpu.Barrier(num_arrivals=nwg, num_barriers=depth),
+  scratch += [plgpu.Barrier(num_arrivals=(2 if ac else kt) + 2 * step_tiles,
+                            num_barriers=depth),  # "full"
+              plgpu.Barrier(num_arrivals=nwg, num_barriers=act_slots),  # "consumed"
               plgpu.Barrier(num_arrivals=nwg)]  # "drained" (alias_out)
   if direct:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
+  if ac:  # the ring's codes and scales; "decoded"
+    scratch += [plgpu.SMEM((depth, tm, tk // 2), jnp.uint8,
+                           transforms=(plgpu.TilingTransform((8, 64)),
+                                       plgpu.SwizzleTransform(64))),
+                plgpu.SMEM((depth, tm, tk // 16), jnp.float16),
+                plgpu.Barrier(num_arrivals=1, num_barriers=act_slots)]
   wg_kw = dict(num_threads=nwg + 1, thread_name="wg")  # + the producer
   blocks = {"n": n // tn // tiles, "m": mp // tm}
   names = ("m", "n") if config.n_inner else ("n", "m")  # the last varies fastest
@@ -1209,7 +1339,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   else:
     grid_kw.update(grid=(*grid_kw["grid"], splits), grid_names=(*names, "s"))
   call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, **grid_kw, **wg_kw)
-  return call(x, w.codes, w.scales_t, *([sb] if direct else []))
+  return call(*([x, xs] if ac else [x]), w.codes, w.scales_t, *([sb] if direct else []))
 
 
 def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -> None:
@@ -1239,6 +1369,11 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
                                     config.wg_tiles == 1 and 2 <= s <= 8 and tm % (32 * s) == 0):
     raise ValueError(f"cluster_splits=True needs stream=True, alias_out=True, wg_tiles=1, "
                      f"k_splits={s} in [2, 8] and tile_m={tm} a multiple of 32 * k_splits")
+  if config.act_codes and not (config.stream and tm % 64 == 0 and config.k_tiles == 1 and
+                               config.max_concurrent_steps >= 2 and not config.cluster_splits):
+    raise ValueError(f"act_codes=True needs stream=True, tile_m={tm} a multiple of 64, "
+                     f"k_tiles={config.k_tiles} 1, max_concurrent_steps="
+                     f"{config.max_concurrent_steps} >= 2 and cluster_splits=False")
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")
@@ -1311,6 +1446,9 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       raise ValueError("cluster_splits=True needs a GPU: the interpreter has no clusters")
     direct = direct and (config.k_splits == 1 or config.cluster_splits)
     _check_config(config, n, k, 2 if direct else 4)
+    if config.act_codes and not w4a4_nvfp4:
+      raise ValueError(f"act_codes=True needs W4A4 NVFP4: packed uint8 activations and "
+                       f"nvfp4 weights, got a {a.dtype} and fmt={w.fmt!r}")
   out_scale = w.tensor_scale
   if a.dtype == jnp.uint8:
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)
@@ -1318,16 +1456,18 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     x = (a, a_scales) if a.dtype == jnp.uint8 else a.astype(jnp.float32)
     y = _xla_product(x, w, out_scale, out_dtype)
   else:
-    if a.dtype == jnp.uint8:
+    mp = -(-m // config.tile_m) * config.tile_m
+    pad = lambda v: jnp.pad(v, ((0, mp - m), (0, 0)))  # noqa: E731
+    if config.act_codes:  # decoded in the kernel (the scales widened here: a 16th the size)
+      xp = (pad(a), pad(a_scales.astype(jnp.float16)))
+    elif a.dtype == jnp.uint8:
       # q * s_b is exact in f16 (|v| <= 2688, >= 2**-10) and in bf16; the activation
       # tensor scale goes to the output. NVFP4 x NVFP4 runs in f16 (cheaper decode).
-      x = dequantize(a, a_scales, 1.0, "nvfp4").astype(
-          jnp.float16 if w.fmt == "nvfp4" else jnp.bfloat16)
+      xp = pad(dequantize(a, a_scales, 1.0, "nvfp4").astype(
+          jnp.float16 if w.fmt == "nvfp4" else jnp.bfloat16))
     else:
-      x = a.astype(jnp.bfloat16)
-    mp = -(-m // config.tile_m) * config.tile_m
+      xp = pad(a.astype(jnp.bfloat16))
     m_major = config.m_major and _REGISTER_CONCAT and not interpret
-    xp = jnp.pad(x, ((0, mp - m), (0, 0)))
     if config.stream:
       if not (_REGISTER_CONCAT or interpret):
         raise ValueError("stream=True needs JAX >= 0.11 on the GPU (register concatenate)")

@@ -155,21 +155,30 @@ class KernelCases:
   # alias: the output tiles in the pipeline's memory (one round per CTA). splits: CTAs per
   # output tile along K (float32 partials summed by XLA, so bf16 is not written finished):
   # K = 1024 in two splits of four steps (slots refilled), K = 768 in three of two. ni: the
-  # CTAs sweep N for each block of rows (two of each here).
-  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out,gelu,wt,alias,splits,ni", [
-      (20, 512, 2, 2, 1, 2, True, "bf16", False, 1, False, 1, True),
-      (20, 640, 1, 2, 1, 3, True, "f32", True, 1, False, 1, False),
-      (37, 512, 2, 4, 2, 2, False, "bf16", True, 1, False, 1, False),
-      (9, 640, 2, 2, 1, 3, True, "f32", False, 1, False, 1, False),
-      (70, 384, 2, 2, 1, 2, True, "bf16", False, 1, False, 1, False),
-      (20, 640, 2, 4, 1, 3, True, "bf16", True, 2, False, 1, False),
-      (37, 512, 1, 4, 2, 2, True, "f32", False, 2, False, 1, False),
-      (20, 640, 2, 2, 1, 3, True, "bf16", True, 1, True, 1, False),
-      (37, 512, 2, 4, 1, 2, False, "f32", False, 2, True, 1, False),
-      (20, 1024, 2, 2, 1, 3, True, "bf16", True, 1, True, 2, True),
-      (37, 768, 1, 2, 1, 2, False, "f32", False, 1, False, 3, False)])
+  # CTAs sweep N for each block of rows (two of each here). ac: the producer decodes the
+  # activation codes (tile_m 64): with the output tiles in the decoded tiles' memory, an odd
+  # step count past both decoded tiles and refilled ring slots; split K, float32; two rounds
+  # of two tiles per consumer. One consumer only: the interpreter runs each warpgroup's
+  # barrier waits in host callbacks on a pool of as many threads as CPUs, and a producer
+  # busy decoding while two consumers wait for it deadlocks that pool on a 2-CPU machine
+  # (the GPU tests check two consumers).
+  @pytest.mark.parametrize("m,k,wgs,tiles,k_tiles,depth,ovl,out,gelu,wt,alias,splits,ni,ac", [
+      (70, 640, 1, 1, 1, 3, True, "bf16", True, 1, True, 1, False, True),
+      (37, 1024, 1, 2, 1, 2, False, "f32", False, 1, False, 2, True, True),
+      (20, 384, 1, 4, 1, 2, True, "bf16", False, 2, False, 1, False, True),
+      (20, 512, 2, 2, 1, 2, True, "bf16", False, 1, False, 1, True, False),
+      (20, 640, 1, 2, 1, 3, True, "f32", True, 1, False, 1, False, False),
+      (37, 512, 2, 4, 2, 2, False, "bf16", True, 1, False, 1, False, False),
+      (9, 640, 2, 2, 1, 3, True, "f32", False, 1, False, 1, False, False),
+      (70, 384, 2, 2, 1, 2, True, "bf16", False, 1, False, 1, False, False),
+      (20, 640, 2, 4, 1, 3, True, "bf16", True, 2, False, 1, False, False),
+      (37, 512, 1, 4, 2, 2, True, "f32", False, 2, False, 1, False, False),
+      (20, 640, 2, 2, 1, 3, True, "bf16", True, 1, True, 1, False, False),
+      (37, 512, 2, 4, 1, 2, False, "f32", False, 2, True, 1, False, False),
+      (20, 1024, 2, 2, 1, 3, True, "bf16", True, 1, True, 2, True, False),
+      (37, 768, 1, 2, 1, 2, False, "f32", False, 1, False, 3, False, False)])
   def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out, gelu, wt, alias,
-                            splits, ni):
+                            splits, ni, ac):
     if self.method == "xla":
       pytest.skip("a kernel tiling")
     n = 256
@@ -177,10 +186,10 @@ class KernelCases:
     qa = gn.quantize_nvfp4(a)
     bias = jnp.asarray(np.random.default_rng(2).standard_normal(n), jnp.float32)
     out_dtype = jnp.bfloat16 if out == "bf16" else jnp.float32
-    cfg = fm.MatmulConfig(tile_m=32 if m > 40 else 16, tiles_per_cta=tiles, warpgroups=wgs,
-                          k_tiles=k_tiles, max_concurrent_steps=depth, overlap_wgmma=ovl,
-                          m_major=True, stream=True, wg_tiles=wt, alias_out=alias,
-                          k_splits=splits, n_inner=ni)
+    cfg = fm.MatmulConfig(tile_m=64 if ac else 32 if m > 40 else 16, tiles_per_cta=tiles,
+                          warpgroups=wgs, k_tiles=k_tiles, max_concurrent_steps=depth,
+                          overlap_wgmma=ovl, m_major=True, stream=True, wg_tiles=wt,
+                          alias_out=alias, k_splits=splits, n_inner=ni, act_codes=ac)
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
     got = self.run(lambda: fm.fp4_matmul(
         qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,
@@ -288,6 +297,31 @@ def test_stream_cluster_splits_gpu(m, splits, tm):
   got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
                       method="kernel", epilogue="gelu_tanh", **kw)
   ref, bound = _stream_reference(qa, qt, kw, True, True)
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,k,n,splits,out", [
+    (1024, 12288, 3072, 4, "bf16"), (2048, 12288, 3072, 2, "bf16"),
+    (4608, 12288, 3072, 1, "bf16"), (2048, 3072, 12288, 1, "bf16"),
+    (1000, 3072, 3072, 1, "f32"), (200, 3072, 3072, 1, "bf16")])
+def test_stream_act_codes_gpu(m, k, n, splits, out):
+  """The activation codes decoded by the producer warpgroup (``act_codes``, version 16) at
+  DiT shapes, with ``stream_config``'s tilings (tile_m 256 and two consumers of 224
+  registers, or one consumer; split K), GELU, ragged M; output memory poisoned first;
+  bound: ``_stream_reference``."""
+  a, qt = _case(37 + m, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
+  out_dtype = jnp.bfloat16 if out == "bf16" else jnp.float32
+  cfg = fm.stream_config(m, n, k, k_splits=splits, act_codes=True,
+                         out_itemsize=jnp.dtype(out_dtype).itemsize)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
+  jax.block_until_ready(jnp.full((splits, n, m), jnp.nan, jnp.float32))  # poison freed memory
+  got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
+                      method="kernel", epilogue="gelu_tanh", out_dtype=out_dtype, **kw)
+  ref, bound = _stream_reference(qa, qt, kw, True, out == "bf16")
   got = np.asarray(got, np.float32)
   assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
 
@@ -446,6 +480,10 @@ def test_w4a4_reference_matches_oracle():
     (dict(method="kernel", config=fm.MatmulConfig(tile_m=64, stream=True, k_splits=2,
                                                   cluster_splits=True)),
      "cluster_splits=True needs stream=True, alias_out=True"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_m=32, stream=True, act_codes=True)),
+     "act_codes=True needs stream=True, tile_m=32 a multiple of 64"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_m=64, stream=True, act_codes=True)),
+     "act_codes=True needs W4A4 NVFP4: packed uint8 activations"),
 ])
 def test_bad_input_raises(kwargs, match):
   n, k = kwargs.get("n", 128), kwargs.get("k", 256)
@@ -480,25 +518,30 @@ def test_kernel_lowers_for_cuda(fmt, packed, m_major, wgs, ovl):
 
 
 @pytest.mark.parametrize("out", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("tm,wt,alias,splits,cl", [(64, 1, False, 1, False),
-                                                   (64, 2, False, 1, False),
-                                                   (256, 1, True, 1, False),
-                                                   (128, 2, True, 1, False),
-                                                   (256, 1, True, 2, False),
-                                                   (256, 1, True, 4, True),
-                                                   (128, 1, True, 2, True)])
-def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl):
+@pytest.mark.parametrize("tm,wt,alias,splits,cl,ac", [(64, 1, False, 1, False, False),
+                                                      (64, 2, False, 1, False, False),
+                                                      (256, 1, True, 1, False, False),
+                                                      (128, 2, True, 1, False, False),
+                                                      (256, 1, True, 2, False, False),
+                                                      (256, 1, True, 4, True, False),
+                                                      (128, 1, True, 2, True, False),
+                                                      (64, 1, False, 1, False, True),
+                                                      (256, 1, True, 1, False, True),
+                                                      (256, 1, None, 2, False, True),
+                                                      (128, 2, None, 1, False, True)])
+def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl, ac):
   """The streaming kernel lowers to Mosaic GPU on JAX >= 0.11 (its finished bf16 output is a
   transposed store into a swizzled tile, which JAX 0.10.2 refuses); before, a clear error.
   ``wt`` 2 or ``tm`` 256: two consumers of 128 accumulator registers each, registers
   rebalanced (``setmaxnreg``); ``alias``: output tiles in the pipeline's memory; ``splits``:
   split K (float32 partials); ``cl``: the splits summed in their cluster's shared memory
-  (bf16 out; float32 out falls back to the partials)."""
+  (bf16 out; float32 out falls back to the partials); ``ac``: the producer decodes the
+  activation codes (64 registers for it, 224 for each of two wide consumers)."""
   a, qt = _case(5, 200, 512, 1024, "nvfp4")
   qa = gn.quantize_nvfp4(a)
   cfg = fm.stream_config(200, 512, 1024, tile_m=tm, warpgroups=2, wg_tiles=wt,
                          alias_out=alias, out_itemsize=jnp.dtype(out).itemsize,
-                         k_splits=splits, cluster_splits=cl)
+                         k_splits=splits, cluster_splits=cl, act_codes=ac)
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
                                     a_scales=s, a_tensor_scale=t, config=cfg,
                                     method="kernel", out_dtype=out, epilogue="gelu_tanh")

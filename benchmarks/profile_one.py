@@ -35,6 +35,8 @@ def main() -> None:
                  help="streaming: MatmulConfig.alias_out (else stream_config's choice)")
   p.add_argument("--k-splits", type=int, default=1, help="streaming: MatmulConfig.k_splits")
   p.add_argument("--n-inner", action="store_true", help="streaming: MatmulConfig.n_inner")
+  p.add_argument("--act-codes", action="store_true",
+                 help="streaming: MatmulConfig.act_codes (the kernel decodes the activations)")
   args = p.parse_args()
   m, k, n = (int(v) for v in args.shape.split("x"))
   kw = {} if args.warpgroups is None else dict(warpgroups=args.warpgroups)
@@ -42,7 +44,7 @@ def main() -> None:
     cfg = dataclasses.replace(
         fm.stream_config(m, n, k, tile_m=args.tile_m, wg_tiles=args.wg_tiles,
                          alias_out=True if args.alias_out else None, k_splits=args.k_splits,
-                         **kw), n_inner=args.n_inner)
+                         act_codes=args.act_codes, **kw), n_inner=args.n_inner)
   else:
     cfg = fm.default_config(m, n, k, **kw)
   key = jax.random.key(0)

@@ -1075,7 +1075,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   ``alias_out``, the pipeline's (once every consumer has passed the "drained" barrier after
   its last ``wgmma``). With two consumers holding two accumulators or ``tile_m`` 256, the
   consumers raise their register limit (``setmaxnreg``) to 232 and the producer lowers its
-  own to 40.
+  own to 40 (224 and 56 with ``act_codes``).
 
   With ``act_codes`` ``x`` is a pair: uint8 NVFP4 codes ``(Mp, K/2)`` and float16 block
   scales ``(Mp, K/16)``. A step's copies then bring the codes and scales (a ring of
@@ -1106,11 +1106,13 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   direct = sb is not None
   cl = config.cluster_splits
   tm_s = tm // splits if cl else tm  # rows of each output tile a CTA finishes
-  # Registers rebalanced where two consumers hold 128 accumulator registers each (384
-  # threads get 168 each at launch); a decoding producer keeps 64.
+  # Registers rebalanced where two consumers hold 128 accumulator registers each: 384
+  # threads get 168 each at launch, and `setmaxnreg` only moves registers between the
+  # warpgroups of a CTA (asking for more than the 3 x 168 waits forever). A decoding
+  # producer keeps 56, leaving each consumer 224 (else 40 and 232).
   regs = nwg == 2 and (wt > 1 or tm > 128) and not interpret
-  producer_regs = 64 if ac else 40
-  consumer_regs = (65536 // 128 - producer_regs) // 2 // 8 * 8
+  producer_regs = 56 if ac else 40
+  consumer_regs = (3 * 168 - producer_regs) // 2 // 8 * 8
   # The output tiles in the pipeline's memory (the JAX 0.10.2 interpreter has no RefUnion:
   # there they get their own).
   union = config.alias_out and (_REGISTER_CONCAT or not interpret)

@@ -536,7 +536,7 @@ def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl, ac):
   rebalanced (``setmaxnreg``); ``alias``: output tiles in the pipeline's memory; ``splits``:
   split K (float32 partials); ``cl``: the splits summed in their cluster's shared memory
   (bf16 out; float32 out falls back to the partials); ``ac``: the producer decodes the
-  activation codes (64 registers for it, 224 for each of two wide consumers)."""
+  activation codes (56 registers for it, 224 for each of two wide consumers)."""
   a, qt = _case(5, 200, 512, 1024, "nvfp4")
   qa = gn.quantize_nvfp4(a)
   cfg = fm.stream_config(200, 512, 1024, tile_m=tm, warpgroups=2, wg_tiles=wt,

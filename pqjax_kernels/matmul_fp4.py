@@ -1078,12 +1078,12 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   own to 40 (224 and 56 with ``act_codes``).
 
   With ``act_codes`` ``x`` is a pair: uint8 NVFP4 codes ``(Mp, K/2)`` and float16 block
-  scales ``(Mp, K/16)``. A step's copies then bring the codes and scales (a ring of
-  ``max_concurrent_steps`` slots, with the weight tiles), and the producer, once the slot
-  is full and the consumers are done with the step two before, decodes the tile into the
-  float16 tile of that step (two, alternating; ``_decode_act_tile``) and arrives on its
-  "decoded" barrier, which the consumers wait for besides the slot's; the consumers'
-  "consumed" arrivals then free both the float16 tile and the ring slot of their step.
+  scales ``(Mp, K/16)``, copied into a ring of their own (``max_concurrent_steps`` slots
+  beside the weight tiles'). Once a step's codes have arrived and the consumers are done
+  with the step two before, the producer decodes them into the float16 tile of that step
+  (two, alternating; ``_decode_act_tile``), arrives on its "decoded" barrier, which the
+  consumers wait for besides the weights', and refills the codes' slot at once; the
+  consumers' "consumed" arrivals free both the float16 tile and the weights' slot.
   """
   ac = config.act_codes
   x, xs = x if ac else (x, None)
@@ -1122,7 +1122,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   def kernel(*refs):
     if ac:
       x_gmem, xs_gmem, *refs = refs
-      *refs, codes_smem, xs_smem, decoded = refs
+      *refs, codes_smem, xs_smem, codes_full, decoded = refs
     else:
       x_gmem, *refs = refs
     wq_gmem, ws_gmem, *rest = refs
@@ -1136,15 +1136,17 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     wg = lax.axis_index("wg")
     m_sl = pl.ds(mi * tm, tm)
 
+    def fetch_codes(step, slot):  # act_codes (k_tiles 1): the ring of codes and scales
+      kk = si * tile_steps + step % tile_steps
+      bar = codes_full.at[slot]
+      plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds(pl.multiple_of(kk * tk // 2, tk // 2),
+                                                    tk // 2)], codes_smem.at[slot], bar)
+      plgpu.copy_gmem_to_smem(xs_gmem.at[m_sl, pl.ds(kk * tk // 16, tk // 16)],
+                              xs_smem.at[slot], bar)
+
     def fetch(step, slot):
       grp, kk = step // tile_steps, si * tile_steps + step % tile_steps
       bar = full.at[slot]
-      if ac:  # k_tiles 1
-        plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds(pl.multiple_of(kk * tk // 2, tk // 2),
-                                                      tk // 2)],
-                                codes_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(xs_gmem.at[m_sl, pl.ds(kk * tk // 16, tk // 16)],
-                                xs_smem.at[slot], bar)
       for j in range(0 if ac else kt):
         plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds((kk * kt + j) * tk, tk)],
                                 act_smem.at[slot, j], bar)
@@ -1164,6 +1166,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
           plgpu.copy_gmem_to_smem(sb_gmem.at[:, cols], sb_smem.at[t], sb_bar)
       for st in range(depth):
         fetch(st, st)
+        if ac:
+          fetch_codes(st, st)
 
       def refill(st, carry):  # once every consumer is done with the slot's previous step
         slot = lax.rem(st, depth)
@@ -1171,7 +1175,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         fetch(st, slot)
         return carry
 
-      def decode(st, carry):  # act_codes: step st's float16 tile, then a refill
+      def decode(st, carry):  # act_codes: step st's float16 tile, and the refills
         a_slot = lax.rem(st, act_slots)
 
         @pl.when(st >= act_slots)
@@ -1183,11 +1187,16 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
             fetch(st - act_slots + depth, lax.rem(st - act_slots, depth))
 
         slot = lax.rem(st, depth)
-        plgpu.barrier_wait(full.at[slot])
+        plgpu.barrier_wait(codes_full.at[slot])
         _decode_act_tile(codes_smem.at[slot], xs_smem.at[slot], act_smem.at[a_slot, 0], tm,
                          interpret)
-        plgpu.commit_smem()  # the stores, visible to the consumers' wgmma
-        plgpu.barrier_arrive(decoded.at[a_slot])
+        plgpu.commit_smem()  # the stores, visible to the consumers' wgmma (and the reads
+        plgpu.barrier_arrive(decoded.at[a_slot])  # done before the TMA overwrites the slot)
+
+        @pl.when(st + depth < n_steps)
+        def _next_codes():  # the codes' slot is free once decoded: `depth` steps ahead
+          fetch_codes(st + depth, slot)
+
         return carry
 
       if ac:
@@ -1320,17 +1329,18 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   ]
   if direct:
     scratch.append(plgpu.SMEM((tiles, 2, tn), jnp.float32))
-  scratch += [plgpu.Barrier(num_arrivals=(2 if ac else kt) + 2 * step_tiles,
+  scratch += [plgpu.Barrier(num_arrivals=(0 if ac else kt) + 2 * step_tiles,
                             num_barriers=depth),  # "full"
               plgpu.Barrier(num_arrivals=nwg, num_barriers=act_slots),  # "consumed"
               plgpu.Barrier(num_arrivals=nwg)]  # "drained" (alias_out)
   if direct:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
-  if ac:  # the ring's codes and scales; "decoded"
+  if ac:  # the ring of codes and scales, its "full" barriers; "decoded"
     scratch += [plgpu.SMEM((depth, tm, tk // 2), jnp.uint8,
                            transforms=(plgpu.TilingTransform((8, 64)),
                                        plgpu.SwizzleTransform(64))),
                 plgpu.SMEM((depth, tm, tk // 16), jnp.float16),
+                plgpu.Barrier(num_arrivals=2, num_barriers=depth),
                 plgpu.Barrier(num_arrivals=1, num_barriers=act_slots)]
   wg_kw = dict(num_threads=nwg + 1, thread_name="wg")  # + the producer
   blocks = {"n": n // tn // tiles, "m": mp // tm}

@@ -81,13 +81,15 @@ METHODS = ("auto", "xla", "kernel")
 # "auto" (H200, NOTES_kernels.md version 13; pick_method, prefers_stream): W4A4 NVFP4 runs
 # the small-M kernel up to M = 64, the streaming kernel from STREAM_MIN_M, and from
 # XLA_MIN_M to STREAM_MAX_M (an estimate: the XLA path's one weight decode amortizes over M)
-# only where its CTAs fill their waves, else the XLA path. W4A16 and the other formats, whose
-# streaming kernel is not measured, take the XLA path from STREAM_MIN_M.
+# only where its CTAs fill their waves, else the XLA path (as from SHORT_K_XLA_M where K is
+# short). W4A16 and the other formats, whose streaming kernel is slower or not measured, take
+# the XLA path from STREAM_MIN_M.
 STREAM_MIN_M = 65
 XLA_MIN_M = 2048
 STREAM_MAX_M = 8192
 STREAM_MIN_FILL = 0.9
 STREAM_MIN_K = 3072  # the measured range: shorter K leaves less to hide a tile's fixed costs
+SHORT_K_XLA_M = 1024  # from here K < STREAM_MIN_K takes the XLA path (1152 x 4608, H200)
 SPLIT_MIN_M = 1024  # split K by default from here (measured at 1024 and 2048 rows)
 N_INNER_BYTES = 2**24  # f16 activations larger than this: CTAs sweep N (measured from 24 MiB)
 
@@ -429,12 +431,16 @@ def stream_splits(m: int, n: int, k: int, num_sms: int = 132) -> int:
 
 def prefers_stream(m: int, n: int, k: int) -> bool:
   """Whether W4A4 NVFP4 at M >= ``STREAM_MIN_M`` runs the streaming kernel rather than the
-  XLA path (measured on an H200): always below ``XLA_MIN_M``; from there to ``STREAM_MAX_M``
+  XLA path (measured on an H200): below ``XLA_MIN_M`` unless K < ``STREAM_MIN_K`` from
+  ``SHORT_K_XLA_M`` rows (at 1152 x 4608 the XLA path was faster at M = 1024, 4096 and 4608:
+  27.7 / 70.3 / 76.6 us against 36.5 / 80.9 / 83.8); from ``XLA_MIN_M`` to ``STREAM_MAX_M``
   only where its tiling (``auto_config``'s) fills at least ``STREAM_MIN_FILL`` of its waves
   and K >= ``STREAM_MIN_K`` (it beat the XLA path by 3-16% at such rows, and lost by 2-8% at
   82% fill).
   """
-  return m < XLA_MIN_M or (m < STREAM_MAX_M and k >= STREAM_MIN_K and
+  if k < STREAM_MIN_K and m >= SHORT_K_XLA_M:
+    return False
+  return m < XLA_MIN_M or (m < STREAM_MAX_M and
                            wave_fill(auto_config(m, n, k), m, n) >= STREAM_MIN_FILL)
 
 

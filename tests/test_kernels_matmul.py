@@ -388,19 +388,23 @@ def test_decode_weights_bf16_is_exact(fmt):
 
 
 def test_pick_method_thresholds():
-  """Up to M = 64 the small-M kernel. From STREAM_MIN_M, W4A4 NVFP4 streams (JAX >= 0.11), and
-  from XLA_MIN_M to STREAM_MAX_M only where its CTAs fill >= 90% of their waves and K >=
-  3072, else it takes the XLA path; everything else takes the XLA path from STREAM_MIN_M."""
+  """Up to M = 64 the small-M kernel. From STREAM_MIN_M, W4A4 NVFP4 streams (JAX >= 0.11),
+  except with K < 3072 from SHORT_K_XLA_M, and from XLA_MIN_M to STREAM_MAX_M only where its
+  CTAs fill >= 90% of their waves, else it takes the XLA path; everything else takes the XLA
+  path from STREAM_MIN_M."""
   for k, n in [(3072, 12288), (12288, 3072), (1152, 4608)]:
     assert fm.pick_method(fm.STREAM_MIN_M - 1, n, k) == "kernel"
     assert fm.pick_method(fm.STREAM_MIN_M - 1, n, k, w4a4_nvfp4=False) == "kernel"
     assert fm.pick_method(fm.STREAM_MIN_M, n, k, w4a4_nvfp4=False) == "xla"
   streams = "kernel" if fm._REGISTER_CONCAT else "xla"  # noqa: SLF001
-  for m, k, n in [(65, 1152, 4608), (2047, 12288, 3072), (2048, 3072, 12288),
-                  (4608, 3072, 12288)]:  # below XLA_MIN_M; 97% and 94% fill
+  # K 1152 below SHORT_K_XLA_M rows; below XLA_MIN_M; 97% and 94% wave fill
+  for m, k, n in [(65, 1152, 4608), (fm.SHORT_K_XLA_M - 1, 1152, 4608), (2047, 12288, 3072),
+                  (2048, 3072, 12288), (4608, 3072, 12288)]:
     assert fm.pick_method(m, n, k) == streams, (m, k, n)
-  for m, k, n in [(4608, 12288, 3072), (2048, 1152, 4608), (fm.STREAM_MAX_M, 3072, 12288)]:
-    assert fm.pick_method(m, n, k) == "xla", (m, k, n)  # 82% fill; K 1152; M
+  # 82% fill; K 1152 from XLA_MIN_M and from SHORT_K_XLA_M rows; STREAM_MAX_M rows
+  for m, k, n in [(4608, 12288, 3072), (2048, 1152, 4608), (fm.SHORT_K_XLA_M, 1152, 4608),
+                  (fm.STREAM_MAX_M, 3072, 12288)]:
+    assert fm.pick_method(m, n, k) == "xla", (m, k, n)
 
 
 def test_wave_fill():

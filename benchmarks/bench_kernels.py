@@ -206,10 +206,6 @@ def _candidates(m, n, k, interpret):
       for s in (2, 4):
         if (k // fm.TILE_K) % s == 0:
           cands.append((f"_ks{s}", fm.stream_config(m, n, k, k_splits=s)))
-          # two weight tiles per consumer: 256 weight rows per activation tile, halving the
-          # in-kernel activation decode per product (version 16)
-          cands.append((f"_tm128_wt2_ks{s}", fm.stream_config(m, n, k, tile_m=128, wg_tiles=2,
-                                                             k_splits=s)))
           cl = fm.stream_config(m, n, k, k_splits=s, cluster_splits=True)
           if cl.tile_m % (32 * s) == 0:
             cands.append((f"_cl{s}", cl))
@@ -217,9 +213,10 @@ def _candidates(m, n, k, interpret):
     # activations outgrow the L2 cache
     if m * k * 2 > 2**24:
       cands += [(name + "_ni", dataclasses.replace(cfg, n_inner=True)) for name, cfg in cands]
-    # each with the activation codes decoded in the kernel (version 16), where it fits
-    # (at the deepest ring that fits)
-    for name, cfg in list(cands):
+    # auto_config's tiling with the activation codes decoded in the kernel (version 16:
+    # 1.3-1.7x slower at every tiling timed; this one keeps it in view), at the deepest ring
+    # that fits
+    for name, cfg in [(nm, cfg) for nm, cfg in cands if cfg == fm.auto_config(m, n, k)]:
       for depth in range(cfg.max_concurrent_steps, 1, -1):
         ac = dataclasses.replace(cfg, act_codes=True, max_concurrent_steps=depth)
         try:

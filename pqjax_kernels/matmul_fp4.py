@@ -830,12 +830,9 @@ def _decode_act_tile(codes_ref, scales_ref, out_ref, rows: int, interpret: bool)
   float16 activation tile = E2M1 values of ``codes_ref`` ``(rows, TILE_K/2)`` uint8 times
   the float16 block scales of ``scales_ref`` ``(rows, TILE_K/16)``, 64 rows at a time (the
   register layouts' height). The interpreter runs the same arithmetic in jnp."""
-  if interpret:
-    c = codes_ref[...].astype(jnp.int32)
-    vals = jnp.stack([_nibble_values(c & 15, "nvfp4"), _nibble_values(c >> 4, "nvfp4")],
-                     axis=-1).reshape(rows, TILE_K)
-    s = jnp.repeat(scales_ref[...].astype(jnp.float32), 16, axis=-1)
-    out_ref[...] = (vals * s).astype(jnp.float16)
+  if interpret:  # the XLA path's decode (exact in bf16, so in float16 too)
+    out_ref[...] = _decode_pairs_bf16(codes_ref[...], scales_ref[...], 16,
+                                      "nvfp4").astype(jnp.float16)
     return
   for r0 in range(0, rows, 64):
     sl = pl.ds(r0, 64)

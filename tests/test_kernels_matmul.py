@@ -236,6 +236,24 @@ def test_w4a4_dit_shapes_gpu(m, k, n, k_tiles, ovl):
   assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
 
 
+def _check_stream_gpu(seed, m, k, n, cfg, poison, gelu=True, out_dtype=jnp.bfloat16):
+  """One streaming-kernel W4A4 NVFP4 call at a DiT shape with a bias (and tanh-GELU), run
+  after a NaN array like ``poison`` (a ``jax.ShapeDtypeStruct``: the buffer the kernel will
+  write) was freed, so stale memory cannot pass; checked within ``_stream_reference``'s
+  bound."""
+  a, qt = _case(seed, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
+  jax.block_until_ready(jnp.full(poison.shape, jnp.nan, poison.dtype))  # poison freed memory
+  got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
+                      method="kernel", epilogue="gelu_tanh" if gelu else None,
+                      out_dtype=out_dtype, **kw)
+  ref, bound = _stream_reference(qa, qt, kw, gelu, out_dtype == jnp.bfloat16)
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+
+
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("ovl", [False, True])
 @pytest.mark.parametrize("m,k,n,gelu", [(256, 3072, 12288, True), (1024, 12288, 3072, False),
@@ -243,18 +261,9 @@ def test_w4a4_dit_shapes_gpu(m, k, n, k_tiles, ovl):
 def test_stream_dit_shapes_gpu(m, k, n, gelu, ovl):
   """The streaming kernel (``stream_config``) at DiT shapes, bf16 written by the kernel (scale,
   bias, GELU), output memory poisoned first; bound: ``_stream_reference``."""
-  a, qt = _case(17 + m, m, n, k, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
-  bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
   cfg = dataclasses.replace(fm.stream_config(m, n, k, warpgroups=1 if m <= 64 else 2),
                             overlap_wgmma=ovl)
-  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
-  jax.block_until_ready(jnp.full((m, n), jnp.nan, jnp.bfloat16))  # poison freed memory
-  got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
-                      method="kernel", epilogue="gelu_tanh" if gelu else None, **kw)
-  ref, bound = _stream_reference(qa, qt, kw, gelu, True)
-  got = np.asarray(got, np.float32)
-  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+  _check_stream_gpu(17 + m, m, k, n, cfg, jax.ShapeDtypeStruct((m, n), jnp.bfloat16), gelu)
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
@@ -263,17 +272,8 @@ def test_stream_split_k_gpu(m, splits):
   """The streaming kernel with K split (float32 partials summed by XLA, then scale, bias,
   GELU, bf16) at the MLP down projection, 12288 x 3072, output memory poisoned first."""
   k, n = 12288, 3072
-  a, qt = _case(29 + m, m, n, k, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
-  bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
   cfg = fm.stream_config(m, n, k, k_splits=splits)
-  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
-  jax.block_until_ready(jnp.full((splits, n, m), jnp.nan, jnp.float32))  # poison freed memory
-  got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
-                      method="kernel", epilogue="gelu_tanh", **kw)
-  ref, bound = _stream_reference(qa, qt, kw, True, True)
-  got = np.asarray(got, np.float32)
-  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+  _check_stream_gpu(29 + m, m, k, n, cfg, jax.ShapeDtypeStruct((splits, n, m), jnp.float32))
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
@@ -286,19 +286,10 @@ def test_stream_cluster_splits_gpu(m, splits, tm):
   tile of its own; the same bound as the float32 partials (the sum's order aside, which it
   covers). Ragged M; output memory poisoned first."""
   k, n = 12288, 3072
-  a, qt = _case(31 + m, m, n, k, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
-  bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
   cfg = fm.stream_config(m, n, k, tile_m=tm, warpgroups=2, k_splits=splits,
                          cluster_splits=True)
   assert cfg.cluster_splits
-  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
-  jax.block_until_ready(jnp.full((m, n), jnp.nan, jnp.bfloat16))  # poison freed memory
-  got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
-                      method="kernel", epilogue="gelu_tanh", **kw)
-  ref, bound = _stream_reference(qa, qt, kw, True, True)
-  got = np.asarray(got, np.float32)
-  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+  _check_stream_gpu(31 + m, m, k, n, cfg, jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
@@ -311,19 +302,11 @@ def test_stream_act_codes_gpu(m, k, n, splits, out):
   DiT shapes, with ``stream_config``'s tilings (tile_m 256 and two consumers of 224
   registers, or one consumer; split K), GELU, ragged M; output memory poisoned first;
   bound: ``_stream_reference``."""
-  a, qt = _case(37 + m, m, n, k, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
-  bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
   out_dtype = jnp.bfloat16 if out == "bf16" else jnp.float32
   cfg = fm.stream_config(m, n, k, k_splits=splits, act_codes=True,
                          out_itemsize=jnp.dtype(out_dtype).itemsize)
-  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
-  jax.block_until_ready(jnp.full((splits, n, m), jnp.nan, jnp.float32))  # poison freed memory
-  got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
-                      method="kernel", epilogue="gelu_tanh", out_dtype=out_dtype, **kw)
-  ref, bound = _stream_reference(qa, qt, kw, True, out == "bf16")
-  got = np.asarray(got, np.float32)
-  assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+  _check_stream_gpu(37 + m, m, k, n, cfg, jax.ShapeDtypeStruct((splits, n, m), jnp.float32),
+                    out_dtype=out_dtype)
 
 
 @functools.cache

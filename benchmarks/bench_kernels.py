@@ -196,7 +196,8 @@ def _candidates(m, n, k, interpret):
     # its default tiling, then tile_m 128 (version 12's default) with the automatic number of
     # consumer warpgroups and with the other one; where the default leaves SMs idle in its
     # last wave or cannot use tile_m 256, K split in 2 and 4 (version 14: float32 partials;
-    # version 15: summed in the cluster's shared memory)
+    # version 15: summed in the cluster's shared memory; version 17: summed in order through
+    # a workspace, the last split finishing the tile)
     base = fm.stream_config(m, n, k)
     tm128 = fm.stream_config(m, n, k, tile_m=128)
     alt = 3 - tm128.warpgroups
@@ -206,6 +207,9 @@ def _candidates(m, n, k, interpret):
       for s in (2, 4):
         if (k // fm.TILE_K) % s == 0:
           cands.append((f"_ks{s}", fm.stream_config(m, n, k, k_splits=s)))
+          fx = fm.stream_config(m, n, k, k_splits=s, fixup_splits=True)
+          if fx.tile_m % 64 == 0:
+            cands.append((f"_fx{s}", fx))
           cl = fm.stream_config(m, n, k, k_splits=s, cluster_splits=True)
           if cl.tile_m % (32 * s) == 0:
             cands.append((f"_cl{s}", cl))

@@ -163,6 +163,14 @@ class MatmulConfig:
       rings of codes and of weights; ``tile_m`` a multiple of 64, ``k_tiles`` 1. Measured
       1.3-1.7x slower than XLA's decode on an H200 (the producer cannot keep up: each
       activation tile is decoded once per CTA column; version 16), so "auto" does not use it.
+    fixup_splits: streaming kernel with ``k_splits`` > 1, one round of output tiles per CTA
+      and bf16/f16 outputs: the splits of an output tile sum in order through a float32
+      workspace in global memory (split ``s`` waits on a global semaphore until split
+      ``s - 1`` has stored the running sum, adds it to its accumulators and stores the new
+      sum; the last split finishes the tile: scale, bias, tanh-GELU, cast), as serial
+      split-K and stream-K kernels do, instead of writing every split's partials for an XLA
+      pass to sum. It relies on the GPU launching CTAs in order (the split index varies
+      fastest, so split ``s - 1`` of a tile is resident or done when split ``s`` waits).
   """
 
   tile_m: int = 16
@@ -179,6 +187,7 @@ class MatmulConfig:
   cluster_splits: bool = False
   n_inner: bool = False
   act_codes: bool = False
+  fixup_splits: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,11 +578,14 @@ def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
     if config.act_codes:  # two decoded tiles; a ring of codes, scales and weight tiles
       pipeline = min(2, steps) * act
       ring = steps * (act // 4 + act // 16 + wts * _STEP_BYTES)
-    else:
-      pipeline, ring = steps * config.k_tiles * (act + wts * _STEP_BYTES), 0
+    else:  # the activation tiles (which alias_out shares) and the weight tiles
+      pipeline = steps * config.k_tiles * act
+      ring = steps * config.k_tiles * wts * _STEP_BYTES
     out = wts * TILE_N * config.tile_m * out_itemsize
     if config.cluster_splits:  # float32 tiles the cluster sums, one finished slice each
       out = wts * TILE_N * (config.tile_m * 4 + config.tile_m // config.k_splits * out_itemsize)
+    if config.fixup_splits:  # the running sum's float32 tiles beside the finished ones
+      out = wts * TILE_N * config.tile_m * (4 + out_itemsize)
     buffers = max(pipeline, out) if config.alias_out else pipeline + out
     return buffers + ring + config.tiles_per_cta * 2 * TILE_N * 4 + 1024
   act = k_steps * config.tile_m * TILE_K * 2
@@ -629,7 +641,7 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                   out_itemsize: int = 2, num_sms: int = 132,
                   wg_tiles: int = 1, alias_out: bool | None = None,
                   k_splits: int = 1, cluster_splits: bool = False,
-                  act_codes: bool = False) -> MatmulConfig:
+                  act_codes: bool = False, fixup_splits: bool = False) -> MatmulConfig:
   """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows.
 
   Defaults measured on an H200 (NOTES_kernels.md version 13): ``tile_m`` 256 with two
@@ -655,6 +667,9 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
       (``MatmulConfig.cluster_splits``; output tiles in the pipeline's memory).
     act_codes: the kernel decodes the NVFP4 activation codes (``MatmulConfig.act_codes``);
       ``tile_m`` is then at least 64.
+    fixup_splits: the splits sum in order through a float32 workspace and the last finishes
+      the output (``MatmulConfig.fixup_splits``; one round of output tiles, 2-byte outputs):
+      output tiles of ``4 + out_itemsize`` bytes.
 
   Returns:
     The tiling at the deepest pipeline (<= 4) that fits shared memory.
@@ -665,7 +680,9 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
   waves = lambda tm, wgs: (  # noqa: E731
       _ctas(m, n, tm, wgs * wg_tiles * tiles_per_wg, k_splits) / num_sms)
   cluster_splits = cluster_splits and k_splits > 1
-  if k_splits > 1 and not cluster_splits:
+  # float32 outputs are the partials (fp4_matmul sums them in XLA)
+  fixup_splits = fixup_splits and k_splits > 1 and not cluster_splits and out_itemsize == 2
+  if k_splits > 1 and not (cluster_splits or fixup_splits):
     out_itemsize = 4
   if tile_m is None:
     tile_m = (64 if m <= 128 and act_codes else
@@ -688,7 +705,8 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                          warpgroups=warpgroups, max_concurrent_steps=depth, m_major=True,
                          overlap_wgmma=not wide, stream=True, wg_tiles=wg_tiles,
                          alias_out=alias, k_splits=k_splits,
-                         cluster_splits=cluster_splits, act_codes=act_codes)
+                         cluster_splits=cluster_splits, act_codes=act_codes,
+                         fixup_splits=fixup_splits)
       if smem_bytes(cfg, k, out_itemsize) <= SMEM_BYTES:
         fits.append(cfg)
         break
@@ -1054,6 +1072,18 @@ def _cluster_sync() -> None:
   sync()
 
 
+def _fence_async_global() -> None:
+  """``fence.proxy.async.global``: orders this thread's global-memory accesses through the
+  generic proxy (the semaphore) with those through the async proxy (TMA copies)."""
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415 (only while lowering)
+
+  @plgpu.inline_mgpu()
+  def fence(_):
+    mgpu.utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
+
+  fence()
+
+
 def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
                  interpret: bool, gelu: bool = False):
   """Runs the streaming kernel (``MatmulConfig.stream``) on activations ``x (Mp, K)``.
@@ -1110,6 +1140,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   act_slots = min(2, n_steps) if ac else depth
   direct = sb is not None
   cl = config.cluster_splits
+  fx = config.fixup_splits
+  n_blocks, m_blocks = n // tn // tiles, mp // tm
   tm_s = tm // splits if cl else tm  # rows of each output tile a CTA finishes
   # Registers rebalanced where two consumers hold 128 accumulator registers each: 384
   # threads get 168 each at launch, and `setmaxnreg` only moves registers between the
@@ -1131,7 +1163,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     else:
       x_gmem, *refs = refs
     wq_gmem, ws_gmem, *rest = refs
-    if direct:
+    if fx:
+      sb_gmem, out_gmem, part_gmem, bufs, wq_smem, ws_smem, acc_smem, sb_smem, full, \
+          consumed, drained, sb_bar, fix_bar = rest
+    elif direct:
       sb_gmem, out_gmem, bufs, wq_smem, ws_smem, acc_smem, sb_smem, full, consumed, drained, \
           sb_bar = rest
     else:
@@ -1140,6 +1175,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     wg = lax.axis_index("wg")
     m_sl = pl.ds(mi * tm, tm)
+    if fx and not interpret:  # one per output tile and consumer, zeroed at every launch
+      sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_blocks * m_blocks * nwg,)))
 
     def fetch_codes(step, slot):  # act_codes (k_tiles 1): the ring of codes and scales
       kk = si * tile_steps + step % tile_steps
@@ -1236,6 +1273,58 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         def _release():
           plgpu.barrier_arrive(consumed.at[lax.rem(done, act_slots)])
 
+      def _fixup(accs, local, finish):
+        """``fixup_splits`` (one round: output tiles ``local(p)``): split 0 stores its
+        accumulators into the float32 workspace; split s > 0 waits until split s - 1 has
+        (global semaphore, count >= s), adds the workspace's tiles, then stores the sum for
+        split s + 1, or the last finishes the output. ``tm / ch`` column chunks keep the
+        sum's registers to a quarter of the accumulator's."""
+        o32, o16 = out_smem
+        mine = [wg * wt + p for p in range(wt)]
+        cols = [pl.ds((ni * tiles + local(p)) * tn, tn) for p in range(wt)]
+        sem = None if interpret else sems.at[(ni * m_blocks + mi) * nwg + wg]
+        ch = 64
+
+        def fix(add: bool, last: bool):
+          if add:
+            if not interpret:  # the interpreter runs the grid in order, the split fastest
+              plgpu.semaphore_wait(sem, si, decrement=False, memory_scope="gpu")
+              _fence_async_global()  # the TMA reads below see the peer's TMA stores
+            for p in range(wt):
+              plgpu.copy_gmem_to_smem(part_gmem.at[cols[p], m_sl], o32.at[mine[p]],
+                                      fix_bar.at[wg])
+            plgpu.barrier_wait(fix_bar.at[wg])
+          for p, acc in enumerate(accs):
+            y_all = acc[...]
+            for c in range(tm // ch):
+              y = y_all[:, c * ch:(c + 1) * ch]
+              part = o32.at[mine[p], :, pl.ds(c * ch, ch)]
+              if add:
+                y = y + lc(part[...], plgpu.Layout.WGMMA)
+              if not last:
+                part[...] = y
+              elif interpret:
+                o16.at[mine[p], pl.ds(c * ch, ch)][...] = finish(y, local(p)).T
+              else:
+                plgpu.transpose_ref(o16.at[mine[p], pl.ds(c * ch, ch)], (1, 0))[...] = \
+                    finish(y, local(p))
+          plgpu.commit_smem()
+          for p in range(wt):
+            if last:
+              plgpu.copy_smem_to_gmem(o16.at[mine[p]], out_gmem.at[m_sl, cols[p]])
+            else:
+              plgpu.copy_smem_to_gmem(o32.at[mine[p]], part_gmem.at[cols[p], m_sl])
+          if not last:
+            plgpu.wait_smem_to_gmem(0)  # written, not only read: then tell split si + 1
+            if not interpret:
+              _fence_async_global()
+              plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+
+        pl.when(si == 0)(lambda: fix(False, False))
+        if splits > 2:
+          pl.when((si > 0) & (si < splits - 1))(lambda: fix(True, False))
+        pl.when(si == splits - 1)(lambda: fix(True, True))
+
       def output_tiles(t, carry):
         _k_loop(step, t, tile_steps, overlap)
         if overlap and not interpret:
@@ -1252,6 +1341,9 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
           y = y * row(0) + row(1)
           return (jax.nn.gelu(y, approximate=True) if gelu else y).astype(out_dtype)
 
+        if fx:  # split si adds the running sum of the splits before it
+          _fixup(accs, local, finish)
+          return carry
         if cl:  # one accumulator (wg_tiles 1): the cluster sums it, this CTA rows si
           # Peers' memory is read through refs of their own (JAX 0.11.2 cannot offset a
           # cluster ref), so consumer and slice are picked by static branches.
@@ -1315,7 +1407,12 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         pl.run_scoped(scoped, *[plgpu.ACC((tn, tm), jnp.float32)] * wt)
       plgpu.wait_smem_to_gmem(0)
 
-  if cl:
+  if fx:  # the finished output, and the running sum's workspace
+    out_type = (jax.ShapeDtypeStruct((mp, n), out_dtype),
+                jax.ShapeDtypeStruct((n, mp), jnp.float32))
+    out_smem = (_out_smem(step_tiles, tn, tm),
+                plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128)))
+  elif cl:
     out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
     out_smem = ([[_out_smem(tn, tm_s) for _ in range(splits)] for _ in range(nwg)],
                 plgpu.SMEM((step_tiles, tm_s, tn), out_dtype, transforms=_swz(128)))
@@ -1340,6 +1437,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
               plgpu.Barrier(num_arrivals=nwg)]  # "drained" (alias_out)
   if direct:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
+  if fx:  # each consumer's copies of the running sum
+    scratch.append(plgpu.Barrier(num_arrivals=wt, num_barriers=nwg))
   if ac:  # the ring of codes and scales, its "full" barriers; "decoded"
     scratch += [plgpu.SMEM((depth, tm, tk // 2), jnp.uint8,
                            transforms=(plgpu.TilingTransform((8, 64)),
@@ -1348,7 +1447,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
                 plgpu.Barrier(num_arrivals=2, num_barriers=depth),
                 plgpu.Barrier(num_arrivals=1, num_barriers=act_slots)]
   wg_kw = dict(num_threads=nwg + 1, thread_name="wg")  # + the producer
-  blocks = {"n": n // tn // tiles, "m": mp // tm}
+  blocks = {"n": n_blocks, "m": m_blocks}
   names = ("m", "n") if config.n_inner else ("n", "m")  # the last varies fastest
   grid_kw = dict(grid=tuple(blocks[a] for a in names), grid_names=names)
   if cl:  # the splits of an output tile: one cluster
@@ -1356,7 +1455,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   else:
     grid_kw.update(grid=(*grid_kw["grid"], splits), grid_names=(*names, "s"))
   call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, **grid_kw, **wg_kw)
-  return call(*([x, xs] if ac else [x]), w.codes, w.scales_t, *([sb] if direct else []))
+  out = call(*([x, xs] if ac else [x]), w.codes, w.scales_t, *([sb] if direct else []))
+  return out[0] if fx else out
 
 
 def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -> None:
@@ -1391,6 +1491,12 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
     raise ValueError(f"act_codes=True needs stream=True, tile_m={tm} a multiple of 64, "
                      f"k_tiles={config.k_tiles} 1, max_concurrent_steps="
                      f"{config.max_concurrent_steps} >= 2 and cluster_splits=False")
+  if config.fixup_splits and not (
+      config.stream and s > 1 and tm % 64 == 0 and not config.cluster_splits and
+      config.tiles_per_cta == config.warpgroups * config.wg_tiles):
+    raise ValueError(f"fixup_splits=True needs stream=True, k_splits={s} > 1, tile_m={tm} a "
+                     f"multiple of 64, cluster_splits=False and one round of output tiles "
+                     f"(tiles_per_cta={config.tiles_per_cta} equal to warpgroups * wg_tiles)")
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")
@@ -1457,11 +1563,11 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   direct = jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None
   if method != "xla":
     config = config or auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4)
-    if config.cluster_splits and not direct:  # float32 or gated outputs: partials for XLA
-      config = dataclasses.replace(config, cluster_splits=False)
+    if not direct:  # float32 or gated outputs: float32 partials for XLA
+      config = dataclasses.replace(config, cluster_splits=False, fixup_splits=False)
     if config.cluster_splits and interpret:
       raise ValueError("cluster_splits=True needs a GPU: the interpreter has no clusters")
-    direct = direct and (config.k_splits == 1 or config.cluster_splits)
+    direct = direct and (config.k_splits == 1 or config.cluster_splits or config.fixup_splits)
     _check_config(config, n, k, 2 if direct else 4)
     if config.act_codes and not w4a4_nvfp4:
       raise ValueError(f"act_codes=True needs W4A4 NVFP4: packed uint8 activations and "

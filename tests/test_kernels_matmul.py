@@ -199,6 +199,34 @@ class KernelCases:
     assert got.dtype == out_dtype and got.shape == (m, n)
     assert (np.abs(np.asarray(got, np.float32) - ref) <= bound).all()
 
+  # fixup_splits: the splits of an output tile sum in order through a float32 workspace and
+  # the last finishes it (bf16/f16, GELU). K = 1024 in two splits of four steps (slots
+  # refilled), two consumers; K = 1536 in three (a middle split that adds and stores again),
+  # float16 out; K = 1024 in four, tile_m 128 (two column chunks), two weight tiles per
+  # consumer. Ragged M: the rows past M are computed and dropped.
+  @pytest.mark.parametrize("m,k,wgs,wt,tm,splits,out,gelu", [
+      (70, 1024, 2, 1, 64, 2, jnp.bfloat16, True),
+      (37, 1536, 1, 1, 64, 3, jnp.float16, False),
+      (130, 1024, 1, 2, 128, 4, jnp.bfloat16, True)])
+  def test_stream_fixup_splits(self, m, k, wgs, wt, tm, splits, out, gelu):
+    if self.method == "xla":
+      pytest.skip("a kernel tiling")
+    n = 256
+    a, qt = _case(19, m, n, k, "nvfp4")
+    qa = gn.quantize_nvfp4(a)
+    bias = jnp.asarray(np.random.default_rng(3).standard_normal(n), jnp.float32)
+    cfg = fm.MatmulConfig(tile_m=tm, tiles_per_cta=wgs * wt, warpgroups=wgs, wg_tiles=wt,
+                          max_concurrent_steps=2, m_major=True, stream=True, alias_out=True,
+                          k_splits=splits, fixup_splits=True)
+    kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
+    got = self.run(lambda: fm.fp4_matmul(
+        qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,
+        out_dtype=out, epilogue="gelu_tanh" if gelu else None, interpret=self.interpret,
+        **kw))
+    ref, bound = _stream_reference(qa, qt, kw, gelu, True)
+    assert got.dtype == out and got.shape == (m, n)
+    assert (np.abs(np.asarray(got, np.float32) - ref) <= bound).all()
+
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 class TestKernelsGPU(KernelCases):
@@ -290,6 +318,21 @@ def test_stream_cluster_splits_gpu(m, splits, tm):
                          cluster_splits=True)
   assert cfg.cluster_splits
   _check_stream_gpu(31 + m, m, k, n, cfg, jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,splits,tm", [(1024, 4, 256), (2048, 2, 256), (4608, 2, 256),
+                                         (1000, 3, 128), (200, 2, 64)])
+def test_stream_fixup_splits_gpu(m, splits, tm):
+  """Split K summed in order through the float32 workspace behind a global semaphore, the
+  last split finishing the tile (scale, bias, GELU, bf16), at the MLP down projection,
+  12288 x 3072, with ``stream_config``'s tilings (two consumers where the waves allow);
+  ragged M; output memory poisoned first; the partials' bound (the sum's order aside, which
+  it covers)."""
+  k, n = 12288, 3072
+  cfg = fm.stream_config(m, n, k, tile_m=tm, k_splits=splits, fixup_splits=True)
+  assert cfg.fixup_splits
+  _check_stream_gpu(41 + m, m, k, n, cfg, jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
@@ -505,30 +548,29 @@ def test_kernel_lowers_for_cuda(fmt, packed, m_major, wgs, ovl):
 
 
 @pytest.mark.parametrize("out", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("tm,wt,alias,splits,cl,ac", [(64, 1, False, 1, False, False),
-                                                      (64, 2, False, 1, False, False),
-                                                      (256, 1, True, 1, False, False),
-                                                      (128, 2, True, 1, False, False),
-                                                      (256, 1, True, 2, False, False),
-                                                      (256, 1, True, 4, True, False),
-                                                      (128, 1, True, 2, True, False),
-                                                      (64, 1, False, 1, False, True),
-                                                      (256, 1, True, 1, False, True),
-                                                      (256, 1, None, 2, False, True),
-                                                      (128, 2, None, 1, False, True)])
-def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl, ac):
+@pytest.mark.parametrize("tm,wt,alias,splits,cl,ac,fx", [
+    (64, 1, False, 1, False, False, False), (64, 2, False, 1, False, False, False),
+    (256, 1, True, 1, False, False, False), (128, 2, True, 1, False, False, False),
+    (256, 1, True, 2, False, False, False), (256, 1, True, 4, True, False, False),
+    (128, 1, True, 2, True, False, False), (64, 1, False, 1, False, True, False),
+    (256, 1, True, 1, False, True, False), (256, 1, None, 2, False, True, False),
+    (128, 2, None, 1, False, True, False), (256, 1, None, 2, False, False, True),
+    (128, 1, None, 4, False, False, True), (128, 1, None, 2, False, True, True)])
+def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl, ac, fx):
   """The streaming kernel lowers to Mosaic GPU on JAX >= 0.11 (its finished bf16 output is a
   transposed store into a swizzled tile, which JAX 0.10.2 refuses); before, a clear error.
   ``wt`` 2 or ``tm`` 256: two consumers of 128 accumulator registers each, registers
   rebalanced (``setmaxnreg``); ``alias``: output tiles in the pipeline's memory; ``splits``:
   split K (float32 partials); ``cl``: the splits summed in their cluster's shared memory
   (bf16 out; float32 out falls back to the partials); ``ac``: the producer decodes the
-  activation codes (56 registers for it, 224 for each of two wide consumers)."""
+  activation codes (56 registers for it, 224 for each of two wide consumers); ``fx``: the
+  splits sum in order through a workspace behind a global semaphore (bf16 out; float32
+  falls back to the partials)."""
   a, qt = _case(5, 200, 512, 1024, "nvfp4")
   qa = gn.quantize_nvfp4(a)
   cfg = fm.stream_config(200, 512, 1024, tile_m=tm, warpgroups=2, wg_tiles=wt,
                          alias_out=alias, out_itemsize=jnp.dtype(out).itemsize,
-                         k_splits=splits, cluster_splits=cl, act_codes=ac)
+                         k_splits=splits, cluster_splits=cl, act_codes=ac, fixup_splits=fx)
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
                                     a_scales=s, a_tensor_scale=t, config=cfg,
                                     method="kernel", out_dtype=out, epilogue="gelu_tanh")

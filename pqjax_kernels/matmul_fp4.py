@@ -1274,51 +1274,69 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
           plgpu.barrier_arrive(consumed.at[lax.rem(done, act_slots)])
 
       def _fixup(accs, local, finish):
-        """``fixup_splits`` (one round: output tiles ``local(p)``): split 0 stores its
-        accumulators into the float32 workspace; split s > 0 waits until split s - 1 has
-        (global semaphore, count >= s), adds the workspace's tiles, then stores the sum for
-        split s + 1, or the last finishes the output. ``tm / ch`` column chunks keep the
-        sum's registers to a quarter of the accumulator's."""
+        """``fixup_splits`` (one round: output tiles ``local(p)``), in ``tm / ch`` column
+        chunks, pipelined: split 0 stores its accumulators' chunks into the float32
+        workspace, signalling the global semaphore as each store completes; split s > 0
+        waits for chunk c of split s - 1 (count >= (s - 1) * chunks + c + 1: the splits
+        before s - 1 signal at most (s - 1) * chunks), adds it, and stores the sum for split
+        s + 1 likewise, or the last finishes the output's chunk. Chunks also keep the sum's
+        registers to a quarter of the accumulator's."""
         o32, o16 = out_smem
         mine = [wg * wt + p for p in range(wt)]
         cols = [pl.ds((ni * tiles + local(p)) * tn, tn) for p in range(wt)]
         sem = None if interpret else sems.at[(ni * m_blocks + mi) * nwg + wg]
         ch = 64
+        n_ch = tm // ch
+        rows = lambda c: pl.ds(c * ch, ch)  # noqa: E731 (of a tile)
+        m_rows = lambda c: pl.ds(mi * tm + c * ch, ch)  # noqa: E731 (of the output)
+
+        def fetch(c):  # chunk c of the running sum, once split si - 1 has stored it
+          if not interpret:  # the interpreter runs the grid in order, the split fastest
+            plgpu.semaphore_wait(sem, (si - 1) * n_ch + c + 1, decrement=False,
+                                 memory_scope="gpu")
+            _fence_async_global()  # the TMA reads below see the peer's TMA stores
+          for p in range(wt):
+            plgpu.copy_gmem_to_smem(part_gmem.at[cols[p], m_rows(c)], o32.at[mine[p], c],
+                                    fix_bar.at[wg * n_ch + c])
+
+        def stored(pending: int):  # the stores before the last `pending` are written: tell
+          plgpu.wait_smem_to_gmem(pending)  # split si + 1 (written, not only read)
+          if not interpret:
+            _fence_async_global()
+            plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
 
         def fix(add: bool, last: bool):
           if add:
-            if not interpret:  # the interpreter runs the grid in order, the split fastest
-              plgpu.semaphore_wait(sem, si, decrement=False, memory_scope="gpu")
-              _fence_async_global()  # the TMA reads below see the peer's TMA stores
+            fetch(0)
+          ys = [acc[...] for acc in accs]
+          for c in range(n_ch):
+            if add:
+              if c + 1 < n_ch:
+                fetch(c + 1)
+              plgpu.barrier_wait(fix_bar.at[wg * n_ch + c])
             for p in range(wt):
-              plgpu.copy_gmem_to_smem(part_gmem.at[cols[p], m_sl], o32.at[mine[p]],
-                                      fix_bar.at[wg])
-            plgpu.barrier_wait(fix_bar.at[wg])
-          for p, acc in enumerate(accs):
-            y_all = acc[...]
-            for c in range(tm // ch):
-              y = y_all[:, c * ch:(c + 1) * ch]
-              part = o32.at[mine[p], :, pl.ds(c * ch, ch)]
+              y = ys[p][:, c * ch:(c + 1) * ch]
+              part = o32.at[mine[p], c]
               if add:
                 y = y + lc(part[...], plgpu.Layout.WGMMA)
               if not last:
                 part[...] = y
               elif interpret:
-                o16.at[mine[p], pl.ds(c * ch, ch)][...] = finish(y, local(p)).T
+                o16.at[mine[p], rows(c)][...] = finish(y, local(p)).T
               else:
-                plgpu.transpose_ref(o16.at[mine[p], pl.ds(c * ch, ch)], (1, 0))[...] = \
+                plgpu.transpose_ref(o16.at[mine[p], rows(c)], (1, 0))[...] = \
                     finish(y, local(p))
-          plgpu.commit_smem()
-          for p in range(wt):
-            if last:
-              plgpu.copy_smem_to_gmem(o16.at[mine[p]], out_gmem.at[m_sl, cols[p]])
-            else:
-              plgpu.copy_smem_to_gmem(o32.at[mine[p]], part_gmem.at[cols[p], m_sl])
+            plgpu.commit_smem()
+            for p in range(wt):
+              if last:
+                plgpu.copy_smem_to_gmem(o16.at[mine[p], rows(c)], out_gmem.at[m_rows(c),
+                                                                              cols[p]])
+              else:
+                plgpu.copy_smem_to_gmem(o32.at[mine[p], c], part_gmem.at[cols[p], m_rows(c)])
+            if not last and c > 0:
+              stored(wt)  # chunk c - 1 (this chunk's wt stores may be in flight)
           if not last:
-            plgpu.wait_smem_to_gmem(0)  # written, not only read: then tell split si + 1
-            if not interpret:
-              _fence_async_global()
-              plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+            stored(0)
 
         pl.when(si == 0)(lambda: fix(False, False))
         if splits > 2:
@@ -1410,8 +1428,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   if fx:  # the finished output, and the running sum's workspace
     out_type = (jax.ShapeDtypeStruct((mp, n), out_dtype),
                 jax.ShapeDtypeStruct((n, mp), jnp.float32))
-    out_smem = (_out_smem(step_tiles, tn, tm),
-                plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128)))
+    out_smem = (_out_smem(step_tiles, tm // 64, tn, 64),  # column chunks: TMA needs each
+                plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128)))  # dense
   elif cl:
     out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
     out_smem = ([[_out_smem(tn, tm_s) for _ in range(splits)] for _ in range(nwg)],
@@ -1437,8 +1455,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
               plgpu.Barrier(num_arrivals=nwg)]  # "drained" (alias_out)
   if direct:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
-  if fx:  # each consumer's copies of the running sum
-    scratch.append(plgpu.Barrier(num_arrivals=wt, num_barriers=nwg))
+  if fx:  # each consumer's copies of the running sum's column chunks
+    scratch.append(plgpu.Barrier(num_arrivals=wt, num_barriers=nwg * (tm // 64)))
   if ac:  # the ring of codes and scales, its "full" barriers; "decoded"
     scratch += [plgpu.SMEM((depth, tm, tk // 2), jnp.uint8,
                            transforms=(plgpu.TilingTransform((8, 64)),

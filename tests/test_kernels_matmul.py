@@ -453,10 +453,12 @@ def test_auto_config(m, k, n, wgs, tm, splits, ni):
   CTAs sweep N where the f16 activations exceed 16 MiB (the measured choices at these
   shapes). tile_m 256 puts the output tiles in the pipeline's memory (depth 3, not 2) and
   does not overlap wgmma groups. Below STREAM_MIN_M, and for other formats,
-  ``default_config``; a float32 output gets a pipeline that fits its tile."""
+  ``default_config``; a float32 output gets a pipeline that fits its tile. Two splits sum in
+  order in the kernel (``fixup_splits``), four (and float32 outputs) in XLA."""
   cfg = fm.auto_config(m, n, k)
   assert cfg.stream and (cfg.warpgroups, cfg.tile_m) == (wgs, tm)
   assert (cfg.k_splits, cfg.n_inner, cfg.cluster_splits) == (splits, ni, False)
+  assert cfg.fixup_splits == (splits == 2)
   assert fm.stream_splits(m, n, k) == splits
   assert (cfg.alias_out, cfg.max_concurrent_steps) == ((True, 3) if tm == 256 else (False, 4))
   assert cfg.overlap_wgmma == (tm < 256)
@@ -464,7 +466,7 @@ def test_auto_config(m, k, n, wgs, tm, splits, ni):
   assert fm.auto_config(fm.STREAM_MIN_M - 1, n, k) == fm.default_config(fm.STREAM_MIN_M - 1,
                                                                          n, k)
   f32 = fm.auto_config(m, n, k, out_itemsize=4)
-  assert fm.smem_bytes(f32, k, 4) <= fm.SMEM_BYTES
+  assert fm.smem_bytes(f32, k, 4) <= fm.SMEM_BYTES and not f32.fixup_splits
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "int4"])
@@ -514,6 +516,9 @@ def test_w4a4_reference_matches_oracle():
      "act_codes=True needs stream=True, tile_m=32 a multiple of 64"),
     (dict(method="kernel", config=fm.MatmulConfig(tile_m=64, stream=True, act_codes=True)),
      "act_codes=True needs W4A4 NVFP4: packed uint8 activations"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_m=32, stream=True, k_splits=2,
+                                                  fixup_splits=True)),
+     "fixup_splits=True needs stream=True, k_splits=2 > 1, tile_m=32 a multiple of 64"),
 ])
 def test_bad_input_raises(kwargs, match):
   n, k = kwargs.get("n", 128), kwargs.get("k", 256)

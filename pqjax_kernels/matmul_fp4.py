@@ -44,9 +44,11 @@ the CTA's consumer warpgroups (each with its own weight tile, so a CTA computes 
 ``(tile_m, TILE_N * warpgroups)`` output tile over all of K, or over its split of K with
 ``k_splits``) and brought by a producer warpgroup, and unsplit bf16/f16 outputs leave it
 finished: scaled, bias added, tanh-GELU applied, stored ``(M, N)`` through a transposed
-shared-memory tile. Split outputs are float32 partials that XLA sums, or (opt-in,
-``cluster_splits``) are summed by the splits' CTA cluster in distributed shared memory;
-``n_inner`` orders the CTAs to share activation rows rather than weights.
+shared-memory tile. Split outputs are summed in order in the kernel (``fixup_splits``,
+"auto" with two splits: through a float32 workspace behind a global semaphore, the last split
+finishing the tile), or are float32 partials that XLA sums, or (opt-in, ``cluster_splits``)
+are summed by the splits' CTA cluster in distributed shared memory; ``n_inner`` orders the
+CTAs to share activation rows rather than weights.
 
 Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
 ``"xla"`` (large M, compute-bound): one elementwise XLA pass decodes the weights to exact
@@ -89,7 +91,7 @@ XLA_MIN_M = 2048
 STREAM_MAX_M = 8192
 STREAM_MIN_FILL = 0.9
 STREAM_MIN_K = 3072  # the measured range: shorter K leaves less to hide a tile's fixed costs
-SHORT_K_XLA_M = 1024  # from here K < STREAM_MIN_K takes the XLA path (1152 x 4608, H200)
+SHORT_K_XLA_M = 512  # from here K < STREAM_MIN_K takes the XLA path (1152 x 4608, H200)
 SPLIT_MIN_M = 1024  # split K by default from here (measured at 1024 and 2048 rows)
 N_INNER_BYTES = 2**24  # f16 activations larger than this: CTAs sweep N (measured from 24 MiB)
 
@@ -169,8 +171,10 @@ class MatmulConfig:
       ``s - 1`` has stored the running sum, adds it to its accumulators and stores the new
       sum; the last split finishes the tile: scale, bias, tanh-GELU, cast), as serial
       split-K and stream-K kernels do, instead of writing every split's partials for an XLA
-      pass to sum. It relies on the GPU launching CTAs in order (the split index varies
-      fastest, so split ``s - 1`` of a tile is resident or done when split ``s`` waits).
+      pass to sum; in 64-column chunks, each handed on as its store completes. It relies on
+      the GPU launching CTAs in order (the split index varies fastest, so split ``s - 1`` of
+      a tile is resident or done when split ``s`` waits). H200 (version 17): 4% faster
+      than the partials with two splits at 2048 x 12288 x 3072, 7% slower with four.
   """
 
   tile_m: int = 16
@@ -443,8 +447,9 @@ def stream_splits(m: int, n: int, k: int, num_sms: int = 132) -> int:
 def prefers_stream(m: int, n: int, k: int) -> bool:
   """Whether W4A4 NVFP4 at M >= ``STREAM_MIN_M`` runs the streaming kernel rather than the
   XLA path (measured on an H200): below ``XLA_MIN_M`` unless K < ``STREAM_MIN_K`` from
-  ``SHORT_K_XLA_M`` rows (at 1152 x 4608 the XLA path was faster at M = 1024, 4096 and 4608:
-  27.7 / 70.3 / 76.6 us against 36.5 / 80.9 / 83.8); from ``XLA_MIN_M`` to ``STREAM_MAX_M``
+  ``SHORT_K_XLA_M`` rows (at 1152 x 4608 the XLA path was faster at M = 512, 1024, 2048, 4096
+  and 4608: 23.7 / 27.7 / 42.4 / 70.3 / 76.6 us against 29.1 / 36.5 / 48.5 / 80.9 / 83.8, and
+  tied at 256: 20.4 vs 19.8); from ``XLA_MIN_M`` to ``STREAM_MAX_M``
   only where its tiling (``auto_config``'s) fills at least ``STREAM_MIN_FILL`` of its waves
   and K >= ``STREAM_MIN_K`` (it beat the XLA path by 3-16% at such rows, and lost by 2-8% at
   82% fill).
@@ -1094,13 +1099,17 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
 
   ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
   applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(Mp, N)`` itself
-  ("direct"; ``k_splits`` 1, or ``cluster_splits``); else it writes the float32 accumulators
+  ("direct"; ``k_splits`` 1, ``cluster_splits`` or ``fixup_splits``); else it writes the
+  float32 accumulators
   ``(k_splits, N, Mp)`` like ``_kernel_call`` (left to XLA: the sum over the splits, scale,
   epilogue, transpose). Split ``s`` of a CTA's output tiles reads K steps ``s * K/k_splits``
   onwards. With ``cluster_splits`` the splits of an output tile form a cluster: after its last
   K step each CTA puts its accumulators in its shared memory, and CTA ``s`` sums rows
   ``s * tile_m/k_splits`` onwards of every peer's (distributed shared memory, in split order)
-  and finishes them, between two cluster barriers.
+  and finishes them, between two cluster barriers. With ``fixup_splits`` split ``s`` adds
+  the running sum of the splits before it, read back from a float32 ``(N, Mp)`` workspace
+  (a second output, dropped) chunk by chunk as split ``s - 1`` signals a global semaphore,
+  and stores the new sum likewise, or (the last split) finishes the tile (``_fixup``).
 
   Pipeline (per CTA; warp-specialized): a producer warpgroup (index ``warpgroups``) issues
   every copy; a step's copies (the ``k_tiles`` activation tiles ``(tile_m, TILE_K)`` and each

@@ -92,7 +92,7 @@ STREAM_MAX_M = 8192
 STREAM_MIN_FILL = 0.9
 STREAM_MIN_K = 3072  # the measured range: shorter K leaves less to hide a tile's fixed costs
 SHORT_K_XLA_M = 512  # from here K < STREAM_MIN_K takes the XLA path (1152 x 4608, H200)
-SPLIT_MIN_M = 1024  # split K by default from here (measured at 1024 and 2048 rows)
+SPLIT_MIN_M = 512  # split K by default from here (measured at 512, 1024 and 2048 rows)
 N_INNER_BYTES = 2**24  # f16 activations larger than this: CTAs sweep N (measured from 24 MiB)
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
@@ -433,15 +433,17 @@ def wave_fill(config: MatmulConfig, m: int, n: int, num_sms: int = 132) -> float
 def stream_splits(m: int, n: int, k: int, num_sms: int = 132) -> int:
   """The streaming kernel's default ``k_splits``: from ``SPLIT_MIN_M`` rows, the fewest of 1,
   2 and 4 with which ``stream_config`` picks ``tile_m`` 256 (two consumers making two waves
-  of CTAs) while each split keeps ``STREAM_MIN_K`` of K; else 1. Measured on an H200 at 12288 x 3072 (NOTES_kernels.md
-  version 15): 4 at M = 1024 (13% faster than unsplit), 2 at M = 2048 (7%); at 4608 rows
-  splitting did not pay."""
-  if m >= SPLIT_MIN_M:
-    for s in (1, 2, 4):
-      if k // s >= STREAM_MIN_K and (k // TILE_K) % s == 0 and \
-          stream_config(m, n, k, num_sms=num_sms, k_splits=s).tile_m == 256:
-        return s
-  return 1
+  of CTAs) while each split keeps ``STREAM_MIN_K`` of K; where none does (too few rows), the
+  most that keep it; else 1. Measured on an H200 at 12288 x 3072 (NOTES_kernels.md versions
+  15 and 17): 4 at M = 512 (18% faster than unsplit, 2 splits 13%) and 1024 (13%), 2 at
+  M = 2048 (7%); at 4608 rows splitting did not pay."""
+  if m < SPLIT_MIN_M:
+    return 1
+  fits = [s for s in (1, 2, 4) if k // s >= STREAM_MIN_K and (k // TILE_K) % s == 0]
+  for s in fits:
+    if stream_config(m, n, k, num_sms=num_sms, k_splits=s).tile_m == 256:
+      return s
+  return max(fits, default=1)
 
 
 def prefers_stream(m: int, n: int, k: int) -> bool:

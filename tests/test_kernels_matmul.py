@@ -469,6 +469,17 @@ def test_auto_config(m, k, n, wgs, tm, splits, ni):
   assert fm.smem_bytes(f32, k, 4) <= fm.SMEM_BYTES and not f32.fixup_splits
 
 
+def test_stream_splits_where_tile_m_256_cannot_fill_two_waves():
+  """From SPLIT_MIN_M rows, where no split count gives tile_m 256 two waves of CTAs (512 x
+  12288 x 3072: at most 192 CTAs), the most splits that keep 3072 of K each: four, the
+  tiling measured fastest there (78.5 us against 95.2 unsplit, v17d); none below
+  SPLIT_MIN_M, nor where K cannot keep 3072 per split."""
+  assert fm.stream_splits(512, 3072, 12288) == 4
+  assert fm.auto_config(512, 3072, 12288) == fm.stream_config(512, 3072, 12288, k_splits=4)
+  assert fm.stream_splits(fm.SPLIT_MIN_M - 1, 3072, 12288) == 1
+  assert fm.stream_splits(512, 4608, 1152) == fm.stream_splits(512, 3072, 3072) == 1
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "int4"])
 def test_reference_matches_pqjax_oracle(fmt):
   a, qt = _case(3, 6, 128, 256, fmt)

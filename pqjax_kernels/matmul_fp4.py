@@ -105,6 +105,7 @@ _E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 # 16-column slice.
 _REGISTER_CONCAT = tuple(int(v) for v in jax.__version_info__[:2]) >= (0, 11)
 _SWIZZLE = 32  # bytes: 16 bf16 per swizzle row, so each 16-wide column slice is tile aligned
+_FIX_CHUNK = 64  # fixup_splits: output-tile columns (rows of M) handed on at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1102,11 +1103,11 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
   applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(Mp, N)`` itself
   ("direct"; ``k_splits`` 1, ``cluster_splits`` or ``fixup_splits``); else it writes the
-  float32 accumulators
-  ``(k_splits, N, Mp)`` like ``_kernel_call`` (left to XLA: the sum over the splits, scale,
-  epilogue, transpose). Split ``s`` of a CTA's output tiles reads K steps ``s * K/k_splits``
-  onwards. With ``cluster_splits`` the splits of an output tile form a cluster: after its last
-  K step each CTA puts its accumulators in its shared memory, and CTA ``s`` sums rows
+  float32 accumulators ``(k_splits, N, Mp)`` like ``_kernel_call`` (left to XLA: the sum
+  over the splits, scale, epilogue, transpose). Split ``s`` of a CTA's output tiles reads K
+  steps ``s * K/k_splits`` onwards. With ``cluster_splits`` the splits of an output tile form
+  a cluster: after its last K step each CTA puts its accumulators in its shared memory, and
+  CTA ``s`` sums rows
   ``s * tile_m/k_splits`` onwards of every peer's (distributed shared memory, in split order)
   and finishes them, between two cluster barriers. With ``fixup_splits`` split ``s`` adds
   the running sum of the splits before it, read back from a float32 ``(N, Mp)`` workspace
@@ -1295,12 +1296,12 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         waits for chunk c of split s - 1 (count >= (s - 1) * chunks + c + 1: the splits
         before s - 1 signal at most (s - 1) * chunks), adds it, and stores the sum for split
         s + 1 likewise, or the last finishes the output's chunk. Chunks also keep the sum's
-        registers to a quarter of the accumulator's."""
+        registers to ``_FIX_CHUNK`` columns."""
         o32, o16 = out_smem
         mine = [wg * wt + p for p in range(wt)]
         cols = [pl.ds((ni * tiles + local(p)) * tn, tn) for p in range(wt)]
         sem = None if interpret else sems.at[(ni * m_blocks + mi) * nwg + wg]
-        ch = 64
+        ch = _FIX_CHUNK
         n_ch = tm // ch
         rows = lambda c: pl.ds(c * ch, ch)  # noqa: E731 (of a tile)
         m_rows = lambda c: pl.ds(mi * tm + c * ch, ch)  # noqa: E731 (of the output)
@@ -1440,11 +1441,12 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         pl.run_scoped(scoped, *[plgpu.ACC((tn, tm), jnp.float32)] * wt)
       plgpu.wait_smem_to_gmem(0)
 
-  if fx:  # the finished output, and the running sum's workspace
+  if fx:  # the finished output, and the running sum's workspace; its float32 tiles in
+    # column chunks (a TMA copy needs each one dense in shared memory)
     out_type = (jax.ShapeDtypeStruct((mp, n), out_dtype),
                 jax.ShapeDtypeStruct((n, mp), jnp.float32))
-    out_smem = (_out_smem(step_tiles, tm // 64, tn, 64),  # column chunks: TMA needs each
-                plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128)))  # dense
+    out_smem = (_out_smem(step_tiles, tm // _FIX_CHUNK, tn, _FIX_CHUNK),
+                plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128)))
   elif cl:
     out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
     out_smem = ([[_out_smem(tn, tm_s) for _ in range(splits)] for _ in range(nwg)],
@@ -1471,7 +1473,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   if direct:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
   if fx:  # each consumer's copies of the running sum's column chunks
-    scratch.append(plgpu.Barrier(num_arrivals=wt, num_barriers=nwg * (tm // 64)))
+    scratch.append(plgpu.Barrier(num_arrivals=wt, num_barriers=nwg * (tm // _FIX_CHUNK)))
   if ac:  # the ring of codes and scales, its "full" barriers; "decoded"
     scratch += [plgpu.SMEM((depth, tm, tk // 2), jnp.uint8,
                            transforms=(plgpu.TilingTransform((8, 64)),
@@ -1525,11 +1527,11 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
                      f"k_tiles={config.k_tiles} 1, max_concurrent_steps="
                      f"{config.max_concurrent_steps} >= 2 and cluster_splits=False")
   if config.fixup_splits and not (
-      config.stream and s > 1 and tm % 64 == 0 and not config.cluster_splits and
+      config.stream and s > 1 and tm % _FIX_CHUNK == 0 and not config.cluster_splits and
       config.tiles_per_cta == config.warpgroups * config.wg_tiles):
     raise ValueError(f"fixup_splits=True needs stream=True, k_splits={s} > 1, tile_m={tm} a "
-                     f"multiple of 64, cluster_splits=False and one round of output tiles "
-                     f"(tiles_per_cta={config.tiles_per_cta} equal to warpgroups * wg_tiles)")
+                     f"multiple of {_FIX_CHUNK}, cluster_splits=False and one round of output "
+                     f"tiles (tiles_per_cta={config.tiles_per_cta} equal to warpgroups * wg_tiles)")
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")

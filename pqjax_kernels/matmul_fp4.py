@@ -1289,7 +1289,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         def _release():
           plgpu.barrier_arrive(consumed.at[lax.rem(done, act_slots)])
 
-      def _fixup(accs, local, finish):
+      def _fixup(accs, local, put_finished):
         """``fixup_splits`` (one round: output tiles ``local(p)``), in ``tm / ch`` column
         chunks, pipelined: split 0 stores its accumulators' chunks into the float32
         workspace, signalling the global semaphore as each store completes; split s > 0
@@ -1335,13 +1335,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
               part = o32.at[mine[p], c]
               if add:
                 y = y + lc(part[...], plgpu.Layout.WGMMA)
-              if not last:
-                part[...] = y
-              elif interpret:
-                o16.at[mine[p], rows(c)][...] = finish(y, local(p)).T
+              if last:
+                put_finished(o16.at[mine[p], rows(c)], y, local(p))
               else:
-                plgpu.transpose_ref(o16.at[mine[p], rows(c)], (1, 0))[...] = \
-                    finish(y, local(p))
+                part[...] = y
             plgpu.commit_smem()
             for p in range(wt):
               if last:
@@ -1375,8 +1372,14 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
           y = y * row(0) + row(1)
           return (jax.nn.gelu(y, approximate=True) if gelu else y).astype(out_dtype)
 
+        def put_finished(o_ref, y, tile):  # finish(y) into the (rows, TILE_N) tile o_ref
+          if interpret:  # the interpreter has no transposed refs
+            o_ref[...] = finish(y, tile).T
+          else:
+            plgpu.transpose_ref(o_ref, (1, 0))[...] = finish(y, tile)
+
         if fx:  # split si adds the running sum of the splits before it
-          _fixup(accs, local, finish)
+          _fixup(accs, local, put_finished)
           return carry
         if cl:  # one accumulator (wg_tiles 1): the cluster sums it, this CTA rows si
           # Peers' memory is read through refs of their own (JAX 0.11.2 cannot offset a
@@ -1399,7 +1402,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
                 y = parts[0]
                 for part in parts[1:]:
                   y = y + part
-                plgpu.transpose_ref(stage.at[w], (1, 0))[...] = finish(y, local(0))
+                put_finished(stage.at[w], y, local(0))
 
           _cluster_sync()  # no peer exits while its shared memory is read
           plgpu.commit_smem()
@@ -1410,11 +1413,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         for p, acc in enumerate(accs):
           o_smem = out_smem.at[wg * wt + p]
           if direct:
-            y = finish(acc[...], local(p))
-            if interpret:
-              o_smem[...] = y.T
-            else:
-              plgpu.transpose_ref(o_smem, (1, 0))[...] = y
+            put_finished(o_smem, acc[...], local(p))
           else:
             o_smem[...] = acc[...]
           acc[...] = zeros()

@@ -179,23 +179,27 @@ class KernelCases:
       (37, 768, 1, 2, 1, 2, False, "f32", False, 1, False, 3, False, False)])
   def test_stream_w4a4_bias(self, m, k, wgs, tiles, k_tiles, depth, ovl, out, gelu, wt, alias,
                             splits, ni, ac):
-    if self.method == "xla":
-      pytest.skip("a kernel tiling")
-    n = 256
-    a, qt = _case(13, m, n, k, "nvfp4")
-    qa = gn.quantize_nvfp4(a)
-    bias = jnp.asarray(np.random.default_rng(2).standard_normal(n), jnp.float32)
-    out_dtype = jnp.bfloat16 if out == "bf16" else jnp.float32
     cfg = fm.MatmulConfig(tile_m=64 if ac else 32 if m > 40 else 16, tiles_per_cta=tiles,
                           warpgroups=wgs, k_tiles=k_tiles, max_concurrent_steps=depth,
                           overlap_wgmma=ovl, m_major=True, stream=True, wg_tiles=wt,
                           alias_out=alias, k_splits=splits, n_inner=ni, act_codes=ac)
+    self._check_stream(13, 2, m, k, cfg, jnp.bfloat16 if out == "bf16" else jnp.float32, gelu)
+
+  def _check_stream(self, seed, bias_seed, m, k, cfg, out_dtype, gelu):
+    """One W4A4 NVFP4 streaming-kernel call, N = 256 with a bias, within
+    ``_stream_reference``'s bound (a 2-byte output's rounding included)."""
+    if self.method == "xla":
+      pytest.skip("a kernel tiling")
+    n = 256
+    a, qt = _case(seed, m, n, k, "nvfp4")
+    qa = gn.quantize_nvfp4(a)
+    bias = jnp.asarray(np.random.default_rng(bias_seed).standard_normal(n), jnp.float32)
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
     got = self.run(lambda: fm.fp4_matmul(
         qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,
         out_dtype=out_dtype, epilogue="gelu_tanh" if gelu else None,
         interpret=self.interpret, **kw))
-    ref, bound = _stream_reference(qa, qt, kw, gelu, out == "bf16")
+    ref, bound = _stream_reference(qa, qt, kw, gelu, jnp.dtype(out_dtype).itemsize == 2)
     assert got.dtype == out_dtype and got.shape == (m, n)
     assert (np.abs(np.asarray(got, np.float32) - ref) <= bound).all()
 
@@ -209,23 +213,10 @@ class KernelCases:
       (37, 1536, 1, 1, 64, 3, jnp.float16, False),
       (130, 1024, 1, 2, 128, 4, jnp.bfloat16, True)])
   def test_stream_fixup_splits(self, m, k, wgs, wt, tm, splits, out, gelu):
-    if self.method == "xla":
-      pytest.skip("a kernel tiling")
-    n = 256
-    a, qt = _case(19, m, n, k, "nvfp4")
-    qa = gn.quantize_nvfp4(a)
-    bias = jnp.asarray(np.random.default_rng(3).standard_normal(n), jnp.float32)
     cfg = fm.MatmulConfig(tile_m=tm, tiles_per_cta=wgs * wt, warpgroups=wgs, wg_tiles=wt,
                           max_concurrent_steps=2, m_major=True, stream=True, alias_out=True,
                           k_splits=splits, fixup_splits=True)
-    kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
-    got = self.run(lambda: fm.fp4_matmul(
-        qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,
-        out_dtype=out, epilogue="gelu_tanh" if gelu else None, interpret=self.interpret,
-        **kw))
-    ref, bound = _stream_reference(qa, qt, kw, gelu, True)
-    assert got.dtype == out and got.shape == (m, n)
-    assert (np.abs(np.asarray(got, np.float32) - ref) <= bound).all()
+    self._check_stream(19, 3, m, k, cfg, out, gelu)
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")

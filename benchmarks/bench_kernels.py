@@ -386,25 +386,12 @@ def bench_norm(results, log, save, shapes, timer, sweep=False):
              for name, _, build, args, moved in variants]
     cands += [(kname, build(True), args, moved, name)
               for name, kname, build, args, moved in variants if kname]
-    # The sweep: block height x chunk width x warpgroups per CTA for the gathered norm; the
-    # warpgroups alone for the in-order norm and the plain quantize.
-    grid = itertools.product((4, 8), (256, 512), nk.WARPGROUP_CHOICES) if sweep else ()
-    for rows, chunk, wgs in grid:
-      kw = dict(rows=rows, chunk=chunk, warpgroups=wgs)
-      if nk.accepts(x, perm, shift=shift, scale=scale, **kw):
-        cands.append((f"kernel_gathered_nvfp4_static_r{rows}_c{chunk}_w{wgs}",
-                      norm_fn("nvfp4", ts, True, **kw), (xs, perm), q_bytes,
+    # The sweep: block height x chunk width for the gathered norm.
+    for rows, chunk in itertools.product(nk.ROW_CHOICES, nk.CHUNK_CHOICES) if sweep else ():
+      if nk.accepts(x, perm, shift=shift, scale=scale, rows=rows, chunk=chunk):
+        cands.append((f"kernel_gathered_nvfp4_static_r{rows}_c{chunk}",
+                      norm_fn("nvfp4", ts, True, rows=rows, chunk=chunk), (xs, perm), q_bytes,
                       "gathered_norm_nvfp4_static"))
-    for wgs in nk.WARPGROUP_CHOICES[1:] if sweep else ():
-      if nk.accepts(x, shift=shift, scale=scale, warpgroups=wgs):
-        cands.append((f"kernel_inorder_nvfp4_static_w{wgs}",
-                      norm_fn("nvfp4", ts, True, warpgroups=wgs), (xs, None), q_bytes,
-                      "plain_norm_nvfp4_static"))
-      if nk.accepts(x, kind="none", warpgroups=wgs):
-        cands.append((f"kernel_plain_quantize_static_w{wgs}",
-                      jax.jit(lambda xs, p, w=wgs: [nk.norm_quantize(
-                          xi, p, kind="none", tensor_scale=ts, warpgroups=w) for xi in xs]),
-                      (xs, None), q_bytes, "plain_quantize_static"))
     fns = {c[0]: c[1] for c in cands}
     for name, fn, args, moved, ref_name in cands:
       try:

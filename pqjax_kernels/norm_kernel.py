@@ -56,8 +56,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from pqjax_kernels import norm
 from pqjax_kernels.matmul_fp4 import _layout_cast  # noqa: PLC2701 (one helper for both kernels)
 
-ROW_CHOICES = (4, 8, 16)  # rows per warpgroup (one row of each 4 per warp)
-WARPGROUP_CHOICES = (1, 2, 3, 4)  # warpgroups per CTA, each with its own row block
+ROW_CHOICES = (4, 8, 16)  # rows per CTA (one row of each 4 per warp)
 CHUNK = 64  # columns per register chunk: 4 groups of 16 across the lanes of a warp
 CHUNK_CHOICES = (64, 128, 256, 512)  # wider chunks: more independent registers per thread
 # Mosaic GPU's layout inference (JAX 0.11.2) raises IndexError on the (rows, 32)-group scale
@@ -92,14 +91,11 @@ def default_chunk(d: int, rows: int = min(ROW_CHOICES)) -> int:
   return max(fits, default=CHUNK)
 
 
-def _smem_bytes(x, perm, out: str, n_vec: int, rows: int, warpgroups: int = 1) -> float:
-  """Shared memory per CTA: each warpgroup's row block and outputs, and the vectors and
-  permutation, which the warpgroups share."""
+def _smem_bytes(x, perm, out: str, n_vec: int, rows: int) -> float:
   d = x.shape[-1]
   in_place = _in_place(x.dtype, out, perm)
   out_bytes = 0 if in_place else 2 if out == "bf16" else 9 / 16
-  return (warpgroups * rows * d * (x.dtype.itemsize + out_bytes)
-          + (n_vec + (perm is not None)) * d * 4)
+  return rows * d * (x.dtype.itemsize + out_bytes) + (n_vec + (perm is not None)) * d * 4
 
 
 def default_rows(x, perm=None, *, out: str = "nvfp4", n_vec: int = 0) -> int:
@@ -116,12 +112,11 @@ def default_rows(x, perm=None, *, out: str = "nvfp4", n_vec: int = 0) -> int:
 
 def accepts(x, perm=None, *, kind: str = "layer", weight=None, bias=None, shift=None,
             scale=None, out: str = "nvfp4", hadamard: bool = False, rows: int | None = None,
-            chunk: int | None = None, warpgroups: int = 1) -> bool:
+            chunk: int | None = None) -> bool:
   """Whether ``norm_quantize`` takes these arguments (the checks it raises from, as a test)."""
   try:
     _check(x, perm, kind, weight, bias, shift, scale, out,
-           *_resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk), hadamard,
-           warpgroups)
+           *_resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk), hadamard)
   except ValueError:
     return False
   return True
@@ -141,7 +136,7 @@ def _n_vec(*vs) -> int:
 
 
 def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk,
-           hadamard=False, warpgroups=1) -> None:
+           hadamard=False) -> None:
   if kind == "none":  # plain quantize: nothing to normalize or fold
     if any(v is not None for v in (weight, bias, shift, scale)) or out != "nvfp4":
       raise ValueError("kind='none' (plain quantize) takes no weight/bias/shift/scale and "
@@ -157,22 +152,19 @@ def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk,
     raise ValueError(f"rows must be one of {ROW_CHOICES}, got {rows}")
   if chunk == 512 and rows > _CHUNK_512_MAX_ROWS:
     raise ValueError(f"chunk=512 needs rows <= {_CHUNK_512_MAX_ROWS}, got rows={rows}")
-  if warpgroups not in WARPGROUP_CHOICES:
-    raise ValueError(f"warpgroups must be one of {WARPGROUP_CHOICES}, got {warpgroups}")
   for name, v in (("shift", shift), ("scale", scale)):
     if v is None or v.size == d:
       continue
     if not _per_sample(v, x):
       raise ValueError(f"{name} must be (D,) or per-sample (B, D) for the kernel, got shape "
                        f"{v.shape} for x of shape {x.shape}")
-    if x.shape[1] % (rows * warpgroups):  # a CTA's row blocks share one sample's vectors
+    if x.shape[1] % rows:
       raise ValueError(f"per-sample {name} needs T={x.shape[1]} to be a multiple of "
-                       f"rows * warpgroups={rows} * {warpgroups}")
-  smem = _smem_bytes(x, perm, out, _n_vec(weight, bias, shift, scale), rows, warpgroups)
+                       f"rows={rows}")
+  smem = _smem_bytes(x, perm, out, _n_vec(weight, bias, shift, scale), rows)
   if smem > SMEM_BYTES:
     raise ValueError(f"x of shape {x.shape} and dtype {x.dtype} needs {smem:.0f} bytes of "
-                     f"shared memory per CTA with rows={rows} and warpgroups={warpgroups}, "
-                     f"more than {SMEM_BYTES}")
+                     f"shared memory per CTA with rows={rows}, more than {SMEM_BYTES}")
 
 
 def _in_place(dtype, out: str, perm) -> bool:
@@ -356,15 +348,13 @@ def _hadamard_chunk(y, interpret: bool):
 
 
 def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
-  """Mosaic GPU: ``x_ref[wg][:, perm_ref]`` (SMEM ``(warpgroups, ROWS, D)`` and
-  ``(gc * 16,)`` int32; ``wg`` the calling warpgroup) as a ``(ROWS, gc, 8, 2)``
-  ``FragmentedArray`` in ``_LAYOUT``: per element one shared-memory load of its column index
-  (shared by a thread's rows) and one of the value."""
+  """Mosaic GPU: ``x_ref[:, perm_ref]`` (SMEM ``(ROWS, D)`` and ``(gc * 16,)`` int32) as a
+  ``(ROWS, gc, 8, 2)`` ``FragmentedArray`` in ``_LAYOUT``: per element one shared-memory
+  load of its column index (shared by a thread's rows) and one of the value."""
   from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
-  from jax._src.lib.mlir.dialects import arith, gpu, memref, vector  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
   from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
   index = ir.IndexType.get()
-  wg = arith.divui(gpu.thread_id(gpu.Dimension.x), mgpu.c(128, index))
   layout = _LAYOUT.to_mgpu()
   shape = (rows, gc, 8, 2)
   elem_ty = ir.MemRefType(x_ref.type).element_type
@@ -378,15 +368,13 @@ def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
       cols[key] = [arith.index_cast(index, memref.load(
           perm_ref, [arith.addi(first, mgpu.c(k, index))])) for k in range(2)]
     regs[reg_idx] = vector.from_elements(
-        vec_ty, [memref.load(x_ref, [wg, row, col]) for col in cols[key]])
+        vec_ty, [memref.load(x_ref, [row, col]) for col in cols[key]])
   return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
 
 def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: float, out: str,
-                 t: int, rows: int, chunk: int, warpgroups: int, hadamard: bool,
-                 interpret: bool):
-  """Runs the kernel on ``x2 (M, D)`` (M a multiple of ``rows * warpgroups``: each
-  warpgroup of a CTA takes one block of ``rows`` rows); returns its outputs
+                 t: int, rows: int, chunk: int, hadamard: bool, interpret: bool):
+  """Runs the kernel on ``x2 (M, D)`` (M a multiple of ``rows``); returns its outputs
   (row-major, in the kernel's array shapes). ``out="amax"``: instead of codes and scales
   (dynamic scale), one float32 row per CTA holding the amax of the result per row and chunk
   (chunk-major, ``D/chunk * rows``), then the row means and reciprocal standard deviations
@@ -405,8 +393,6 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
   view = (lambda ref, _: ref) if interpret else (lambda ref, shape: ref.reshape(*shape))
   copy = dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
   in_place = _in_place(x2.dtype, out, perm)
-  wgs = warpgroups
-  n_shared = bool(n_vec) + (out == "nvfp4") + (perm is not None)  # copied once per CTA
 
   def kernel(*refs):
     it = iter(refs)
@@ -422,44 +408,31 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
     stats_smem = next(it) if stats is not None else None
     perm_smem = next(it) if perm is not None else None
     out_smems = [x_smem] if in_place else [next(it) for _ in out_gmems]
-    x_bar = next(it)
-    shared_bar = next(it) if n_shared else None
+    bar = next(it)
 
-    cta = lax.axis_index("rows")
-    wg = lax.axis_index("wg") if wgs > 1 else 0
-    blk = cta * wgs + wg  # this warpgroup's row block
-
-    def shared_copies():  # one bulk copy per operand (whole rows: no TMA box limits)
-      if n_vec:  # the CTA's blocks lie in one sample (T is a multiple of rows * wgs)
-        plgpu.copy_gmem_to_smem(vec_gmem.at[cta * wgs * rows // t], vec_smem, shared_bar,
-                                **copy)
-      if par_gmem is not None:
-        plgpu.copy_gmem_to_smem(par_gmem, par_smem, shared_bar, **copy)
-      if perm_gmem is not None:
-        plgpu.copy_gmem_to_smem(perm_gmem, perm_smem, shared_bar, **copy)
-
-    if n_shared and wgs > 1:
-      pl.when(wg == 0)(shared_copies)
-    elif n_shared:
-      shared_copies()
-    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(blk * rows, rows)], x_smem.at[wg],
-                            x_bar.at[wg], **copy)
+    blk = lax.axis_index("rows")
+    # One bulk copy per operand: whole rows are contiguous, so no TMA box limits apply.
+    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(blk * rows, rows)], x_smem, bar, **copy)
+    if n_vec:
+      plgpu.copy_gmem_to_smem(vec_gmem.at[blk * rows // t], vec_smem, bar, **copy)
+    if par_gmem is not None:
+      plgpu.copy_gmem_to_smem(par_gmem, par_smem, bar, **copy)
     if stats_gmem is not None:
-      plgpu.copy_gmem_to_smem(stats_gmem.at[blk], stats_smem.at[wg], x_bar.at[wg], **copy)
-    if n_shared:
-      plgpu.barrier_wait(shared_bar)
-    plgpu.barrier_wait(x_bar.at[wg])
-    xs = view(x_smem, (wgs, rows, groups, 8, 2))
+      plgpu.copy_gmem_to_smem(stats_gmem.at[blk], stats_smem, bar, **copy)
+    if perm_gmem is not None:
+      plgpu.copy_gmem_to_smem(perm_gmem, perm_smem, bar, **copy)
+    plgpu.barrier_wait(bar)
+    xs = view(x_smem, (rows, groups, 8, 2))
 
     def load(c):
-      return lc(xs.at[wg, :, pl.ds(c * gc, gc)][...], _LAYOUT).astype(jnp.float32)
+      return lc(xs.at[:, pl.ds(c * gc, gc)][...], _LAYOUT).astype(jnp.float32)
 
     def load_gathered(c):
       """Chunk c of ``x[:, perm]`` (the statistics need no gather: they are
       permutation-invariant)."""
       perm_chunk = perm_smem.at[pl.ds(c * chunk, chunk)]
       if interpret:  # the interpreter runs jnp: gather the whole row block
-        v = jnp.take(x_smem.at[wg][...].reshape(rows, d), perm_chunk[...], axis=1)
+        v = jnp.take(x_smem[...].reshape(rows, d), perm_chunk[...], axis=1)
         return v.reshape(rows_shape).astype(jnp.float32)
       gather = plgpu.inline_mgpu(
           arg_types=(plgpu.RefType(), plgpu.RefType()),
@@ -475,7 +448,7 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
 
     # Row statistics: computed (two passes), or those an amax call computed.
     at_stats = n_chunks * rows  # where they follow the amax in the "amax" output row
-    saved = lambda j: lc(stats_smem.at[wg, pl.ds(at_stats + j * rows, rows)][...],  # noqa: E731
+    saved = lambda j: lc(stats_smem.at[pl.ds(at_stats + j * rows, rows)][...],  # noqa: E731
                          _ROW_LAYOUT)
     if kind == "layer":
       mean = saved(0) if stats is not None else accumulate(lambda v: v) / jnp.float32(d)
@@ -506,27 +479,25 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
         y = _hadamard_chunk(y, interpret)
       cols = pl.ds(c * gc, gc)
       if out == "bf16":  # in place: this chunk of x is not read again
-        view(out_smems[0], (wgs, rows, groups, 8, 2)).at[wg, :, cols][...] = (
-            y.astype(jnp.bfloat16))
+        view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = y.astype(jnp.bfloat16)
       elif out == "amax":  # per row and chunk: a 2-D (rows, >= 8 groups) store trips
         # Mosaic GPU's layout inference on JAX 0.11.2 (IndexError), a 1-D one does not
-        out_smems[0].at[wg, pl.ds(c * rows, rows)][...] = jnp.max(
+        out_smems[0].at[pl.ds(c * rows, rows)][...] = jnp.max(
             jnp.max(jnp.max(jnp.abs(y), axis=3), axis=2), axis=1)
       else:
         packed, s_b = _quantize_chunk(y, par_smem, interpret)
-        view(out_smems[0], (wgs, rows, groups, 8)).at[wg, :, cols][...] = (
-            packed.astype(jnp.uint8))
-        view(out_smems[1], (wgs, rows, groups)).at[wg, :, cols][...] = s_b
+        view(out_smems[0], (rows, groups, 8)).at[:, cols][...] = packed.astype(jnp.uint8)
+        view(out_smems[1], (rows, groups)).at[:, cols][...] = s_b
 
     if out == "amax" and kind != "none":
       if kind == "layer":
-        out_smems[0].at[wg, pl.ds(at_stats, rows)][...] = mean
-      out_smems[0].at[wg, pl.ds(at_stats + rows, rows)][...] = rstd
+        out_smems[0].at[pl.ds(at_stats, rows)][...] = mean
+      out_smems[0].at[pl.ds(at_stats + rows, rows)][...] = rstd
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smems[0].at[wg], out_gmems[0].at[
+    plgpu.copy_smem_to_gmem(out_smems[0], out_gmems[0].at[
         blk if out == "amax" else pl.ds(blk * rows, rows)])
     if out == "nvfp4":
-      plgpu.copy_smem_to_gmem(out_smems[1].at[wg], out_gmems[1].at[blk])
+      plgpu.copy_smem_to_gmem(out_smems[1], out_gmems[1].at[blk])
     plgpu.wait_smem_to_gmem(0)
 
   if out == "bf16":
@@ -543,7 +514,7 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
   if out == "nvfp4":
     out_type.append(jax.ShapeDtypeStruct((m // rows, *outs[1][0]), outs[1][1]))
   args = [x2.reshape(m, *grouped((d,), (groups, 8, 2)))]
-  scratch = [plgpu.SMEM((wgs, rows, *args[0].shape[1:]), x2.dtype)]
+  scratch = [plgpu.SMEM((rows, *args[0].shape[1:]), x2.dtype)]
   if n_vec:
     args.append(vecs.reshape(*vecs.shape[:2], *grouped((d,), (groups, 8, 2))))
     scratch.append(plgpu.SMEM(args[-1].shape[1:], jnp.float32))
@@ -552,18 +523,15 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
     scratch.append(plgpu.SMEM(params.shape, jnp.float32))
   if stats is not None:
     args.append(stats)
-    scratch.append(plgpu.SMEM((wgs, *stats.shape[1:]), jnp.float32))
+    scratch.append(plgpu.SMEM(stats.shape[1:], jnp.float32))
   if perm is not None:
     args.append(perm)
     scratch.append(plgpu.SMEM(perm.shape, jnp.int32))
   if not in_place:
-    scratch += [plgpu.SMEM((wgs, *shape), dtype) for shape, dtype in outs]
-  scratch.append(plgpu.Barrier(num_arrivals=1 + (stats is not None), num_barriers=wgs))
-  if n_shared:
-    scratch.append(plgpu.Barrier(num_arrivals=n_shared))
-  wg_kw = dict(num_threads=wgs, thread_name="wg") if wgs > 1 else {}
-  call = plgpu.kernel(kernel, out_type=out_type, grid=(m // rows // wgs,),
-                      grid_names=("rows",), scratch_types=scratch, **wg_kw)
+    scratch += [plgpu.SMEM(shape, dtype) for shape, dtype in outs]
+  scratch.append(plgpu.Barrier(num_arrivals=len(args)))
+  call = plgpu.kernel(kernel, out_type=out_type, grid=(m // rows,), grid_names=("rows",),
+                      scratch_types=scratch)
   return call(*args)
 
 
@@ -571,7 +539,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
                   kind: KernelKind = "layer", weight=None, bias=None, shift=None,
                   scale=None, eps: float = 1e-6, out: _OutKind = "nvfp4", tensor_scale=None,
                   hadamard: bool = False, rows: int | None = None,
-                  chunk: int | None = None, warpgroups: int = 1, interpret: bool = False):
+                  chunk: int | None = None, interpret: bool = False):
   """Fused LayerNorm/RMSNorm + adaLN (+ NVFP4 quantize) of ``x``, optionally gathered.
 
   ``out[..., j] = f(x)[..., perm[j]]`` as in ``norm.reference``; ``kind="none"`` is
@@ -596,9 +564,6 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
     rows: rows per CTA (``ROW_CHOICES``); None picks ``default_rows``.
     chunk: columns per register chunk (``CHUNK_CHOICES``; D must be a multiple); None picks
       ``default_chunk``.
-    warpgroups: warpgroups per CTA (``WARPGROUP_CHOICES``), each taking its own block of
-      ``rows`` rows; they share one copy of the vectors and of ``perm`` in shared memory, so
-      more warps fit on an SM.
     interpret: True when run under JAX's GPU interpreter (it lacks ``layout_cast``).
 
   Returns:
@@ -612,21 +577,20 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
       does not fit in shared memory.
   """
   rows, chunk = _resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk)
-  _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk, hadamard, warpgroups)
+  _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk, hadamard)
   lead, d = x.shape[:-1], x.shape[-1]
   t = x.shape[1] if x.ndim == 3 else x.shape[0]  # rows per sample
   x2 = x.reshape(-1, d)
   m = x2.shape[0]
-  mp = -(-m // (rows * warpgroups)) * rows * warpgroups
-  if mp != m:  # per-sample vectors need T % (rows * warpgroups) == 0: no padding then
+  mp = -(-m // rows) * rows
+  if mp != m:  # only 2-D x can be ragged (3-D per-sample needs T % rows == 0)
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
   t = t if _per_sample(shift, x) or _per_sample(scale, x) else mp
   vecs, flags = _vectors(x, weight, bias, shift, scale)
   if vecs is not None and perm is not None:  # the affine / adaLN act on gathered columns
     vecs = jnp.take(vecs, perm, axis=-1)
   call = functools.partial(_kernel_call, x2, vecs, perm=perm, kind=kind, flags=flags, eps=eps,
-                           t=t, rows=rows, warpgroups=warpgroups, hadamard=hadamard,
-                           interpret=interpret)
+                           t=t, rows=rows, hadamard=hadamard, interpret=interpret)
   if out == "bf16":
     return call(None, out="bf16", chunk=chunk)[0].reshape(mp, d)[:m].reshape(x.shape)
   if tensor_scale is None:  # dynamic: amax of the result, then the static pass
@@ -645,5 +609,5 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   return norm.NVFP4Activation(codes, scales, s_t)
 
 
-__all__ = ["CHUNK", "CHUNK_CHOICES", "ROW_CHOICES", "WARPGROUP_CHOICES", "accepts",
-           "default_chunk", "default_rows", "norm_quantize"]
+__all__ = ["CHUNK", "CHUNK_CHOICES", "ROW_CHOICES", "accepts", "default_chunk", "default_rows",
+           "norm_quantize"]

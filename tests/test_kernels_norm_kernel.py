@@ -44,16 +44,16 @@ def _vectors(rng, shape, per_sample):
 
 
 def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, chunk=None,
-          hadamard=False, warpgroups=1):
+          hadamard=False):
   """Kernel (under the interpreter, or on the GPU) and the jitted reference (XLA contracts
   multiply-adds into FMAs, as Mosaic GPU does; the interpreter compiles the kernel body with
   XLA likewise). ``kind="none"``: the plain quantize, against ``norm.gathered_quantize``."""
   ts = jnp.float32(TS) if out == "nvfp4" and not dynamic else None
   kw = dict(kind=kind, out=out, tensor_scale=ts, rows=rows, chunk=chunk, hadamard=hadamard,
-            warpgroups=warpgroups, **vecs)
+            **vecs)
   if gpu:
-    got = jax.jit(nk.norm_quantize, static_argnames=(
-        "kind", "out", "rows", "chunk", "hadamard", "warpgroups"))(x, perm, **kw)
+    got = jax.jit(nk.norm_quantize,
+                  static_argnames=("kind", "out", "rows", "chunk", "hadamard"))(x, perm, **kw)
   else:
     with interpret.gpu_interpreter():
       got = nk.norm_quantize(x, perm, interpret=True, **kw)
@@ -174,24 +174,6 @@ class TestInterpreter:
                      chunk=chunk)
     _assert_nvfp4_equal(got, ref)
 
-  @pytest.mark.parametrize("shape,kind,out,gathered,dynamic,warpgroups", [
-      ((2, 16, 256), "layer", "nvfp4", True, False, 2),  # per-sample vectors, shared
-      ((2, 16, 256), "layer", "nvfp4", False, True, 2),  # dynamic: per-warpgroup statistics
-      ((40, 192), "rms", "bf16", False, False, 3),  # ragged: 40 rows padded to 48, in place
-      ((2, 24, 192), "none", "nvfp4", True, True, 2)])
-  def test_warpgroups_bit_exact(self, shape, kind, out, gathered, dynamic, warpgroups):
-    """Several warpgroups per CTA, each with its own row block, sharing the vectors and
-    ``perm``: every block lands in its own rows."""
-    rng = np.random.default_rng(sum(shape) + warpgroups)
-    x = _exact_x(rng, shape, "layer" if kind == "none" else kind, jnp.bfloat16)
-    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
-    vecs = {} if kind == "none" else _vectors(rng, shape, len(shape) == 3)
-    got, ref = _call(x, kind, out, vecs, perm, rows=4, dynamic=dynamic, warpgroups=warpgroups)
-    if out == "bf16":
-      np.testing.assert_array_equal(_bits(got), _bits(ref))
-    else:
-      _assert_nvfp4_equal(got, ref)
-
   def test_dynamic_scale_bit_exact(self):
     """Dynamic tensor scale: the amax pass and the quantize pass, on exact-sum data."""
     shape = (2, 16, 256)
@@ -245,23 +227,6 @@ class TestGPU:
     np.testing.assert_allclose(float(got.tensor_scale), float(ref.tensor_scale), rtol=2**-20)
     _assert_within_rounding(got, ref, "nvfp4")
 
-  @pytest.mark.parametrize("out,gathered,dynamic,warpgroups", [
-      ("nvfp4", True, False, 2), ("nvfp4", True, True, 4), ("bf16", False, False, 3)])
-  def test_warpgroups(self, out, gathered, dynamic, warpgroups):
-    """Several warpgroups per CTA at a DiT width, 4-row blocks, chunk 512."""
-    shape = (2, 384, 3072)
-    rng = np.random.default_rng(warpgroups + 5 * dynamic)
-    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
-    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
-    vecs = _vectors(rng, shape, True)
-    got, ref = _call(x, "layer", out, vecs, perm, gpu=True, rows=4, dynamic=dynamic,
-                     chunk=512, warpgroups=warpgroups)
-    if out == "nvfp4":
-      _assert_within_rounding(got, ref, out)
-      return
-    err = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64))
-    assert (err <= bounds.norm_bf16_tolerance(x, ref, kind="layer", perm=perm, **vecs)).all()
-
   @pytest.mark.parametrize("kind,dynamic", [("none", False), ("none", True), ("layer", False)])
   def test_hadamard(self, kind, dynamic):
     """The shuffle butterfly on the GPU: the plain quantize (no sums: bit for bit) and after
@@ -301,22 +266,6 @@ def test_lowers_for_cuda(shape, dtype, kind, out, vecs, per_sample, gathered):
   ts = jnp.float32(TS) if out == "nvfp4" else None
   f = lambda x, p, kw: nk.norm_quantize(x, p, kind=kind, out=out, tensor_scale=ts,  # noqa: E731
                                         hadamard=out == "nvfp4" and gathered, **kw)
-  text = jax.jit(f).trace(x, perm, kw).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
-
-
-@pytest.mark.parametrize("out,gathered,warpgroups", [
-    ("nvfp4", True, 2), ("bf16", False, 4), ("nvfp4", False, 3)])
-def test_warpgroups_lower_for_cuda(out, gathered, warpgroups):
-  """Several warpgroups per CTA (shared vectors and ``perm``, the gather indexing its
-  warpgroup's block) lower to Mosaic GPU."""
-  shape = (2, 1152, 3072)
-  x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  kw = _vectors(np.random.default_rng(0), shape, True)
-  perm = jax.ShapeDtypeStruct(shape[-1:], jnp.int32) if gathered else None
-  ts = jnp.float32(TS) if out == "nvfp4" else None
-  f = lambda x, p, kw: nk.norm_quantize(x, p, kind="layer", out=out, tensor_scale=ts,  # noqa: E731
-                                        warpgroups=warpgroups, rows=4, **kw)
   text = jax.jit(f).trace(x, perm, kw).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 

@@ -210,7 +210,7 @@ def _quantize_chunk(y, params, interpret: bool):
   run on the chunk). ``params`` holds ``(s_t, fl(6 s_t), fl(1 / fl(6 s_t)))``."""
   shape = y.shape
   s_t, d, inv_d = params[0], params[1], params[2]
-  amax = _group_amax(y, interpret)
+  amax = _group_amax(jnp.abs(y), interpret)  # the same |y| as e2m1_codes': computed once
   if interpret:
     s_b = norm.e4m3_block_scale(amax, d, inv_d)
   else:  # once per group instead of on each of the 8 lanes holding it (see _split_groups)
@@ -233,31 +233,30 @@ _GROUP_LAYOUT = _LAYOUT.reduce(3).reduce(2)
 _ROW_LAYOUT = _GROUP_LAYOUT.reduce(1)  # a per-row value (row statistics)
 
 
-def _group_amax(y, interpret: bool):
-  """``max(|y|)`` over each 16-group of a ``(ROWS, g, 8, 2)`` float32 chunk, in
+def _group_amax(a, interpret: bool):
+  """The maximum over each 16-group of a ``(ROWS, g, 8, 2)`` float32 chunk ``a = |y|``, in
   ``_GROUP_LAYOUT``. On the GPU (inline Mosaic GPU): the pair's maximum, then ``shfl.bfly``
   1, 2, 4 across the group's 8 lanes, the same NaN-propagating maximum as ``jnp.max``, whose
   lowering also starts each reduction from -inf (one more maximum per register and level)."""
   if interpret:
-    return jnp.max(jnp.max(jnp.abs(y), axis=3), axis=2)
+    return jnp.max(jnp.max(a, axis=3), axis=2)
 
   def body(_, v):
     from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
-    from jax._src.lib.mlir.dialects import arith, math, vector  # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, vector  # noqa: PLC0415
     from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
     group_layout = _GROUP_LAYOUT.to_mgpu()
     out = np.empty(group_layout.registers_shape(v.shape[:2]), dtype=object)
     for idx, reg in np.ndenumerate(v.registers):  # register dims: (row, group, 1, ...)
-      a, b = (math.absf(vector.extract(reg, dynamic_position=[],
-                                       static_position=ir.DenseI64ArrayAttr.get([i])))
-              for i in (0, 1))
-      m = arith.maximumf(a, b)
+      m = arith.maximumf(*(vector.extract(reg, dynamic_position=[],
+                                          static_position=ir.DenseI64ArrayAttr.get([i]))
+                           for i in (0, 1)))
       for dist in (1, 2, 4):
         m = arith.maximumf(m, mgpu.utils.shfl_bfly(m, dist))
       out[idx[:2] + (0,) * (out.ndim - 2)] = _like_group_register(m)
     return mgpu.FragmentedArray(_registers=out, _layout=group_layout, _is_signed=None)
   return plgpu.inline_mgpu(arg_types=(_LAYOUT,), return_type=plgpu.ShapeDtypeStruct(
-      y.shape[:2], jnp.float32, _GROUP_LAYOUT))(body)(y)
+      a.shape[:2], jnp.float32, _GROUP_LAYOUT))(body)(a)
 
 
 def _split_groups(group_shape):
@@ -509,8 +508,8 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
         view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = y.astype(jnp.bfloat16)
       elif out == "amax":  # per row and chunk: a 2-D (rows, >= 8 groups) store trips
         # Mosaic GPU's layout inference on JAX 0.11.2 (IndexError), a 1-D one does not
-        out_smems[0].at[pl.ds(c * rows, rows)][...] = jnp.max(_group_amax(y, interpret),
-                                                              axis=1)
+        out_smems[0].at[pl.ds(c * rows, rows)][...] = jnp.max(
+            _group_amax(jnp.abs(y), interpret), axis=1)
       else:
         packed, s_b = _quantize_chunk(y, par_smem, interpret)
         view(out_smems[0], (rows, groups, 8)).at[:, cols][...] = packed.astype(jnp.uint8)

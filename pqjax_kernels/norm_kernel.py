@@ -17,9 +17,10 @@ warp 64 consecutive columns of one row (see ``_LAYOUT``). The two 4-bit codes of
 byte thus lie in one register: packing is ``sum(code << 4 * element, axis=3)``, a reduction
 along the vector dimension, and the byte array ``(rows, D/16, 8)`` is the packed
 ``(rows, D/2)`` codes in row-major order. Row sums accumulate elementwise over the chunks
-and reduce across lanes (shuffles) once; a group amax reduces across its 8 lanes. A group's amax then sits in the same register of its 8 lanes; the
-E4M3 block scale (some 40 instructions) is computed once per group: lane p of the 8 takes
-register p (``_pick_groups``) and index shuffles bring the results back (``_join_groups``).
+and reduce across lanes (shuffles) once; a group's amax reduces across its 8 lanes and then
+sits in the same register of each of them. The E4M3 block scale (some 40 instructions) is
+computed once per group: lane p of the 8 takes register p (``_pick_groups``) and index
+shuffles bring the results back (``_join_groups``).
 
 Gather (``perm``): the statistics are permutation-invariant, so only the output pass
 gathers; the affine/adaLN vectors are gathered outside (they are small). On the GPU each

@@ -83,12 +83,17 @@ _ROW_PREFERENCE = {True: (4, 8, 16), False: (8, 4, 16)}  # key: D >= _WIDE
 _WIDE = 2048
 
 
+def _chunk_allows_rows(chunk: int, rows: int) -> bool:
+  """Whether a ``chunk``-column chunk lowers with ``rows``-row blocks (``_CHUNK_512_MAX_ROWS``)."""
+  return chunk < 512 or rows <= _CHUNK_512_MAX_ROWS
+
+
 def default_chunk(d: int, rows: int = min(ROW_CHOICES)) -> int:
   """The widest chunk dividing ``d`` (that ``rows`` allows): wider chunks give each thread
   more independent loads and arithmetic, and with 512 columns each lane computes one group's
   block scale instead of two lanes the same one (H200, 2 x 4608 x 3072 gathered, 4-row
   blocks: 76.6 / 65.5 us at 256 / 512; version 6: 151 / 116 / 94 us at 64 / 128 / 256)."""
-  fits = [c for c in CHUNK_CHOICES if d % c == 0 and (c < 512 or rows <= _CHUNK_512_MAX_ROWS)]
+  fits = [c for c in CHUNK_CHOICES if d % c == 0 and _chunk_allows_rows(c, rows)]
   return max(fits, default=CHUNK)
 
 
@@ -151,7 +156,7 @@ def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk,
     raise ValueError(f"the last axis of x ({d}) must be a multiple of {chunk} (chunk)")
   if rows not in ROW_CHOICES:
     raise ValueError(f"rows must be one of {ROW_CHOICES}, got {rows}")
-  if chunk == 512 and rows > _CHUNK_512_MAX_ROWS:
+  if not _chunk_allows_rows(chunk, rows):
     raise ValueError(f"chunk=512 needs rows <= {_CHUNK_512_MAX_ROWS}, got rows={rows}")
   for name, v in (("shift", shift), ("scale", scale)):
     if v is None or v.size == d:

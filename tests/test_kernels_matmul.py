@@ -268,7 +268,7 @@ def _check_stream_gpu(seed, m, k, n, cfg, poison, gelu=True, out_dtype=jnp.bfloa
   got = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
                       method="kernel", epilogue="gelu_tanh" if gelu else None,
                       out_dtype=out_dtype, **kw)
-  ref, bound = _stream_reference(qa, qt, kw, gelu, out_dtype == jnp.bfloat16)
+  ref, bound = _stream_reference(qa, qt, kw, gelu, jnp.dtype(out_dtype).itemsize == 2)
   got = np.asarray(got, np.float32)
   assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
 

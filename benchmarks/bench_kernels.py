@@ -196,16 +196,16 @@ def _candidates(m, n, k, interpret):
   elif not interpret:  # the streaming kernel (auto_config's from STREAM_MIN_M), beside XLA
     # its default tiling, then tile_m 128 (version 12's default) with the automatic number of
     # consumer warpgroups and with the other one; where the default leaves SMs idle in its
-    # last wave or cannot use tile_m 256, K split in 2 and 4 (version 14: float32 partials;
-    # version 15: summed in the cluster's shared memory; version 17: summed in order through
-    # a workspace, the last split finishing the tile)
+    # last wave or cannot use tile_m 256, K split in 2, 3 and 4 (version 14: float32
+    # partials; version 15: summed in the cluster's shared memory; version 17: summed in
+    # order through a workspace, the last split finishing the tile)
     base = fm.stream_config(m, n, k)
     tm128 = fm.stream_config(m, n, k, tile_m=128)
     alt = 3 - tm128.warpgroups
     cands = [("", base), ("_tm128", tm128),
              (f"_tm128_wg{alt}", fm.stream_config(m, n, k, tile_m=128, warpgroups=alt))]
     if fm.wave_fill(base, m, n) < fm.STREAM_MIN_FILL or base.tile_m < 256:
-      for s in (2, 4):
+      for s in (2, 3, 4):
         if (k // fm.TILE_K) % s == 0:
           cands.append((f"_ks{s}", fm.stream_config(m, n, k, k_splits=s)))
           fx = fm.stream_config(m, n, k, k_splits=s, fixup_splits=True)
@@ -214,6 +214,12 @@ def _candidates(m, n, k, interpret):
           cl = fm.stream_config(m, n, k, k_splits=s, cluster_splits=True)
           if cl.tile_m % (32 * s) == 0:
             cands.append((f"_cl{s}", cl))
+    # two consumers with fitted_tile_m's tile, unsplit and K split in two summed in order
+    for s in (1, 2):
+      t = fm.fitted_tile_m(m, n, k_splits=s)
+      if (k // fm.TILE_K) % s == 0 and t % (64 if s > 1 else 8) == 0:
+        cands.append((f"_tm{t}" + ("" if s == 1 else f"_fx{s}"), fm.stream_config(
+            m, n, k, tile_m=t, warpgroups=2, k_splits=s, fixup_splits=s > 1)))
     # each with the CTAs sweeping N for each block of rows (version 15), where the
     # activations outgrow the L2 cache
     if m * k * 2 > 2**24:

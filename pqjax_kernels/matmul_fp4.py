@@ -80,8 +80,8 @@ Fmt = Literal["nvfp4", "mxfp4", "int4"]
 Epilogue = Literal["gelu_tanh"] | None
 Method = Literal["auto", "xla", "kernel"]
 METHODS = ("auto", "xla", "kernel")
-# "auto" (H200, NOTES_kernels.md version 13; pick_method, prefers_stream): W4A4 NVFP4 runs
-# the small-M kernel up to M = 64, the streaming kernel from STREAM_MIN_M, and from
+# "auto" (H200, NOTES_kernels.md versions 13 and 19; pick_method, prefers_stream): W4A4 NVFP4
+# runs the small-M kernel up to M = 64, the streaming kernel from STREAM_MIN_M, and from
 # XLA_MIN_M to STREAM_MAX_M (an estimate: the XLA path's one weight decode amortizes over M)
 # only where its CTAs fill their waves, else the XLA path (as from SHORT_K_XLA_M where K is
 # short). W4A16 and the other formats, whose streaming kernel is slower or not measured, take
@@ -92,7 +92,8 @@ STREAM_MAX_M = 8192
 STREAM_MIN_FILL = 0.9
 STREAM_MIN_K = 3072  # the measured range: shorter K leaves less to hide a tile's fixed costs
 SHORT_K_XLA_M = 512  # from here K < STREAM_MIN_K takes the XLA path (1152 x 4608, H200)
-SPLIT_MIN_M = 512  # split K by default from here (measured at 512, 1024 and 2048 rows)
+SPLIT_MIN_M = 512  # split K by default from here (measured at 512, 1024 and 2048 rows) ...
+FIT_MIN_M = 768  # ... up to here; from here one split, fitted_tile_m's tile (768-4608 rows)
 N_INNER_BYTES = 2**24  # f16 activations larger than this: CTAs sweep N (measured from 24 MiB)
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
@@ -431,13 +432,31 @@ def wave_fill(config: MatmulConfig, m: int, n: int, num_sms: int = 132) -> float
   return ctas / (-(-ctas // num_sms) * num_sms)
 
 
+FIT_TILE_ROWS = 112  # a CTA's fixed cost in rows of tile_m (fitted to H200 timings, below)
+
+
+def fitted_tile_m(m: int, n: int, tiles_per_cta: int = 2, k_splits: int = 1,
+                  num_sms: int = 132, lo: int = 128) -> int:
+  """The ``tile_m`` in ``[lo, 256]`` (a multiple of 8) that gives the busiest SM the least
+  work: ``waves x (tile_m + FIT_TILE_ROWS)`` smallest (one CTA per SM; each CTA also pays
+  for decoding its weight tiles, whatever its rows), ties to the wider tile. Where 256 leaves
+  its last wave part-empty this trims the tile to fill whole waves. ``FIT_TILE_ROWS`` fits
+  the streaming kernel's times at 4608 x 12288 x 3072 (H200, JAX 0.11.2, two consumers,
+  unsplit: tile_m 208 / 216 / 224 / 232 / 240 / 256 in 5 / 4 / 4 / 4 / 4 / 4 waves took
+  549 / 460 / 466 / 477 / 487 / 511 us: a straight line in ``waves x (tile_m + 112)``
+  meets all six within 0.6%)."""
+  def cost(t):
+    return -(-_ctas(m, n, t, tiles_per_cta, k_splits) // num_sms) * (t + FIT_TILE_ROWS)
+  return min(range(256, lo - 1, -8), key=cost)
+
+
 def stream_splits(m: int, n: int, k: int, num_sms: int = 132) -> int:
-  """The streaming kernel's default ``k_splits``: from ``SPLIT_MIN_M`` rows, the fewest of 1,
-  2 and 4 with which ``stream_config`` picks ``tile_m`` 256 (two consumers making two waves
-  of CTAs) while each split keeps ``STREAM_MIN_K`` of K; where none does (too few rows), the
-  most that keep it; else 1. Measured on an H200 at 12288 x 3072 (NOTES_kernels.md versions
-  15 and 17): 4 at M = 512 (18% faster than unsplit, 2 splits 13%) and 1024 (13%), 2 at
-  M = 2048 (7%); at 4608 rows splitting did not pay."""
+  """``auto_config``'s ``k_splits`` below ``FIT_MIN_M``: from ``SPLIT_MIN_M`` rows, the
+  fewest of 1, 2 and 4 with which ``stream_config`` picks ``tile_m`` 256 (two consumers
+  making two waves of CTAs) while each split keeps ``STREAM_MIN_K`` of K; where none does
+  (too few rows), the most that keep it; else 1. Measured on an H200 at 12288 x 3072
+  (NOTES_kernels.md versions 15 and 17): 4 at M = 512 (18% faster than unsplit, 2 splits
+  13%) and 1024 (13%; version 19's fitted tile, unsplit, is faster there), 2 at M = 2048."""
   if m < SPLIT_MIN_M:
     return 1
   fits = [s for s in (1, 2, 4) if k // s >= STREAM_MIN_K and (k // TILE_K) % s == 0]
@@ -477,17 +496,26 @@ def pick_method(m: int, n: int, k: int, w4a4_nvfp4: bool = True) -> str:
 def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
                 out_itemsize: int = 2) -> MatmulConfig:
   """The kernel tiling ``fp4_matmul`` uses when none is given: ``default_config`` below
-  ``STREAM_MIN_M`` (and for W4A16 and the other formats), else ``stream_config`` for
-  outputs of ``out_itemsize`` bytes (2: bf16/f16 written by the kernel) with
-  ``stream_splits``' K splits, its CTAs sweeping N for each block of rows where the f16
-  activations exceed ``N_INNER_BYTES`` (faster in all 13 tilings and rows measured, by
-  1.5-21%). Two splits sum in order in the kernel (``fixup_splits``: 4% faster than float32
-  partials summed by XLA at 2048 x 12288 x 3072, H200); four write float32 partials (the
-  in-order chain of three hand-offs measured 1.5-7% slower)."""
+  ``STREAM_MIN_M`` (and for W4A16 and the other formats), else the streaming kernel for
+  outputs of ``out_itemsize`` bytes (2: bf16/f16 written by the kernel): from ``FIT_MIN_M``
+  rows two consumers on ``fitted_tile_m``'s tile, K unsplit; below, ``stream_config``'s
+  tile with ``stream_splits``' K splits (two sum in order in the kernel, ``fixup_splits``;
+  four write float32 partials, the in-order chain of three hand-offs measured 1.5-7%
+  slower). The CTAs sweep N for each block of rows where the f16 activations exceed
+  ``N_INNER_BYTES`` (faster in all 13 tilings and rows measured, by 1.5-21%).
+
+  The fitted tile against the split K it replaces at 12288 x 3072 (H200, NOTES_kernels.md
+  version 19): 93.6 / 112.4 / 210.4 / 460.3 us at M = 768 / 1024 / 2048 / 4608 (tile_m
+  160 / 208 / 192 / 216) against 122.9 / 129.6 (four splits) / 212.3 (two) / 503.9 (the
+  XLA path; tile_m 256 unsplit 511.0)."""
   if w4a4_nvfp4 and m >= STREAM_MIN_M:
-    splits = stream_splits(m, n, k)
-    cfg = stream_config(m, n, k, out_itemsize=out_itemsize, k_splits=splits,
-                        fixup_splits=splits == 2)
+    if m >= FIT_MIN_M:
+      cfg = stream_config(m, n, k, tile_m=fitted_tile_m(m, n), warpgroups=2,
+                          out_itemsize=out_itemsize)
+    else:
+      splits = stream_splits(m, n, k)
+      cfg = stream_config(m, n, k, out_itemsize=out_itemsize, k_splits=splits,
+                          fixup_splits=splits == 2)
     return dataclasses.replace(cfg, n_inner=m * k * 2 > N_INNER_BYTES)
   return default_config(m, n, k)
 
@@ -1644,7 +1672,6 @@ def weight_bytes(n: int, k: int, fmt: str = "nvfp4") -> int:
 
 
 __all__ = ["METHODS", "MatmulConfig", "PreparedWeights", "auto_config", "decode_weights_bf16",
-           "default_config", "dequantize", "fp4_matmul", "pick_method", "prefers_stream",
-           "prepare_weights", "reference", "stream_config", "stream_splits", "wave_fill",
-           "weight_bytes"]
-
+           "default_config", "dequantize", "fitted_tile_m", "fp4_matmul", "pick_method",
+           "prefers_stream", "prepare_weights", "reference", "stream_config", "stream_splits",
+           "wave_fill", "weight_bytes"]

@@ -327,6 +327,18 @@ def test_stream_fixup_splits_gpu(m, splits, tm):
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,k,n", [(768, 12288, 3072), (2047, 12288, 3072), (1000, 3072, 3072),
+                                   (4608, 3072, 12288)])
+def test_stream_fitted_tile_gpu(m, k, n):
+  """``auto_config``'s fitted tiles (tile_m 160, 192, 200, 248: not multiples of 64; ragged
+  last row block), two consumers, bf16 written by the kernel, GELU; output memory poisoned
+  first; bound: ``_stream_reference``."""
+  cfg = fm.auto_config(m, n, k)
+  assert cfg.tile_m == fm.fitted_tile_m(m, n) and cfg.tile_m % 64
+  _check_stream_gpu(53 + m, m, k, n, cfg, jax.ShapeDtypeStruct((m, n), jnp.bfloat16), True)
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m,k,n,splits,out", [
     (1024, 12288, 3072, 4, "bf16"), (2048, 12288, 3072, 2, "bf16"),
     (4608, 12288, 3072, 1, "bf16"), (2048, 3072, 12288, 1, "bf16"),
@@ -414,12 +426,14 @@ def test_pick_method_thresholds():
     assert fm.pick_method(fm.STREAM_MIN_M - 1, n, k, w4a4_nvfp4=False) == "kernel"
     assert fm.pick_method(fm.STREAM_MIN_M, n, k, w4a4_nvfp4=False) == "xla"
   streams = "kernel" if fm._REGISTER_CONCAT else "xla"  # noqa: SLF001
-  # K 1152 below SHORT_K_XLA_M rows; below XLA_MIN_M; 97% and 94% wave fill
+  # K 1152 below SHORT_K_XLA_M rows; below XLA_MIN_M; fitted tiles filling 100%, 100% and
+  # 99% of their waves
   for m, k, n in [(65, 1152, 4608), (fm.SHORT_K_XLA_M - 1, 1152, 4608), (2047, 12288, 3072),
-                  (2048, 3072, 12288), (4608, 3072, 12288)]:
+                  (2048, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 12288)]:
     assert fm.pick_method(m, n, k) == streams, (m, k, n)
-  # 82% fill; K 1152 from XLA_MIN_M and from SHORT_K_XLA_M rows; STREAM_MAX_M rows
-  for m, k, n in [(4608, 12288, 3072), (2048, 1152, 4608), (fm.SHORT_K_XLA_M, 1152, 4608),
+  # 128 columns (at most 16 CTAs: 12% fill); K 1152 from XLA_MIN_M and from SHORT_K_XLA_M
+  # rows; STREAM_MAX_M rows
+  for m, k, n in [(2048, 3072, 128), (2048, 1152, 4608), (fm.SHORT_K_XLA_M, 1152, 4608),
                   (fm.STREAM_MAX_M, 3072, 12288)]:
     assert fm.pick_method(m, n, k) == "xla", (m, k, n)
 
@@ -433,31 +447,51 @@ def test_wave_fill():
 
 
 @pytest.mark.parametrize("m,k,n,wgs,tm,splits,ni", [
-    (1024, 3072, 12288, 2, 256, 1, False), (1024, 12288, 3072, 2, 256, 4, True),
-    (2047, 12288, 3072, 2, 256, 2, True), (256, 12288, 3072, 1, 128, 1, False),
-    (4608, 12288, 3072, 2, 256, 1, True), (65, 3072, 3072, 1, 64, 1, False),
-    (1024, 3072, 3072, 1, 128, 1, False), (4608, 3072, 12288, 2, 256, 1, True)])
+    (1024, 3072, 12288, 2, 256, 1, False), (1024, 12288, 3072, 2, 208, 1, True),
+    (2047, 12288, 3072, 2, 192, 1, True), (256, 12288, 3072, 1, 128, 1, False),
+    (512, 12288, 3072, 2, 128, 4, False), (4608, 12288, 3072, 2, 216, 1, True),
+    (65, 3072, 3072, 1, 64, 1, False), (1024, 3072, 3072, 2, 208, 1, False),
+    (4608, 3072, 12288, 2, 248, 1, True)])
 def test_auto_config(m, k, n, wgs, tm, splits, ni):
-  """From STREAM_MIN_M W4A4 NVFP4 streams: tile_m 256 with two consumer warpgroups where that
-  keeps two waves of CTAs, else two consumers only where that does; from 1024 rows K split in
-  the fewest of 2 and 4 that give tile_m 256 two waves, each split keeping 3072 of K; the
-  CTAs sweep N where the f16 activations exceed 16 MiB (the measured choices at these
-  shapes). tile_m 256 puts the output tiles in the pipeline's memory (depth 3, not 2) and
-  does not overlap wgmma groups. Below STREAM_MIN_M, and for other formats,
-  ``default_config``; a float32 output gets a pipeline that fits its tile. Two splits sum in
-  order in the kernel (``fixup_splits``), four (and float32 outputs) in XLA."""
+  """From STREAM_MIN_M W4A4 NVFP4 streams. Below FIT_MIN_M: tile_m 256 with two consumer
+  warpgroups where that keeps two waves of CTAs, else 128 with two consumers only where
+  that does; from SPLIT_MIN_M rows K split in the fewest of 2 and 4 that give tile_m 256 two
+  waves, else the most that keep 3072 of K each. From FIT_MIN_M: two consumers, K unsplit,
+  ``fitted_tile_m``'s tile. The CTAs sweep N where the f16 activations exceed 16 MiB (the
+  measured choices at these shapes). Tiles over 128 rows do not overlap wgmma groups. Below
+  STREAM_MIN_M, and for other formats, ``default_config``; a float32 output gets a pipeline
+  that fits its tile. Two splits sum in order in the kernel (``fixup_splits``), four (and
+  float32 outputs) in XLA."""
   cfg = fm.auto_config(m, n, k)
   assert cfg.stream and (cfg.warpgroups, cfg.tile_m) == (wgs, tm)
   assert (cfg.k_splits, cfg.n_inner, cfg.cluster_splits) == (splits, ni, False)
   assert cfg.fixup_splits == (splits == 2)
-  assert fm.stream_splits(m, n, k) == splits
-  assert (cfg.alias_out, cfg.max_concurrent_steps) == ((True, 3) if tm == 256 else (False, 4))
-  assert cfg.overlap_wgmma == (tm < 256)
+  if m < fm.FIT_MIN_M:
+    assert fm.stream_splits(m, n, k) == splits
+  else:
+    assert tm == fm.fitted_tile_m(m, n)
+  assert cfg.overlap_wgmma == (tm <= 128)
+  fm._check_config(cfg, n, k, 2 if splits == 1 else 4)  # noqa: SLF001
   assert fm.auto_config(m, n, k, w4a4_nvfp4=False) == fm.default_config(m, n, k)
   assert fm.auto_config(fm.STREAM_MIN_M - 1, n, k) == fm.default_config(fm.STREAM_MIN_M - 1,
                                                                          n, k)
   f32 = fm.auto_config(m, n, k, out_itemsize=4)
   assert fm.smem_bytes(f32, k, 4) <= fm.SMEM_BYTES and not f32.fixup_splits
+
+
+@pytest.mark.parametrize("m,n,tm,waves", [(4608, 3072, 216, 4), (4096, 3072, 256, 3),
+                                          (1024, 3072, 208, 1), (768, 3072, 160, 1),
+                                          (2048, 3072, 192, 2), (4608, 12288, 248, 14)])
+def test_fitted_tile_m(m, n, tm, waves):
+  """The tile the cost model picks (two consumers, one CTA per SM): the measured fastest at
+  4608 x 12288 x 3072 (216: 528 CTAs in four full waves; 256 leaves a fourth wave 27% full)
+  and 768 / 1024 rows (one wave of 120 CTAs, not 96 of 256 rows); 256 where it fills its
+  waves already; a multiple of 8 in [lo, 256]."""
+  got = fm.fitted_tile_m(m, n)
+  assert got == tm and got % 8 == 0
+  ctas = fm._ctas(m, n, got, 2)  # noqa: SLF001
+  assert -(-ctas // 132) == waves and ctas > (waves - 1) * 132
+  assert fm.fitted_tile_m(m, n, lo=256) == 256
 
 
 def test_stream_splits_where_tile_m_256_cannot_fill_two_waves():

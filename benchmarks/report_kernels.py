@@ -22,8 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINE = "xla_bf16"
-PLOTTED = ("ours_w4a4_kernel", "ours_w4a4_stream", "ours_w4a4_xla",
-           "scaled_matmul_nvfp4")  # tiling variants: table
+PLOTTED = ("auto", "ours_w4a4_xla", "scaled_matmul_nvfp4")  # tiling variants: table
 
 
 def auto_method(m: int, n: int, k: int, row: dict | None = None) -> str:
@@ -79,10 +78,12 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
   for ax, (k, n) in zip(axes[0], shapes):
     sub = sorted((r for r in rows if (r["k"], r["n"]) == (k, n)), key=lambda r: r["m"])
     for i, name in enumerate(PLOTTED):  # one colour per series in every panel
-      pts = [(r["m"], r[f"{BASELINE}_kernel_us"] / r[f"{name}_kernel_us"]) for r in sub
-             if f"{name}_kernel_us" in r]
+      keys = [(r, (auto_method(r["m"], r["n"], r["k"], r) if name == "auto" else name)
+               + "_kernel_us") for r in sub]
+      pts = [(r["m"], r[f"{BASELINE}_kernel_us"] / r[key]) for r, key in keys if key in r]
       if pts:
-        ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=name)
+        ax.plot(*zip(*pts), marker="o", color=f"C{i}",
+                label="auto (fp4_matmul's default)" if name == "auto" else name)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)

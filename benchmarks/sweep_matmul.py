@@ -70,7 +70,9 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
   (128, 256, 64; up to M rounded up to 64) x warpgroups (1, 2) x output tiles per warpgroup
   (1, 2, 4), each at the deepest pipeline that fits; then the first with ``overlap_wgmma``
   flipped and with pipeline depth 2. Only tilings with at least one wave of CTAs (split K
-  excepted: there the splits add CTAs)."""
+  excepted: there the splits add CTAs). Where ``auto_config`` fits its tile (version 19),
+  its variants come second: ``overlap_wgmma``, ``n_inner`` and ``alias_out`` flipped, and
+  one consumer warpgroup."""
   base = fm.stream_config(m, n, k)
   out = [fm.auto_config(m, n, k)]
 
@@ -78,16 +80,26 @@ def stream_candidates(m: int, n: int, k: int, limit: int, num_sms: int = 132):
     if cfg not in out:
       out.append(cfg)
 
-  def add(tm, wgs, per_wg, wt=1, overlap=True, alias=False):
+  def add(tm, wgs, per_wg, wt=1, overlap=True, alias=False, min_ctas=num_sms, ni=False):
     cols = fm.TILE_N * wgs * per_wg * wt
-    if n % cols or n // cols * -(-m // tm) < num_sms:
+    if n % cols or n // cols * -(-m // tm) < min_ctas:
       return
     try:
       cfg = fm.stream_config(m, n, k, tile_m=tm, warpgroups=wgs, tiles_per_wg=per_wg,
                              wg_tiles=wt, alias_out=alias)
     except ValueError:  # does not fit shared memory
       return
-    keep(dataclasses.replace(cfg, overlap_wgmma=overlap))
+    keep(dataclasses.replace(cfg, overlap_wgmma=overlap, n_inner=ni))
+
+  fit = out[0]
+  if fit.stream and fit.k_splits == 1 and fit.tile_m not in (128, 256):
+    # version 19's fitted tile with overlap_wgmma, the CTA order and the output tiles'
+    # place flipped, then with one consumer (64 columns a CTA)
+    keep(dataclasses.replace(fit, overlap_wgmma=not fit.overlap_wgmma))
+    keep(dataclasses.replace(fit, n_inner=not fit.n_inner))
+    add(fit.tile_m, 2, 1, overlap=fit.overlap_wgmma, alias=not fit.alias_out, min_ctas=0,
+        ni=fit.n_inner)
+    add(fit.tile_m, 1, 1, alias=fit.alias_out, min_ctas=0, ni=fit.n_inner)
 
   steps = k // fm.TILE_K
   for splits in (1, 2, 3, 4):  # split K: more CTAs where N is narrow (version 14)

@@ -217,7 +217,7 @@ def _candidates(m, n, k, interpret):
     # two consumers with fitted_tile_m's tile, unsplit and K split in two summed in order
     for s in (1, 2):
       t = fm.fitted_tile_m(m, n, k_splits=s)
-      if (k // fm.TILE_K) % s == 0 and t % (64 if s > 1 else 8) == 0:
+      if (k // fm.TILE_K) % s == 0 and (s == 1 or t % fm._FIX_CHUNK == 0):
         cands.append((f"_tm{t}" + ("" if s == 1 else f"_fx{s}"), fm.stream_config(
             m, n, k, tile_m=t, warpgroups=2, k_splits=s, fixup_splits=s > 1)))
     # each with the CTAs sweeping N for each block of rows (version 15), where the

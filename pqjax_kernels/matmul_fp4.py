@@ -48,7 +48,8 @@ shared-memory tile. Split outputs are summed in order in the kernel (``fixup_spl
 "auto" with two splits: through a float32 workspace behind a global semaphore, the last split
 finishing the tile), or are float32 partials that XLA sums, or (opt-in, ``cluster_splits``)
 are summed by the splits' CTA cluster in distributed shared memory; ``n_inner`` orders the
-CTAs to share activation rows rather than weights.
+CTAs to share activation rows rather than weights. From ``FIT_MIN_M`` rows "auto" sizes
+``tile_m`` so that the CTAs fill whole waves (``fitted_tile_m``) and leaves K unsplit.
 
 Two ways to run it (``method``), picked per M by ``pick_method`` unless given:
 ``"xla"`` (large M, compute-bound): one elementwise XLA pass decodes the weights to exact

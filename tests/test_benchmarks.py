@@ -45,14 +45,15 @@ def test_report_names_the_auto_candidate():
   for m, k, n, want in [(fm.STREAM_MIN_M - 1, 3072, 12288, "kernel"),
                         (fm.STREAM_MIN_M, 3072, 12288, "stream"),
                         (fm.XLA_MIN_M, 3072, 12288, "stream"),  # 97% wave fill
-                        (4608, 12288, 3072, "xla"),  # 82%
+                        (4608, 12288, 3072, "stream"),  # 100%: tile_m 216, 4 waves
+                        (fm.XLA_MIN_M, 3072, 128, "xla"),  # 12%: one column block
                         (fm.XLA_MIN_M, 1152, 4608, "xla")]:  # short K
     assert report_kernels.auto_method(m, n, k) == "ours_w4a4_" + want, (m, k, n)
   # where a run timed auto_config's tiling under another name, that candidate
   m, k, n = 1024, 12288, 3072
   row = {"ours_w4a4_stream_config": dataclasses.asdict(fm.stream_config(m, n, k)),
-         "ours_w4a4_stream_ks4_ni_config": dataclasses.asdict(fm.auto_config(m, n, k))}
-  assert report_kernels.auto_method(m, n, k, row) == "ours_w4a4_stream_ks4_ni"
+         "ours_w4a4_stream_tm208_ni_config": dataclasses.asdict(fm.auto_config(m, n, k))}
+  assert report_kernels.auto_method(m, n, k, row) == "ours_w4a4_stream_tm208_ni"
   assert report_kernels.auto_method(m, n, k, {}) == "ours_w4a4_stream"
 
 

@@ -333,6 +333,8 @@ def _norm_mismatch(got, ref) -> float:
   values at rounding boundaries) when the kernel is right."""
   if isinstance(got, gn.NVFP4Activation):
     return float(np.mean(np.asarray(got.codes) != np.asarray(ref.codes)))
+  if isinstance(got, gn.NVFP4Values):
+    got, ref = got.values, ref.values
   return float(np.mean(np.asarray(got, np.float32) != np.asarray(ref, np.float32)))
 
 
@@ -354,10 +356,10 @@ def bench_norm(results, log, save, shapes, timer, sweep=False):
       return jax.jit(lambda xs, p: [impl(xi, p, kind="layer", shift=shift, scale=scale,
                                          out=out, tensor_scale=ts, **kw) for xi in xs])
 
-    def quant_fn(ts, kernel=False, hadamard=False):
+    def quant_fn(ts, kernel=False, hadamard=False, out="nvfp4"):
       impl = (functools.partial(nk.norm_quantize, kind="none") if kernel
               else gn.gathered_quantize)
-      return jax.jit(lambda xs, p: [impl(xi, p, tensor_scale=ts, hadamard=hadamard)
+      return jax.jit(lambda xs, p: [impl(xi, p, tensor_scale=ts, hadamard=hadamard, out=out)
                                     for xi in xs])
 
     ts = jnp.float32(0.01)
@@ -386,12 +388,24 @@ def bench_norm(results, log, save, shapes, timer, sweep=False):
         ("gathered_quantize_hadamard_static", "kernel_gathered_quantize_hadamard_static",
          lambda k: quant_fn(ts, k, hadamard=True), (xs, perm), q_bytes),
         ("plain_quantize_hadamard_static", "kernel_plain_quantize_hadamard_static",
-         lambda k: quant_fn(ts, k, hadamard=True), (xs, None), q_bytes)]
+         lambda k: quant_fn(ts, k, hadamard=True), (xs, None), q_bytes),
+        # the NVFP4 values as float16 (what a W4A4 matmul reads): XLA's fusion of gather,
+        # quantize and decode (a W4A4 linear's activation step today) against the kernel
+        ("gathered_quantize_values_static", "kernel_gathered_quantize_values_static",
+         lambda k: quant_fn(ts, k, out="nvfp4_f16"), (xs, perm), 2 * nbytes),
+        ("gathered_quantize_hadamard_values_static",
+         "kernel_gathered_quantize_hadamard_values_static",
+         lambda k: quant_fn(ts, k, hadamard=True, out="nvfp4_f16"), (xs, perm), 2 * nbytes)]
     # name, jitted fn, args, bytes moved, the XLA candidate it must agree with (or None)
     cands = [(name, build(False), args, moved, None)
              for name, _, build, args, moved in variants]
     cands += [(kname, build(True), args, moved, name)
               for name, kname, build, args, moved in variants if kname]
+    # what a rotated W4A4 linear runs today: the kernel's codes, decoded by XLA
+    codes_fn = quant_fn(ts, True, hadamard=True)
+    cands.append(("kernel_gathered_quantize_hadamard_codes_decoded",
+                  jax.jit(lambda xs, p: [gn.nvfp4_values(a) for a in codes_fn(xs, p)]),
+                  (xs, perm), 2 * nbytes, "gathered_quantize_hadamard_values_static"))
     # The sweep: block height x chunk width for the gathered norm.
     for rows, chunk in itertools.product(nk.ROW_CHOICES, nk.CHUNK_CHOICES) if sweep else ():
       if nk.accepts(x, perm, shift=shift, scale=scale, rows=rows, chunk=chunk):

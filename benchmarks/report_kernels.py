@@ -104,7 +104,9 @@ NORM_PAIRS = (
     ("norm bf16 out", "gathered_norm_bf16", "kernel_gathered_bf16"),
     ("quantize", "gathered_quantize_static", "kernel_gathered_quantize_static"),
     ("quantize + Hadamard", "gathered_quantize_hadamard_static",
-     "kernel_gathered_quantize_hadamard_static"))
+     "kernel_gathered_quantize_hadamard_static"),
+    ("quantize, f16 values", "gathered_quantize_values_static",
+     "kernel_gathered_quantize_values_static"))
 
 
 def plot_norm(rows: list[dict], title: str, path: Path) -> None:

@@ -485,7 +485,8 @@ def prefers_stream(m: int, n: int, k: int) -> bool:
 
 def pick_method(m: int, n: int, k: int, w4a4_nvfp4: bool = True) -> str:
   """The method ``"auto"`` uses for ``(M, K) x (K, N)``: the small-M kernel up to M = 64;
-  then, for W4A4 NVFP4 (``w4a4_nvfp4``) on JAX >= 0.11, the streaming kernel where
+  then, for W4A4 NVFP4 (``w4a4_nvfp4``: NVFP4 weights, activations as packed codes or
+  float16 values) on JAX >= 0.11, the streaming kernel where
   ``prefers_stream``; else the XLA path (W4A16 and the other formats, whose streaming
   kernel is not measured, from ``STREAM_MIN_M``)."""
   if m < STREAM_MIN_M:
@@ -566,6 +567,8 @@ def _check_common(a, k, n, a_scales, a_tensor_scale, bias, epilogue, residual, g
       raise ValueError(f"a {a.shape} does not match K={k}")
     if a_scales is not None:
       raise ValueError("a_scales given with unpacked (float) a")
+    if a_tensor_scale is not None and jnp.shape(a_tensor_scale) != ():
+      raise ValueError(f"a_tensor_scale must be a scalar, got shape {jnp.shape(a_tensor_scale)}")
   else:
     raise ValueError(f"a must be bf16/f16/f32 (W4A16) or packed uint8 (W4A4), got {a.dtype}")
   if bias is not None and bias.shape != (n,):
@@ -597,6 +600,8 @@ def reference(a, w_codes, w_scales, w_tensor_scale, *, a_scales=None, a_tensor_s
     x = dequantize(a, a_scales, a_tensor_scale, "nvfp4")
   else:
     x = a.astype(jnp.float32)
+    if a_tensor_scale is not None:
+      x = x * jnp.asarray(a_tensor_scale, jnp.float32)
   y = jnp.dot(x, w.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 
@@ -1577,13 +1582,18 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   """``epilogue(a @ W.T * scales + bias)`` with 4-bit weights, on a Hopper GPU.
 
   Args:
-    a: ``(M, K)`` bf16/f16/f32 activations (W4A16), or packed NVFP4 uint8 ``(M, K/2)`` (W4A4).
+    a: ``(M, K)`` bf16/f16/f32 activations (W4A16), or packed NVFP4 uint8 ``(M, K/2)`` (W4A4),
+      or W4A4 NVFP4 activations already decoded but for their tensor scale (float16: the
+      ``values`` of ``pqjax_kernels.norm.NVFP4Values``, with ``a_tensor_scale``). float16
+      activations with NVFP4 weights run the W4A4 kernels (float16 products, exact) and
+      pick the method as W4A4 does; bf16/f32 ones are rounded to bf16 for the kernels.
     w_codes: uint8 ``(N, K/2)`` weight codes, or a ``PreparedWeights`` (then ``w_scales``,
       ``w_tensor_scale`` and ``fmt`` are taken from it and must be None / match).
     w_scales: ``(N, K/G)`` block scales (float8_e4m3fn / uint8 E8M0 / float32).
     w_tensor_scale: float32 scalar weight tensor scale.
     a_scales: W4A4: float8_e4m3fn ``(M, K/16)`` activation block scales.
-    a_tensor_scale: W4A4: float32 scalar activation tensor scale.
+    a_tensor_scale: float32 scalar activation tensor scale (W4A4; optional for float ``a``:
+      the output is multiplied by it).
     fmt: weight format, ``"nvfp4"``, ``"mxfp4"`` or ``"int4"``.
     bias: optional ``(N,)``.
     epilogue: None or ``"gelu_tanh"`` (applied after the bias).
@@ -1617,7 +1627,9 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   m = _check_common(a, k, n, a_scales, a_tensor_scale, bias, epilogue, residual, gate)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  w4a4_nvfp4 = a.dtype == jnp.uint8 and w.fmt == "nvfp4"
+  packed = a.dtype == jnp.uint8
+  # NVFP4 activation values (codes or float16) times NVFP4 weights: the f16 kernels
+  w4a4_nvfp4 = w.fmt == "nvfp4" and (packed or a.dtype == jnp.float16)
   method = pick_method(m, n, k, w4a4_nvfp4) if method == "auto" else method
   # The streaming kernel writes bf16/f16 outputs with no gated residual finished itself (its
   # output tile is then 2 bytes per element; the small-M kernel's is float32 regardless).
@@ -1631,11 +1643,11 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       raise ValueError("cluster_splits=True needs a GPU: the interpreter has no clusters")
     direct = direct and (config.k_splits == 1 or config.cluster_splits or config.fixup_splits)
     _check_config(config, n, k, 2 if direct else 4)
-    if config.act_codes and not w4a4_nvfp4:
+    if config.act_codes and not (packed and w.fmt == "nvfp4"):
       raise ValueError(f"act_codes=True needs W4A4 NVFP4: packed uint8 activations and "
                        f"nvfp4 weights, got a {a.dtype} and fmt={w.fmt!r}")
   out_scale = w.tensor_scale
-  if a.dtype == jnp.uint8:
+  if a_tensor_scale is not None:
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)
   if method == "xla":
     x = (a, a_scales) if a.dtype == jnp.uint8 else a.astype(jnp.float32)
@@ -1645,13 +1657,13 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     pad = lambda v: jnp.pad(v, ((0, mp - m), (0, 0)))  # noqa: E731
     if config.act_codes:  # decoded in the kernel (the scales widened here: a 16th the size)
       xp = (pad(a), pad(a_scales.astype(jnp.float16)))
-    elif a.dtype == jnp.uint8:
+    elif packed:
       # q * s_b is exact in f16 (|v| <= 2688, >= 2**-10) and in bf16; the activation
       # tensor scale goes to the output. NVFP4 x NVFP4 runs in f16 (cheaper decode).
       xp = pad(dequantize(a, a_scales, 1.0, "nvfp4").astype(
           jnp.float16 if w.fmt == "nvfp4" else jnp.bfloat16))
     else:
-      xp = pad(a.astype(jnp.bfloat16))
+      xp = pad(a if w4a4_nvfp4 else a.astype(jnp.bfloat16))
     m_major = config.m_major and _REGISTER_CONCAT and not interpret
     if config.stream:
       if not (_REGISTER_CONCAT or interpret):

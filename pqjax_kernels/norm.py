@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 NormKind = Literal["layer", "rms"]
-OutKind = Literal["bf16", "nvfp4"]
+OutKind = Literal["bf16", "nvfp4", "nvfp4_f16"]
+QUANTIZED = ("nvfp4", "nvfp4_f16")  # the outputs that quantize
 
 GROUP = 16
 _E2M1_MAX = 6.0
@@ -60,6 +61,21 @@ class NVFP4Activation:
 
 jax.tree_util.register_dataclass(
     NVFP4Activation, data_fields=["codes", "scales", "tensor_scale"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4Values:
+  """NVFP4 activations decoded but for the tensor scale: ``values (..., D)`` float16, each
+  element's E2M1 value times its group's E4M3 scale (exact in float16: ``2**-10 <= |v| <=
+  2688`` or 0), and the float32 scalar ``tensor_scale``. What a W4A4 matmul kernel
+  multiplies (``pqjax_kernels.fp4_matmul`` takes ``values`` with ``a_tensor_scale``)."""
+
+  values: jax.Array
+  tensor_scale: jax.Array
+
+
+jax.tree_util.register_dataclass(NVFP4Values, data_fields=["values", "tensor_scale"],
+                                 meta_fields=[])
 
 
 def _check_perm(perm, d: int) -> None:
@@ -98,12 +114,13 @@ def check_inputs(x, perm, *, kind: str = "layer", weight=None, bias=None, shift=
     raise ValueError(f"x must be (M, D) or (B, T, D), got shape {x.shape}")
   if kind not in ("layer", "rms"):
     raise ValueError(f"kind must be 'layer' or 'rms', got {kind!r}")
-  if out not in ("bf16", "nvfp4"):
-    raise ValueError(f"out must be 'bf16' or 'nvfp4', got {out!r}")
-  if hadamard and out != "nvfp4":
-    raise ValueError("hadamard=True needs out='nvfp4' (the rotation precedes quantization)")
-  if out == "nvfp4" and x.shape[-1] % GROUP:
-    raise ValueError(f"out='nvfp4' needs the last axis of x ({x.shape[-1]}) to be a multiple "
+  if out not in ("bf16", *QUANTIZED):
+    raise ValueError(f"out must be 'bf16', 'nvfp4' or 'nvfp4_f16', got {out!r}")
+  if hadamard and out not in QUANTIZED:
+    raise ValueError("hadamard=True needs a quantized out (the rotation precedes "
+                     "quantization)")
+  if out in QUANTIZED and x.shape[-1] % GROUP:
+    raise ValueError(f"out={out!r} needs the last axis of x ({x.shape[-1]}) to be a multiple "
                      f"of {GROUP}")
   _check_perm(perm, x.shape[-1])
   _check_vec("weight", weight, x.shape, False)
@@ -230,6 +247,28 @@ def quantize_nvfp4(y: jax.Array, tensor_scale=None) -> NVFP4Activation:
   return NVFP4Activation(packed, s_b.astype(jnp.float8_e4m3fn), s_t)
 
 
+def e2m1_values(codes: jax.Array) -> jax.Array:
+  """Float32 values of int32 E2M1 codes ``s<<3|e<<1|m`` (a zero with the sign bit: -0.0).
+
+  Arithmetic, no table: a magnitude code c >= 2 is the float32 with bits ``(c + 252) << 22``
+  (exponent ``c // 2 - 1``, the mantissa's top bit ``c % 2``), below it ``c / 2``; the sign
+  bit is ORed in. The norm kernel runs this function as is."""
+  i32, f32 = jnp.int32, jnp.float32
+  mag = codes & 7
+  v = jnp.where(mag >= 2, jax.lax.bitcast_convert_type((mag + 252) << 22, f32),
+                mag.astype(f32) * f32(0.5))
+  sign = (codes & 8) << 28
+  return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, i32) | sign, f32)
+
+
+def nvfp4_values(act: NVFP4Activation) -> NVFP4Values:
+  """``act`` decoded but for its tensor scale (``NVFP4Values``)."""
+  c = act.codes.astype(jnp.int32)
+  codes = jnp.stack([c & 15, c >> 4], axis=-1).reshape(*c.shape[:-1], 2 * c.shape[-1])
+  s = jnp.repeat(act.scales.astype(jnp.float32), GROUP, axis=-1)
+  return NVFP4Values((e2m1_values(codes) * s).astype(jnp.float16), act.tensor_scale)
+
+
 def walsh_hadamard(y: jax.Array, n: int) -> jax.Array:
   """Unnormalized Walsh-Hadamard transform of every contiguous ``n``-wide group of the last
   axis (``n`` a power of two dividing it): ``y @ (sqrt(n) * H_n)`` as the butterfly over
@@ -260,7 +299,8 @@ def _finish(y, out: str, tensor_scale, hadamard: bool, out_dtype):
     return y.astype(out_dtype)
   if hadamard:
     y = block_hadamard(y)
-  return quantize_nvfp4(y, tensor_scale)
+  act = quantize_nvfp4(y, tensor_scale)
+  return nvfp4_values(act) if out == "nvfp4_f16" else act
 
 
 def reference(x: jax.Array, perm: jax.Array | None, *, kind: NormKind = "layer",
@@ -277,13 +317,14 @@ def reference(x: jax.Array, perm: jax.Array | None, *, kind: NormKind = "layer",
     shift, scale: optional adaLN vectors ``(D,)`` or per-sample ``(B, D)`` (x 3-D), in input
       channel order.
     eps: variance epsilon.
-    out: ``"bf16"`` (array in ``out_dtype``) or ``"nvfp4"`` (``NVFP4Activation``).
+    out: ``"bf16"`` (array in ``out_dtype``), ``"nvfp4"`` (``NVFP4Activation``) or
+      ``"nvfp4_f16"`` (the same decoded, ``NVFP4Values``).
     tensor_scale: NVFP4 static tensor scale; None computes it from the result (dynamic).
     hadamard: rotate each 16-group with ``block_hadamard`` before quantizing.
     out_dtype: dtype of the ``"bf16"`` output.
 
   Returns:
-    The normalized, gathered array, or its ``NVFP4Activation``.
+    The normalized, gathered array, or its ``NVFP4Activation`` / ``NVFP4Values``.
   """
   check_inputs(x, perm, kind=kind, weight=weight, bias=bias, shift=shift, scale=scale,
                out=out, hadamard=hadamard)
@@ -313,7 +354,8 @@ def gathered_norm(x, perm, **kwargs):
 
 
 def gathered_quantize(x: jax.Array, perm: jax.Array | None, *, tensor_scale=None,
-                      hadamard: bool = False) -> NVFP4Activation:
+                      hadamard: bool = False,
+                      out: str = "nvfp4") -> NVFP4Activation | NVFP4Values:
   """Plain gathered NVFP4 quantize of ``x[..., perm]`` (no norm), optional block Hadamard.
 
   Args:
@@ -321,14 +363,17 @@ def gathered_quantize(x: jax.Array, perm: jax.Array | None, *, tensor_scale=None
     perm: int32 ``(D,)`` or None.
     tensor_scale: static tensor scale or None (dynamic).
     hadamard: rotate each 16-group before quantizing.
+    out: ``"nvfp4"`` (codes and scales) or ``"nvfp4_f16"`` (decoded, ``NVFP4Values``).
 
   Returns:
-    ``NVFP4Activation`` of ``x[..., perm]``.
+    ``NVFP4Activation`` (or ``NVFP4Values``) of ``x[..., perm]``.
   """
+  if out not in QUANTIZED:
+    raise ValueError(f"out must be 'nvfp4' or 'nvfp4_f16', got {out!r}")
   if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must be a float array, got {getattr(x, 'dtype', type(x))}")
   if x.ndim < 1 or x.shape[-1] % GROUP:
     raise ValueError(f"the last axis of x (shape {x.shape}) must be a multiple of {GROUP}")
   _check_perm(perm, x.shape[-1])
   y = _gather(x.astype(jnp.float32), perm)
-  return _finish(y, "nvfp4", tensor_scale, hadamard, None)
+  return _finish(y, out, tensor_scale, hadamard, None)

@@ -1,7 +1,7 @@
 """LayerNorm / RMSNorm + adaLN + NVFP4 quantize as one Pallas Mosaic GPU kernel (Hopper).
 
 ``norm_quantize(x, perm, kind=..., weight=..., ...)`` computes the same values as
-``pqjax_kernels.norm.reference(x, perm, ..., out="nvfp4"|"bf16", tensor_scale=ts)``, and
+``pqjax_kernels.norm.reference(x, perm, ..., out="nvfp4"|"nvfp4_f16"|"bf16", tensor_scale=ts)``, and
 with ``kind="none"`` those of ``norm.gathered_quantize``. With a static tensor scale it makes
 one pass over HBM: each CTA (one warpgroup) copies a block of ``rows`` full rows into shared
 memory with one bulk copy, then makes up to three passes over it in column chunks: the row
@@ -73,7 +73,7 @@ SMEM_BYTES = 200 * 1024  # shared memory the kernel may use (H100/H200: 227 KiB 
 _LAYOUT = plgpu.Layout.TILED(plgpu.Tiling(((4, 4, 8, 2),)), warp_dims=(-4,),
                              lane_dims=(-3, -2), vector_dim=-1)
 _VEC_LAYOUT = _LAYOUT.reduce(0)  # (groups, 8, 2): a per-column vector, shared by all rows
-_OutKind = Literal["bf16", "nvfp4"]
+_OutKind = Literal["bf16", "nvfp4", "nvfp4_f16"]
 KernelKind = Literal["layer", "rms", "none"]
 
 
@@ -100,7 +100,7 @@ def default_chunk(d: int, rows: int = min(ROW_CHOICES)) -> int:
 def _smem_bytes(x, perm, out: str, n_vec: int, rows: int) -> float:
   d = x.shape[-1]
   in_place = _in_place(x.dtype, out, perm)
-  out_bytes = 0 if in_place else 2 if out == "bf16" else 9 / 16
+  out_bytes = 0 if in_place else 2 if out in ("bf16", "nvfp4_f16") else 9 / 16
   return rows * d * (x.dtype.itemsize + out_bytes) + (n_vec + (perm is not None)) * d * 4
 
 
@@ -144,9 +144,9 @@ def _n_vec(*vs) -> int:
 def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk,
            hadamard=False) -> None:
   if kind == "none":  # plain quantize: nothing to normalize or fold
-    if any(v is not None for v in (weight, bias, shift, scale)) or out != "nvfp4":
+    if any(v is not None for v in (weight, bias, shift, scale)) or out not in norm.QUANTIZED:
       raise ValueError("kind='none' (plain quantize) takes no weight/bias/shift/scale and "
-                       "needs out='nvfp4'")
+                       "needs out='nvfp4' or 'nvfp4_f16'")
   norm.check_inputs(x, perm, kind="rms" if kind == "none" else kind, weight=weight, bias=bias,
                     shift=shift, scale=scale, out=out, hadamard=hadamard)
   d = x.shape[-1]
@@ -210,10 +210,11 @@ def _row_sum(v):
   return jnp.sum(jnp.sum(jnp.sum(v, axis=3), axis=2), axis=1)
 
 
-def _quantize_chunk(y, params, interpret: bool):
+def _quantize_chunk(y, params, interpret: bool, values: bool = False):
   """NVFP4 of a ``(ROWS, g, 8, 2)`` float32 chunk: packed int32 bytes ``(ROWS, g, 8)`` and
   E4M3 scales ``(ROWS, g)``, with ``norm.quantize_nvfp4``'s arithmetic (its functions,
-  run on the chunk). ``params`` holds ``(s_t, fl(6 s_t), fl(1 / fl(6 s_t)))``."""
+  run on the chunk); with ``values``, instead the float16 ``(ROWS, g, 8, 2)`` decoded
+  values (``norm.nvfp4_values``'). ``params`` holds ``(s_t, fl(6 s_t), fl(1 / fl(6 s_t)))``."""
   shape = y.shape
   s_t, d, inv_d = params[0], params[1], params[2]
   amax = _group_amax(jnp.abs(y), interpret)  # the same |y| as e2m1_codes': computed once
@@ -227,6 +228,9 @@ def _quantize_chunk(y, params, interpret: bool):
   thresholds = [(_bcast(t, shape, (0, 1), interpret), up)
                 for t, up in norm.e2m1_thresholds(s_b * s_t)]
   codes = norm.e2m1_codes(y, thresholds)
+  if values:  # exact products: the E2M1 value (<= 2 bits) times the E4M3 scale (<= 4)
+    return (norm.e2m1_values(codes) * _bcast(s_b, shape, (0, 1), interpret)).astype(
+        jnp.float16)
   # Element 2i in the low nibble: shift each pair's second code by 4 and add the pair.
   shift = _layout_cast(interpret)(lax.broadcasted_iota(jnp.int32, shape, 3), _LAYOUT) * 4
   packed = jnp.sum(codes << shift, axis=3)
@@ -430,13 +434,13 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
     it = iter(refs)
     x_gmem = next(it)
     vec_gmem = next(it) if n_vec else None
-    par_gmem = next(it) if out == "nvfp4" else None  # (s_t, 6 s_t, 1 / (6 s_t))
+    par_gmem = next(it) if out in norm.QUANTIZED else None  # (s_t, 6 s_t, 1 / (6 s_t))
     stats_gmem = next(it) if stats is not None else None
     perm_gmem = next(it) if perm is not None else None
     out_gmems = [next(it) for _ in range(2 if out == "nvfp4" else 1)]
     x_smem = next(it)
     vec_smem = next(it) if n_vec else None
-    par_smem = next(it) if out == "nvfp4" else None
+    par_smem = next(it) if out in norm.QUANTIZED else None
     stats_smem = next(it) if stats is not None else None
     perm_smem = next(it) if perm is not None else None
     out_smems = [x_smem] if in_place else [next(it) for _ in out_gmems]
@@ -512,6 +516,9 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
       cols = pl.ds(c * gc, gc)
       if out == "bf16":  # in place: this chunk of x is not read again
         view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = y.astype(jnp.bfloat16)
+      elif out == "nvfp4_f16":
+        view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = _quantize_chunk(
+            y, par_smem, interpret, values=True)
       elif out == "amax":  # per row and chunk: a 2-D (rows, >= 8 groups) store trips
         # Mosaic GPU's layout inference on JAX 0.11.2 (IndexError), a 1-D one does not
         out_smems[0].at[pl.ds(c * rows, rows)][...] = jnp.max(
@@ -532,8 +539,9 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
       plgpu.copy_smem_to_gmem(out_smems[1], out_gmems[1].at[blk])
     plgpu.wait_smem_to_gmem(0)
 
-  if out == "bf16":
-    outs = [(grouped((rows, d), (rows, groups, 8, 2)), jnp.bfloat16)]
+  if out in ("bf16", "nvfp4_f16"):
+    outs = [(grouped((rows, d), (rows, groups, 8, 2)),
+             jnp.bfloat16 if out == "bf16" else jnp.float16)]
   elif out == "amax":  # one row per CTA, padded to whole 128-byte copies
     outs = [(((-(-(n_chunks + 2) * rows // 32) * 32),), jnp.float32)]
   else:
@@ -550,7 +558,7 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
   if n_vec:
     args.append(vecs.reshape(*vecs.shape[:2], *grouped((d,), (groups, 8, 2))))
     scratch.append(plgpu.SMEM(args[-1].shape[1:], jnp.float32))
-  if out == "nvfp4":
+  if out in norm.QUANTIZED:
     args.append(params)
     scratch.append(plgpu.SMEM(params.shape, jnp.float32))
   if stats is not None:
@@ -591,12 +599,14 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
     shift, scale: optional adaLN vectors ``(D,)``, or per-sample ``(B, D)`` for 3-D x (then
       T must be a multiple of ``rows``).
     eps: variance epsilon.
-    out: ``"nvfp4"`` (``norm.NVFP4Activation``) or ``"bf16"`` (bfloat16 array).
+    out: ``"nvfp4"`` (``norm.NVFP4Activation``), ``"nvfp4_f16"`` (``norm.NVFP4Values``: the
+      same decoded, float16 values written instead of codes and scales, which a W4A4 matmul
+      then reads without a decode pass) or ``"bf16"`` (bfloat16 array).
     tensor_scale: NVFP4 static tensor scale (float32 scalar): one pass over x. None: dynamic,
       a first pass of the same kernel writes the group amax of the result, XLA reduces it to
       the tensor scale, and a second pass quantizes.
-    hadamard: rotate each 16-group by ``norm.block_hadamard`` before quantizing (needs
-      ``out="nvfp4"``; a dynamic tensor scale is the amax of the rotated values).
+    hadamard: rotate each 16-group by ``norm.block_hadamard`` before quantizing (needs a
+      quantized ``out``; a dynamic tensor scale is the amax of the rotated values).
     rows: rows per CTA (``ROW_CHOICES``); None picks ``default_rows``.
     chunk: columns per register chunk (``CHUNK_CHOICES``; D must be a multiple); None picks
       ``default_chunk``.
@@ -604,8 +614,8 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
 
   Returns:
     ``norm.NVFP4Activation`` (codes ``(..., D/2)`` uint8, scales ``(..., D/16)``
-    float8_e4m3fn, tensor scale) or the bfloat16 ``(..., D)`` array, with ``x``'s leading
-    shape.
+    float8_e4m3fn, tensor scale), ``norm.NVFP4Values`` (float16 ``(..., D)``, tensor scale)
+    or the bfloat16 ``(..., D)`` array, with ``x``'s leading shape.
 
   Raises:
     ValueError: bad shapes, dtypes or options (naming the argument), D not a multiple of
@@ -640,6 +650,9 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   d6 = jnp.float32(norm._E2M1_MAX) * s_t  # noqa: SLF001
   # Copies move whole multiples of 128 bytes (one per thread of the warpgroup): pad.
   params = jnp.zeros((32,), jnp.float32).at[:3].set(jnp.stack([s_t, d6, 1.0 / d6]))
+  if out == "nvfp4_f16":
+    values = call(params, stats, out=out, chunk=chunk)[0].reshape(mp, d)[:m]
+    return norm.NVFP4Values(values.reshape(x.shape), s_t)
   codes, scales = (o.reshape(mp, -1)[:m].reshape(*lead, -1)
                    for o in call(params, stats, out="nvfp4", chunk=chunk))
   return norm.NVFP4Activation(codes, scales, s_t)

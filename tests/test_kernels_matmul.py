@@ -203,6 +203,40 @@ class KernelCases:
     assert got.dtype == out_dtype and got.shape == (m, n)
     assert (np.abs(np.asarray(got, np.float32) - ref) <= bound).all()
 
+  # W4A4 activations given as their float16 values with the tensor scale apart
+  # (norm.NVFP4Values, what norm_quantize(out="nvfp4_f16") writes): the product of the packed
+  # codes, which fp4_matmul decodes to those very values (the small-M kernel, the streaming
+  # kernel, the XLA path), bit for bit; and the reference scales float a by a_tensor_scale.
+  @pytest.mark.parametrize("m,stream", [(20, False), (70, True)])
+  def test_w4a4_values_equal_codes(self, m, stream):
+    n, k = 256, 512
+    a, qt = _case(23 + m, m, n, k, "nvfp4")
+    qa = gn.quantize_nvfp4(a, 0.01)
+    vals = gn.nvfp4_values(qa)
+    cfg = None
+    if self.method != "xla":
+      cfg = (fm.stream_config(m, n, k, warpgroups=1) if stream else
+             dataclasses.replace(fm.default_config(m, n, k), m_major=self.m_major))
+    bias = jnp.asarray(np.random.default_rng(m).standard_normal(n), jnp.float32)
+    call = lambda x, **kw: self.run(lambda: fm.fp4_matmul(  # noqa: E731
+        x, qt.codes, qt.scales, qt.tensor_scale, bias=bias, config=cfg, method=self.method,
+        interpret=self.interpret, **kw))
+    got = call(vals.values, a_tensor_scale=vals.tensor_scale)
+    want = call(qa.codes, a_scales=qa.scales, a_tensor_scale=qa.tensor_scale)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    if self.method == "xla":  # the scales folded into the values in another order
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                 rtol=2**-7, atol=1e-3)
+    else:
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    ref_vals = fm.reference(vals.values, qt.codes, qt.scales, qt.tensor_scale,
+                            a_tensor_scale=vals.tensor_scale, bias=bias, out_dtype=jnp.float32)
+    ref_codes = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale,
+                             a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias,
+                             out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(ref_vals), np.asarray(ref_codes), rtol=1e-6,
+                               atol=1e-5)
+
   # fixup_splits: the splits of an output tile sum in order through a float32 workspace and
   # the last finishes it (bf16/f16, GELU). K = 1024 in two splits of four steps (slots
   # refilled), two consumers; K = 1536 in three (a middle split that adds and stores again),

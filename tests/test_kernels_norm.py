@@ -127,3 +127,31 @@ def test_e4m3_block_scale_matches_formats_at_every_midpoint(s_t):
   got = jax.jit(gn.e4m3_block_scale)(amax, jnp.float32(d), jnp.float32(1) / jnp.float32(d))
   want = jnp.where(amax == 0, 1.0, formats._nearest_e4m3(amax, jnp.float32(d)))  # noqa: SLF001
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("ts", [None, 0.003])
+def test_nvfp4_values_are_the_decoded_codes(ts):
+  """``out="nvfp4_f16"``: every value is its code's E2M1 value (``e2m1_values``, arithmetic)
+  times its block scale, as the matmul's table decode gives it, bit for bit in float16
+  (-0.0 included), with the same tensor scale; from ``reference`` and ``gathered_quantize``."""
+  from pqjax_kernels import matmul_fp4  # noqa: PLC0415
+
+  rng = np.random.default_rng(31)
+  x = jnp.asarray(rng.standard_normal((6, 256)) * np.logspace(-3, 2, 256), jnp.bfloat16)
+  x = x.at[0, :16].set(-0.0)  # negative zeros: code 8, value -0.0
+  perm = jnp.asarray(rng.permutation(256), jnp.int32)
+  act = gn.reference(x, perm, kind="rms", out="nvfp4", tensor_scale=ts)
+  want = matmul_fp4.dequantize(act.codes, act.scales, 1.0, "nvfp4").astype(jnp.float16)
+  bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint16))  # noqa: E731
+  for got in (gn.reference(x, perm, kind="rms", out="nvfp4_f16", tensor_scale=ts),
+              gn.nvfp4_values(act)):
+    assert got.values.dtype == jnp.float16 and got.values.shape == x.shape
+    np.testing.assert_array_equal(bits(got.values), bits(want))
+    assert float(got.tensor_scale) == float(act.tensor_scale)
+  plain = gn.gathered_quantize(x, perm, tensor_scale=ts, out="nvfp4_f16")
+  np.testing.assert_array_equal(
+      bits(plain.values), bits(gn.nvfp4_values(gn.gathered_quantize(x, perm,
+                                                                    tensor_scale=ts)).values))
+  assert (bits(want) == 0x8000).any()  # signed zeros occur, and survive
+  with pytest.raises(ValueError, match="out must be 'nvfp4' or 'nvfp4_f16'"):
+    gn.gathered_quantize(x, perm, out="bf16")

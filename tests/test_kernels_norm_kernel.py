@@ -48,7 +48,7 @@ def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, ch
   """Kernel (under the interpreter, or on the GPU) and the jitted reference (XLA contracts
   multiply-adds into FMAs, as Mosaic GPU does; the interpreter compiles the kernel body with
   XLA likewise). ``kind="none"``: the plain quantize, against ``norm.gathered_quantize``."""
-  ts = jnp.float32(TS) if out == "nvfp4" and not dynamic else None
+  ts = jnp.float32(TS) if out in norm.QUANTIZED and not dynamic else None
   kw = dict(kind=kind, out=out, tensor_scale=ts, rows=rows, chunk=chunk, hadamard=hadamard,
             **vecs)
   if gpu:
@@ -58,8 +58,8 @@ def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, ch
     with interpret.gpu_interpreter():
       got = nk.norm_quantize(x, perm, interpret=True, **kw)
   if kind == "none":
-    ref = jax.jit(norm.gathered_quantize, static_argnames=("hadamard",))(
-        x, perm, tensor_scale=ts, hadamard=hadamard)
+    ref = jax.jit(norm.gathered_quantize, static_argnames=("hadamard", "out"))(
+        x, perm, tensor_scale=ts, hadamard=hadamard, out=out)
   else:
     ref = jax.jit(norm.reference, static_argnames=("kind", "out", "hadamard"))(
         x, perm, kind=kind, out=out, tensor_scale=ts, hadamard=hadamard, **vecs)
@@ -67,8 +67,12 @@ def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, ch
 
 
 def _assert_within_rounding(got, ref, out):
-  """bf16: at most one ulp; NVFP4: codes and scales differ only near rounding boundaries."""
-  if out == "bf16":
+  """bf16: at most one ulp; NVFP4: codes and scales (decoded values) differ only near
+  rounding boundaries."""
+  if out == "nvfp4_f16":
+    assert np.mean(_bits(got.values) != _bits(ref.values)) <= 1e-3
+    assert float(got.tensor_scale) == pytest.approx(float(ref.tensor_scale), rel=2**-20)
+  elif out == "bf16":
     ulps = np.abs(_bits(got).astype(np.int32) - _bits(ref).astype(np.int32))
     assert ulps.max() <= 1  # same signs here: a bit distance is an ulp distance
   else:
@@ -77,10 +81,15 @@ def _assert_within_rounding(got, ref, out):
 
 
 def _assert_nvfp4_equal(got, ref):
-  """Codes, scale bytes and tensor scale of two ``NVFP4Activation`` equal bit for bit."""
+  """Codes, scale bytes and tensor scale of two ``NVFP4Activation`` (the values of two
+  ``NVFP4Values``) equal bit for bit."""
+  assert float(got.tensor_scale) == float(ref.tensor_scale)
+  if isinstance(ref, norm.NVFP4Values):
+    assert got.values.dtype == jnp.float16 and got.values.shape == ref.values.shape
+    np.testing.assert_array_equal(_bits(got.values), _bits(ref.values))
+    return
   np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
   np.testing.assert_array_equal(_bits(got.scales), _bits(ref.scales))
-  assert float(got.tensor_scale) == float(ref.tensor_scale)
 
 
 def _bits(a):
@@ -182,6 +191,27 @@ class TestInterpreter:
     got, ref = _call(x, "layer", "nvfp4", _vectors(rng, shape, True), rows=8, dynamic=True)
     _assert_nvfp4_equal(got, ref)
 
+  # NVFP4 values written as float16 (out="nvfp4_f16"): after a norm (exact sums), the plain
+  # quantize (dynamic, ragged rows), the Hadamard, float32 x
+  @pytest.mark.parametrize("kind,dtype,gathered,dynamic,hadamard,rows", [
+      ("layer", jnp.bfloat16, True, False, False, 8), ("none", jnp.bfloat16, False, True,
+                                                       False, 16),
+      ("none", jnp.bfloat16, True, False, True, 4), ("rms", jnp.float32, False, False, True,
+                                                     8)])
+  def test_values_bit_exact(self, kind, dtype, gathered, dynamic, hadamard, rows):
+    shape = (2, 24, 256)
+    rng = np.random.default_rng(21 + rows)
+    if kind == "none":
+      x = jnp.asarray(rng.standard_normal(shape) * 3, dtype)
+    else:
+      x = _exact_x(rng, shape, kind, dtype)
+    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
+    vecs = {} if kind == "none" else _vectors(rng, shape, False)
+    got, ref = _call(x, kind, "nvfp4_f16", vecs, perm, rows=rows, dynamic=dynamic,
+                     hadamard=hadamard)
+    assert got.values.shape == shape
+    _assert_nvfp4_equal(got, ref)
+
   @pytest.mark.parametrize("kind", ["layer", "rms"])
   def test_random_data_within_rounding(self, kind):
     shape = (2, 32, 320)
@@ -242,6 +272,24 @@ class TestGPU:
     else:
       _assert_within_rounding(got, ref, "nvfp4")
 
+  @pytest.mark.parametrize("kind,gathered,dynamic,hadamard", [
+      ("none", True, False, True), ("none", False, True, False), ("layer", True, False, False),
+      ("layer", False, True, True)])
+  def test_values(self, kind, gathered, dynamic, hadamard):
+    """NVFP4 values written as float16 at a DiT width: the plain quantize bit for bit, after
+    a LayerNorm within rounding (the statistics)."""
+    shape = (2, 512, 3072)
+    rng = np.random.default_rng(23 + dynamic)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
+    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
+    vecs = {} if kind == "none" else _vectors(rng, shape, True)
+    got, ref = _call(x, kind, "nvfp4_f16", vecs, perm, gpu=True, dynamic=dynamic,
+                     hadamard=hadamard)
+    if kind == "none":
+      _assert_nvfp4_equal(got, ref)
+    else:
+      _assert_within_rounding(got, ref, "nvfp4_f16")
+
 
 LOWER_CASES = [  # shape, x dtype, kind, out, vectors, per-sample adaLN, gathered
     ((4096, 1152), jnp.bfloat16, "layer", "nvfp4", True, False, False),
@@ -253,6 +301,8 @@ LOWER_CASES = [  # shape, x dtype, kind, out, vectors, per-sample adaLN, gathere
     ((4096, 1152), jnp.bfloat16, "layer", "nvfp4", True, False, True),
     ((2, 256, 2304), jnp.bfloat16, "rms", "bf16", True, True, True),
     ((4096, 1152), jnp.bfloat16, "none", "nvfp4", False, False, True),
+    ((2, 1024, 3072), jnp.bfloat16, "layer", "nvfp4_f16", True, True, True),
+    ((4096, 3072), jnp.bfloat16, "none", "nvfp4_f16", False, False, False),
 ]
 
 
@@ -263,9 +313,9 @@ def test_lowers_for_cuda(shape, dtype, kind, out, vecs, per_sample, gathered):
   x = jax.ShapeDtypeStruct(shape, dtype)
   kw = _vectors(np.random.default_rng(0), shape, per_sample) if vecs else {}
   perm = jax.ShapeDtypeStruct(shape[-1:], jnp.int32) if gathered else None
-  ts = jnp.float32(TS) if out == "nvfp4" else None
+  ts = jnp.float32(TS) if out in norm.QUANTIZED else None
   f = lambda x, p, kw: nk.norm_quantize(x, p, kind=kind, out=out, tensor_scale=ts,  # noqa: E731
-                                        hadamard=out == "nvfp4" and gathered, **kw)
+                                        hadamard=out in norm.QUANTIZED and gathered, **kw)
   text = jax.jit(f).trace(x, perm, kw).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 

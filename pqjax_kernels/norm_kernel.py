@@ -1,13 +1,13 @@
 """LayerNorm / RMSNorm + adaLN + NVFP4 quantize as one Pallas Mosaic GPU kernel (Hopper).
 
 ``norm_quantize(x, perm, kind=..., weight=..., ...)`` computes the same values as
-``pqjax_kernels.norm.reference(x, perm, ..., out="nvfp4"|"nvfp4_f16"|"bf16", tensor_scale=ts)``, and
-with ``kind="none"`` those of ``norm.gathered_quantize``. With a static tensor scale it makes
-one pass over HBM: each CTA (one warpgroup) copies a block of ``rows`` full rows into shared
-memory with one bulk copy, then makes up to three passes over it in column chunks: the row
-sums (mean), the centred sums of squares (variance, the same two-pass formula as the
-reference), and the output pass (normalize, affine, adaLN, optional block Hadamard, quantize,
-pack). A dynamic tensor scale takes two launches: the first writes the amax of the result per
+``pqjax_kernels.norm.reference(x, perm, ..., out=..., tensor_scale=ts)`` (``out`` "nvfp4",
+"nvfp4_f16" or "bf16"), and with ``kind="none"`` those of ``norm.gathered_quantize``. With
+a static tensor scale it makes one pass over HBM: each CTA (one warpgroup) copies a block of
+``rows`` full rows into shared memory with one bulk copy, then makes up to three passes over
+it in column chunks: the row sums (mean), the centred sums of squares (variance, the same
+two-pass formula as the reference), and the output pass (normalize, affine, adaLN, optional
+block Hadamard, quantize, pack or decode). A dynamic tensor scale takes two launches: the first writes the amax of the result per
 row and chunk and the row statistics, the second reuses those statistics and quantizes with
 the scale XLA reduces from the amax.
 
@@ -213,8 +213,9 @@ def _row_sum(v):
 def _quantize_chunk(y, params, interpret: bool, values: bool = False):
   """NVFP4 of a ``(ROWS, g, 8, 2)`` float32 chunk: packed int32 bytes ``(ROWS, g, 8)`` and
   E4M3 scales ``(ROWS, g)``, with ``norm.quantize_nvfp4``'s arithmetic (its functions,
-  run on the chunk); with ``values``, instead the float16 ``(ROWS, g, 8, 2)`` decoded
-  values (``norm.nvfp4_values``'). ``params`` holds ``(s_t, fl(6 s_t), fl(1 / fl(6 s_t)))``."""
+  run on the chunk); with ``values``, instead the float16 ``(ROWS, g, 8, 2)`` values they
+  decode to (as ``norm.nvfp4_values`` decodes them). ``params`` holds ``(s_t, fl(6 s_t),
+  fl(1 / fl(6 s_t)))``."""
   shape = y.shape
   s_t, d, inv_d = params[0], params[1], params[2]
   amax = _group_amax(jnp.abs(y), interpret)  # the same |y| as e2m1_codes': computed once

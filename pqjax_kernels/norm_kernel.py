@@ -7,9 +7,9 @@ a static tensor scale it makes one pass over HBM: each CTA (one warpgroup) copie
 ``rows`` full rows into shared memory with one bulk copy, then makes up to three passes over
 it in column chunks: the row sums (mean), the centred sums of squares (variance, the same
 two-pass formula as the reference), and the output pass (normalize, affine, adaLN, optional
-block Hadamard, quantize, pack or decode). A dynamic tensor scale takes two launches: the first writes the amax of the result per
-row and chunk and the row statistics, the second reuses those statistics and quantizes with
-the scale XLA reduces from the amax.
+block Hadamard, quantize, pack or decode). A dynamic tensor scale takes two launches: the
+first writes the amax of the result per row and chunk and the row statistics, the second
+reuses those statistics and quantizes with the scale XLA reduces from the amax.
 
 Register layout: the ``(rows, D)`` block is viewed as ``(rows, D/16, 8, 2)`` (row, 16-wide
 group, pair, element), each thread holding one pair (a 2-vector) of a group per register, a

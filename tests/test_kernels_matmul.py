@@ -589,6 +589,7 @@ def test_w4a4_reference_matches_oracle():
     (dict(method="kernel", config=fm.MatmulConfig(tile_m=32, stream=True, k_splits=2,
                                                   fixup_splits=True)),
      "fixup_splits=True needs stream=True, k_splits=2 > 1, tile_m=32 a multiple of 64"),
+    (dict(a_dtype=jnp.float16, a_tensor_scale=jnp.ones(3)), "a_tensor_scale must be a scalar"),
 ])
 def test_bad_input_raises(kwargs, match):
   n, k = kwargs.get("n", 128), kwargs.get("k", 256)
@@ -599,7 +600,7 @@ def test_bad_input_raises(kwargs, match):
   with pytest.raises(ValueError, match=match):
     fm.fp4_matmul(a, codes, scales, jnp.float32(1), bias=bias,
                   epilogue=kwargs.get("epilogue"), method=kwargs.get("method", "auto"),
-                  config=kwargs.get("config"))
+                  config=kwargs.get("config"), a_tensor_scale=kwargs.get("a_tensor_scale"))
 
 
 @pytest.mark.parametrize("fmt,packed", [("nvfp4", True), ("nvfp4", False), ("mxfp4", False)])

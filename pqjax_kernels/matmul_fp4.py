@@ -1142,10 +1142,11 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   steps ``s * K/k_splits`` onwards. With ``cluster_splits`` the splits of an output tile form
   a cluster: after its last K step each CTA puts its accumulators in its shared memory, and
   CTA ``s`` sums rows ``s * tile_m/k_splits`` onwards of every peer's (distributed shared
-  memory, in split order) and finishes them, between two cluster barriers. With ``fixup_splits`` split ``s`` adds
-  the running sum of the splits before it, read back from a float32 ``(N, Mp)`` workspace
-  (a second output, dropped) chunk by chunk as split ``s - 1`` signals a global semaphore,
-  and stores the new sum likewise, or (the last split) finishes the tile (``_fixup``).
+  memory, in split order) and finishes them, between two cluster barriers. With
+  ``fixup_splits`` split ``s`` adds the running sum of the splits before it, read back from
+  a float32 ``(N, Mp)`` workspace (a second output, dropped) chunk by chunk as split
+  ``s - 1`` signals a global semaphore, and stores the new sum likewise, or (the last split)
+  finishes the tile (``_fixup``).
 
   Pipeline (per CTA; warp-specialized): a producer warpgroup (index ``warpgroups``) issues
   every copy; a step's copies (the ``k_tiles`` activation tiles ``(tile_m, TILE_K)`` and each

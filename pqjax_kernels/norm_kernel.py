@@ -74,6 +74,7 @@ _LAYOUT = plgpu.Layout.TILED(plgpu.Tiling(((4, 4, 8, 2),)), warp_dims=(-4,),
                              lane_dims=(-3, -2), vector_dim=-1)
 _VEC_LAYOUT = _LAYOUT.reduce(0)  # (groups, 8, 2): a per-column vector, shared by all rows
 _OutKind = Literal["bf16", "nvfp4", "nvfp4_f16"]
+_TWO_BYTE_OUTS = {"bf16": jnp.bfloat16, "nvfp4_f16": jnp.float16}  # out -> its dtype
 KernelKind = Literal["layer", "rms", "none"]
 
 
@@ -100,7 +101,7 @@ def default_chunk(d: int, rows: int = min(ROW_CHOICES)) -> int:
 def _smem_bytes(x, perm, out: str, n_vec: int, rows: int) -> float:
   d = x.shape[-1]
   in_place = _in_place(x.dtype, out, perm)
-  out_bytes = 0 if in_place else 2 if out in ("bf16", "nvfp4_f16") else 9 / 16
+  out_bytes = 0 if in_place else 2 if out in _TWO_BYTE_OUTS else 9 / 16
   return rows * d * (x.dtype.itemsize + out_bytes) + (n_vec + (perm is not None)) * d * 4
 
 
@@ -540,9 +541,8 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
       plgpu.copy_smem_to_gmem(out_smems[1], out_gmems[1].at[blk])
     plgpu.wait_smem_to_gmem(0)
 
-  if out in ("bf16", "nvfp4_f16"):
-    outs = [(grouped((rows, d), (rows, groups, 8, 2)),
-             jnp.bfloat16 if out == "bf16" else jnp.float16)]
+  if out in _TWO_BYTE_OUTS:
+    outs = [(grouped((rows, d), (rows, groups, 8, 2)), _TWO_BYTE_OUTS[out])]
   elif out == "amax":  # one row per CTA, padded to whole 128-byte copies
     outs = [(((-(-(n_chunks + 2) * rows // 32) * 32),), jnp.float32)]
   else:

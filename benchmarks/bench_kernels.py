@@ -288,6 +288,12 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret, only=""
             for p in pws]), (am, pws), r4)
         cands["diag_stream_only"] = (jax.jit(lambda at, pws: [
             _stream_only(p, at, cfg0) for p in pws]), (at, pws), r4)
+      if not interpret:  # W4A4 from the NVFP4 values as float16 (what a norm kernel or
+        # XLA's quantize can write instead of codes): no activation decode in the call
+        vals = gn.nvfp4_values(qa)
+        cands["ours_w4a4_values"] = (jax.jit(lambda av, avt, pws: [
+            fm.fp4_matmul(av, p, a_tensor_scale=avt) for p in pws]),
+            (vals.values, vals.tensor_scale, pws), r4)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
         cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
         if cfg is not None:

@@ -4,9 +4,9 @@
 
 Times (median of 10 calls, per weight buffer) XLA bf16 in both weight layouts, our "xla"
 method for W4A4 and W4A16, the weight decode alone, the activation decode alone, and lists
-each kernel of our call by name, and the whole W4A4 call from bf16 activations with the
-activation quantize by XLA or by the norm kernel (in order, gathered, gathered + block
-Hadamard); writes ``diag_large_m.json`` and the optimized HLO.
+each kernel of our call by name, and the whole W4A4 linear from bf16 activations (in order,
+gathered, gathered + block Hadamard) as ``pqjax.dispatch.linear`` runs it, from XLA's
+float16 values, and from NVFP4 codes as it ran before; writes ``diag_large_m.json`` and the optimized HLO.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_kernels import _rand_act, _rand_weights  # noqa: E402
+from pqjax import dispatch  # noqa: E402
+from pqjax.formats import QTensor  # noqa: E402
 from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
 from pqjax_kernels import norm as gn  # noqa: E402
 from pqjax_kernels import norm_kernel as nk  # noqa: E402
@@ -79,18 +81,31 @@ def main():
             c, s, 16, "nvfp4", scale=1.0) for _ in range(REPS)]), (qa.codes, qa.scales)),
     }
     ts = qa.tensor_scale
-    # The whole linear from bf16 activations, quantized by XLA's fusion or by the norm kernel,
-    # in order, gathered, and gathered + block Hadamard.
+    # The whole W4A4 linear from bf16 activations (in order, gathered, gathered + block
+    # Hadamard): as the pipeline runs it (dispatch.linear: the activations quantized to
+    # float16 values by the norm kernel), and as it ran before version 20 (codes from XLA's
+    # fusion, or from the norm kernel where it rotates, then fp4_matmul's own decode).
     perm = jax.random.permutation(jax.random.fold_in(key, 7), k).astype(jnp.int32)
+    qts = [QTensor(c, sc, t, "nvfp4", 16, 1, (n, k), jnp.float32) for c, sc, t in q]
     for site, p, rot in (("quantize", None, False), ("gathered", perm, False),
                          ("gathered_hadamard", perm, True)):
-      for name, quant in (("jnp", gn.gathered_quantize),
-                          ("kernel", functools.partial(nk.norm_quantize, kind="none"))):
-        cands[f"e2e_{name}_{site}"] = (jax.jit(
-            lambda a, p, ps, quant=quant, rot=rot: [fm.fp4_matmul(
-                q.codes, w, a_scales=q.scales, a_tensor_scale=q.tensor_scale, method="xla")
-                for w in ps for q in [quant(a, p, tensor_scale=ts, hadamard=rot)]]),
-            (a, p, pws))
+      quant = functools.partial(nk.norm_quantize, kind="none") if rot else gn.gathered_quantize
+      cands[f"e2e_codes_{site}"] = (jax.jit(
+          lambda a, p, ps, quant=quant, rot=rot: [fm.fp4_matmul(
+              q.codes, w, a_scales=q.scales, a_tensor_scale=q.tensor_scale)
+              for w in ps for q in [quant(a, p, tensor_scale=ts, hadamard=rot)]]),
+          (a, p, pws))
+      cands[f"e2e_xla_values_{site}"] = (jax.jit(
+          lambda a, p, ps, rot=rot: [fm.fp4_matmul(q.values, w, a_tensor_scale=q.tensor_scale)
+                                     for w in ps for q in [gn.gathered_quantize(
+                                         a, p, tensor_scale=ts, hadamard=rot,
+                                         out="nvfp4_f16")]]),
+          (a, p, pws))
+      cands[f"e2e_{site}"] = (jax.jit(
+          lambda a, p, qts, ps, rot=rot: [dispatch.linear(
+              a, w, act_format="nvfp4", act_tensor_scale=ts, in_perm=p, rotate=rot,
+              backend="mosaic", prepared=pw) for w, pw in zip(qts, ps)]),
+          (a, p, qts, pws))
     if m <= 256:
       cands["w4a4_kernel"] = (jax.jit(lambda c, s, t, ps: [fm.fp4_matmul(
           c, p, a_scales=s, a_tensor_scale=t, method="kernel") for p in ps]),
@@ -109,7 +124,7 @@ def main():
     print(f"{m}x{k}x{n}{args.tag}: " + " ".join(
         f"{c}={row[c]['us']:.1f}" if "us" in row[c] else f"{c}=ERR" for c in cands),
         flush=True)
-    for name in ("w4a4_xla", "e2e_jnp_quantize", "e2e_kernel_quantize", "w4a4_kernel"):
+    for name in ("w4a4_xla", "e2e_codes_gathered", "e2e_gathered", "w4a4_kernel"):
       for kname, t in row.get(name, {}).get("kernels", {}).items():
         print(f"   {name}: {t:8.1f} us  {kname}", flush=True)
   with open(os.path.join(args.out, f"diag_large_m{args.tag}.json"), "w") as f:

@@ -22,7 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINE = "xla_bf16"
-PLOTTED = ("auto", "ours_w4a4_xla", "scaled_matmul_nvfp4")  # tiling variants: table
+PLOTTED = ("auto", "ours_w4a4_values", "ours_w4a4_xla", "scaled_matmul_nvfp4")  # others: table
+LABELS = {"auto": "auto (fp4_matmul's default)",
+          "ours_w4a4_values": "auto on float16 NVFP4 values (what dispatch runs)"}
 
 
 def auto_method(m: int, n: int, k: int, row: dict | None = None) -> str:
@@ -53,8 +55,8 @@ def best_ours(row: dict) -> tuple[str, float] | None:
 
 def markdown(rows: list[dict]) -> str:
   lines = ["| M x K x N | XLA bf16 us | scaled_matmul us | auto us (vs bf16) "
-           "| best ours (method) us | vs bf16 | vs scaled_matmul | run |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| on f16 values us (vs bf16) | best ours (method) us | vs bf16 | vs scaled_matmul "
+           "| run |", "|---|---|---|---|---|---|---|---|---|"]
   for r in sorted(rows, key=lambda r: (r["k"], r["n"], r["m"])):
     bf16 = r[f"{BASELINE}_kernel_us"]
     sm = r.get("scaled_matmul_nvfp4_kernel_us")
@@ -66,7 +68,10 @@ def markdown(rows: list[dict]) -> str:
     vs_sm = f"{sm / us:.2f}x" if sm else "-"
     auto = r.get(auto_method(r["m"], r["n"], r["k"], r) + "_kernel_us")
     auto_txt = f"{auto:.1f} ({bf16 / auto:.2f}x)" if auto else "-"
+    vals = r.get("ours_w4a4_values_kernel_us")
+    vals_txt = f"{vals:.1f} ({bf16 / vals:.2f}x)" if vals else "-"
     lines.append(f"| {r['m']} x {r['k']} x {r['n']} | {bf16:.1f} | {sm_txt} | {auto_txt} | "
+                 f"{vals_txt} | "
                  f"{us:.1f} ({name[len('ours_'):]}) | {bf16 / us:.2f}x | {vs_sm} | "
                  f"{r['run']} |")
   return "\n".join(lines)
@@ -82,8 +87,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
                + "_kernel_us") for r in sub]
       pts = [(r["m"], r[f"{BASELINE}_kernel_us"] / r[key]) for r, key in keys if key in r]
       if pts:
-        ax.plot(*zip(*pts), marker="o", color=f"C{i}",
-                label="auto (fp4_matmul's default)" if name == "auto" else name)
+        ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=LABELS.get(name, name))
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)

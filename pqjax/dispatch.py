@@ -15,9 +15,10 @@ On ``"mosaic"`` the kernel reads weights re-laid out once by ``prepare(w)``
 store that beside the ``QTensor`` and pass it as ``linear(..., prepared=...)``, otherwise
 every call re-lays the weights out (an extra XLA pass over the scales per call).
 
-On ``"mosaic"`` running on a GPU, the gathered norm (bf16 in and out) and the NVFP4
-activation quantize of W4A4 linears with a block Hadamard rotation (the input permutation
-fused too) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
+On ``"mosaic"`` running on a GPU, the gathered norm (bf16 in and out) and, from
+``NORM_KERNEL_MIN_ROWS`` rows, the NVFP4 activation quantize of W4A4 linears (the input
+permutation and block Hadamard rotation fused; written as the float16 values the matmul
+reads) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
 shapes it does not take (D not a multiple of 64, rows that do not fit in shared memory) and
 every other backend use the plain-jnp ``pqjax_kernels.norm`` (XLA fuses it).
 
@@ -142,19 +143,29 @@ def _norm_kernel_runs() -> bool:
   return jax.devices()[0].platform == "gpu"
 
 
-def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP4Activation:
-  """NVFP4 of ``x2[:, perm]`` (block-Hadamard rotated if ``rotate``) for a W4A4 kernel call.
+# Rows from which W4A4 activations are quantized by the norm kernel (below, by XLA's fusion
+# of gather + quantize + decode): at 16 rows the kernel's few CTAs lost to XLA by 3-12 us
+# (H200, ``results/diag_large_m_NVIDIA_H200_2026-12-01_v20.json``); from 1024 it wins or ties.
+NORM_KERNEL_MIN_ROWS = 512
 
-  The norm kernel where there is a rotation to fuse, else XLA's fusion of gather + quantize,
-  which XLA then fuses with the matmul's activation decode. Whole W4A4 linear, 4608 x 3072 x
-  3072, H200 (``results/diag_large_m_NVIDIA_H200_2026-11-30_v6.json``), XLA / kernel: in
-  order 146.5 / 165.7 us, gathered 158.5 / 170.4, gathered + Hadamard 217.3 / 176.3.
+
+def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP4Values:
+  """NVFP4 of ``x2[:, perm]`` (block-Hadamard rotated if ``rotate``) for a W4A4 kernel call,
+  as the float16 values the kernels read (``norm.NVFP4Values``): no decode pass in the call.
+
+  From ``NORM_KERNEL_MIN_ROWS`` rows on a GPU, the norm kernel writes them (where a row
+  block with float16 values does not fit its shared memory, a rotation still runs in the
+  kernel, writing codes that XLA decodes); otherwise XLA's fusion of gather + quantize +
+  decode. H200, 2 x 4608 x 3072, static scale (``results/kernels_NVIDIA_H200_2026-12-01_v20n.json``):
+  the kernel 53.9 us gathered, 61.9 rotated; XLA 143.0 and 398.7.
   """
-  if rotate and _norm_kernel_runs() and norm_kernel.accepts(x2, perm, kind="none",
-                                                            hadamard=True):
-    return norm_kernel.norm_quantize(x2, perm, kind="none", tensor_scale=act_tensor_scale,
-                                     hadamard=True)
-  return norm.gathered_quantize(x2, perm, tensor_scale=act_tensor_scale, hadamard=rotate)
+  kw = dict(tensor_scale=act_tensor_scale, hadamard=rotate)
+  if _norm_kernel_runs() and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
+    for out in ("nvfp4_f16", "nvfp4") if rotate else ("nvfp4_f16",):
+      if norm_kernel.accepts(x2, perm, kind="none", hadamard=rotate, out=out):
+        q = norm_kernel.norm_quantize(x2, perm, kind="none", out=out, **kw)
+        return q if out == "nvfp4_f16" else norm.nvfp4_values(q)
+  return norm.gathered_quantize(x2, perm, out="nvfp4_f16", **kw)
 
 
 def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype, prepared,
@@ -164,9 +175,8 @@ def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype
   if act_format is None:
     return pqjax_kernels.fp4_matmul(x2, pw, fmt=fmt, bias=bias, out_dtype=out_dtype)
   qa = _quantize_activations(x2, act_tensor_scale, perm, rotate)
-  return pqjax_kernels.fp4_matmul(qa.codes, pw, a_scales=qa.scales,
-                                  a_tensor_scale=qa.tensor_scale, fmt=fmt, bias=bias,
-                                  out_dtype=out_dtype)
+  return pqjax_kernels.fp4_matmul(qa.values, pw, a_tensor_scale=qa.tensor_scale, fmt=fmt,
+                                  bias=bias, out_dtype=out_dtype)
 
 
 def _linear_scaled_matmul(x2, w: QTensor, bias, act_tensor_scale, out_dtype):

@@ -1132,10 +1132,11 @@ def _fence_async_global() -> None:
 
 def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
                  interpret: bool, gelu: bool = False):
-  """Runs the streaming kernel (``MatmulConfig.stream``) on activations ``x (Mp, K)``.
+  """Runs the streaming kernel (``MatmulConfig.stream``) on activations ``x (M, K)``
+  (M need not be a multiple of ``tile_m``: Mp is M rounded up to one).
 
   ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
-  applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(Mp, N)`` itself
+  applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(M, N)`` itself
   ("direct"; ``k_splits`` 1, ``cluster_splits`` or ``fixup_splits``); else it writes the
   float32 accumulators ``(k_splits, N, Mp)`` like ``_kernel_call`` (left to XLA: the sum
   over the splits, scale, epilogue, transpose). Split ``s`` of a CTA's output tiles reads K
@@ -1162,8 +1163,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   consumers raise their register limit (``setmaxnreg``) to 232 and the producer lowers its
   own to 40 (224 and 56 with ``act_codes``).
 
-  With ``act_codes`` ``x`` is a pair: uint8 NVFP4 codes ``(Mp, K/2)`` and float16 block
-  scales ``(Mp, K/16)``, copied into a ring of their own (``max_concurrent_steps`` slots
+  With ``act_codes`` ``x`` is a pair: uint8 NVFP4 codes ``(M, K/2)`` and float16 block
+  scales ``(M, K/16)``, copied into a ring of their own (``max_concurrent_steps`` slots
   beside the weight tiles'). Once a step's codes have arrived and the consumers are done
   with the step two before, the producer decodes them into the float16 tile of that step
   (two, alternating; ``_decode_act_tile``), arrives on its "decoded" barrier, which the
@@ -1172,7 +1173,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   """
   ac = config.act_codes
   x, xs = x if ac else (x, None)
-  mp, k = x.shape[0], x.shape[1] * (2 if ac else 1)
+  m, k = x.shape[0], x.shape[1] * (2 if ac else 1)
   n = w.shape[0]
   g = w.group_size
   dtype = jnp.float16 if ac else x.dtype
@@ -1191,7 +1192,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   direct = sb is not None
   cl = config.cluster_splits
   fx = config.fixup_splits
-  n_blocks, m_blocks = n // tn // tiles, mp // tm
+  # x may end inside its last row block: TMA reads rows past it as zeros and drops stores
+  # past the output's rows (float32 partials and workspaces keep whole blocks).
+  n_blocks, m_blocks = n // tn // tiles, -(-m // tm)
+  mp = m_blocks * tm
   tm_s = tm // splits if cl else tm  # rows of each output tile a CTA finishes
   # Registers rebalanced where two consumers hold 128 accumulator registers each: 384
   # threads get 168 each at launch, and `setmaxnreg` only moves registers between the
@@ -1476,16 +1480,16 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
 
   if fx:  # the finished output, and the running sum's workspace; its float32 tiles in
     # column chunks (a TMA copy needs each one dense in shared memory)
-    out_type = (jax.ShapeDtypeStruct((mp, n), out_dtype),
+    out_type = (jax.ShapeDtypeStruct((m, n), out_dtype),
                 jax.ShapeDtypeStruct((n, mp), jnp.float32))
     out_smem = (_out_smem(step_tiles, tm // _FIX_CHUNK, tn, _FIX_CHUNK),
                 plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128)))
   elif cl:
-    out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
+    out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
     out_smem = ([[_out_smem(tn, tm_s) for _ in range(splits)] for _ in range(nwg)],
                 plgpu.SMEM((step_tiles, tm_s, tn), out_dtype, transforms=_swz(128)))
   elif direct:
-    out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
+    out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
     out_smem = plgpu.SMEM((step_tiles, tm, tn), out_dtype, transforms=_swz(128))
   else:
     out_type = jax.ShapeDtypeStruct((splits, n, mp), jnp.float32)
@@ -1655,7 +1659,12 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     y = _xla_product(x, w, out_scale, out_dtype)
   else:
     mp = -(-m // config.tile_m) * config.tile_m
-    pad = lambda v: jnp.pad(v, ((0, mp - m), (0, 0)))  # noqa: E731
+    # The streaming kernel on the GPU takes M rows as they are (its TMA copies read zeros
+    # past them): a pad would be one more pass over float16 activations (18 / 70 us at
+    # 4608 x 3072 / 12288, H200). The interpreter's copies clamp instead, and the small-M
+    # kernel's address whole tiles.
+    pad_rows = interpret or not config.stream
+    pad = (lambda v: jnp.pad(v, ((0, mp - m), (0, 0)))) if pad_rows else (lambda v: v)
     if config.act_codes:  # decoded in the kernel (the scales widened here: a 16th the size)
       xp = (pad(a), pad(a_scales.astype(jnp.float16)))
     elif packed:

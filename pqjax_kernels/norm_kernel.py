@@ -63,7 +63,10 @@ CHUNK_CHOICES = (64, 128, 256, 512)  # wider chunks: more independent registers 
 # Mosaic GPU's layout inference (JAX 0.11.2) raises IndexError on the (rows, 32)-group scale
 # store of a 512-column chunk with more than 4 rows.
 _CHUNK_512_MAX_ROWS = 4
-SMEM_BYTES = 200 * 1024  # shared memory the kernel may use (H100/H200: 227 KiB per CTA)
+SMEM_BYTES = 220 * 1024  # shared memory the kernel may use (H100/H200: 227 KiB per CTA)
+# perm is staged as int16 where D allows it (half the shared memory of int32: at D = 12288
+# a gathered 4-row block with float16 values out fits, 216 KiB)
+_PERM16_MAX_D = 2**15
 
 # (rows, groups, 8, 2) = (row, 16-wide group, pair, element): warp w holds rows w, w + 4, ...;
 # lane 8g + p holds pair p of group g (of every 4 consecutive groups); a pair is one
@@ -98,11 +101,16 @@ def default_chunk(d: int, rows: int = min(ROW_CHOICES)) -> int:
   return max(fits, default=CHUNK)
 
 
+def _perm_dtype(d: int):
+  return jnp.int16 if d <= _PERM16_MAX_D else jnp.int32
+
+
 def _smem_bytes(x, perm, out: str, n_vec: int, rows: int) -> float:
   d = x.shape[-1]
   in_place = _in_place(x.dtype, out, perm)
   out_bytes = 0 if in_place else 2 if out in _TWO_BYTE_OUTS else 9 / 16
-  return rows * d * (x.dtype.itemsize + out_bytes) + (n_vec + (perm is not None)) * d * 4
+  perm_bytes = 0 if perm is None else d * jnp.dtype(_perm_dtype(d)).itemsize
+  return rows * d * (x.dtype.itemsize + out_bytes) + n_vec * d * 4 + perm_bytes
 
 
 def default_rows(x, perm=None, *, out: str = "nvfp4", n_vec: int = 0) -> int:
@@ -175,9 +183,10 @@ def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk,
 
 
 def _in_place(dtype, out: str, perm) -> bool:
-  """bf16 output of bf16 input overwrites the shared-memory copy of x (saves its size),
-  except with a gather, which reads all of x to the end."""
-  return out == "bf16" and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and perm is None
+  """A two-byte output of a two-byte input overwrites the shared-memory copy of x (saves its
+  size; stored bitcast to x's dtype), except with a gather, which reads all of x to the
+  end."""
+  return out in _TWO_BYTE_OUTS and jnp.dtype(dtype).itemsize == 2 and perm is None
 
 
 def _per_sample(v, x) -> bool:
@@ -386,9 +395,10 @@ def _hadamard_chunk(y, interpret: bool):
 
 
 def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
-  """Mosaic GPU: ``x_ref[:, perm_ref]`` (SMEM ``(ROWS, D)`` and ``(gc * 16,)`` int32) as a
-  ``(ROWS, gc, 8, 2)`` ``FragmentedArray`` in ``_LAYOUT``: per element one shared-memory
-  load of its column index (shared by a thread's rows) and one of the value."""
+  """Mosaic GPU: ``x_ref[:, perm_ref]`` (SMEM ``(ROWS, D)`` and ``(gc * 16,)`` int16 or
+  int32) as a ``(ROWS, gc, 8, 2)`` ``FragmentedArray`` in ``_LAYOUT``: per element one
+  shared-memory load of its column index (shared by a thread's rows) and one of the
+  value."""
   from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
   from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
   from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
@@ -431,6 +441,8 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
   view = (lambda ref, _: ref) if interpret else (lambda ref, shape: ref.reshape(*shape))
   copy = dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
   in_place = _in_place(x2.dtype, out, perm)
+  # two-byte outputs staged (and written) in x's dtype when in place, bitcast back by XLA
+  stage_dtype = x2.dtype if in_place else _TWO_BYTE_OUTS.get(out)
 
   def kernel(*refs):
     it = iter(refs)
@@ -516,11 +528,12 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
       if hadamard:  # rotates what is quantized (and what the dynamic amax sees)
         y = _hadamard_chunk(y, interpret)
       cols = pl.ds(c * gc, gc)
-      if out == "bf16":  # in place: this chunk of x is not read again
-        view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = y.astype(jnp.bfloat16)
-      elif out == "nvfp4_f16":
-        view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = _quantize_chunk(
-            y, par_smem, interpret, values=True)
+      if out in _TWO_BYTE_OUTS:  # in place where it can: this chunk of x is not read again
+        v = (y.astype(jnp.bfloat16) if out == "bf16"
+             else _quantize_chunk(y, par_smem, interpret, values=True))
+        if v.dtype != stage_dtype:
+          v = lax.bitcast_convert_type(v, stage_dtype)
+        view(out_smems[0], (rows, groups, 8, 2)).at[:, cols][...] = v
       elif out == "amax":  # per row and chunk: a 2-D (rows, >= 8 groups) store trips
         # Mosaic GPU's layout inference on JAX 0.11.2 (IndexError), a 1-D one does not
         out_smems[0].at[pl.ds(c * rows, rows)][...] = jnp.max(
@@ -542,7 +555,7 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
     plgpu.wait_smem_to_gmem(0)
 
   if out in _TWO_BYTE_OUTS:
-    outs = [(grouped((rows, d), (rows, groups, 8, 2)), _TWO_BYTE_OUTS[out])]
+    outs = [(grouped((rows, d), (rows, groups, 8, 2)), stage_dtype)]
   elif out == "amax":  # one row per CTA, padded to whole 128-byte copies
     outs = [(((-(-(n_chunks + 2) * rows // 32) * 32),), jnp.float32)]
   else:
@@ -566,8 +579,8 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
     args.append(stats)
     scratch.append(plgpu.SMEM(stats.shape[1:], jnp.float32))
   if perm is not None:
-    args.append(perm)
-    scratch.append(plgpu.SMEM(perm.shape, jnp.int32))
+    args.append(perm.astype(_perm_dtype(d)))
+    scratch.append(plgpu.SMEM(perm.shape, args[-1].dtype))
   if not in_place:
     scratch += [plgpu.SMEM(shape, dtype) for shape, dtype in outs]
   scratch.append(plgpu.Barrier(num_arrivals=len(args)))
@@ -577,7 +590,10 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
   call = plgpu.kernel(kernel, out_type=out_type, grid=(m // rows,), grid_names=("rows",),
                       scratch_types=scratch,
                       compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
-  return call(*args)
+  res = call(*args)
+  if out in _TWO_BYTE_OUTS and stage_dtype != _TWO_BYTE_OUTS[out]:
+    res = [lax.bitcast_convert_type(res[0], _TWO_BYTE_OUTS[out])]
+  return res
 
 
 def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,

@@ -92,8 +92,9 @@ def _norm_args(rng, b=2, t=32, d=256):
                                                  (jnp.float32, 256, False),  # bf16 only
                                                  (jnp.bfloat16, 80, False)])  # D % 64
 def test_mosaic_norm_picks_kernel_where_it_runs(monkeypatch, dtype, d, uses_kernel):
-  """On a GPU the mosaic backend's gathered norm and W4A4 activation quantize are the Pallas
-  kernel (seen in the CUDA lowering, made here on the CPU); other inputs keep the reference."""
+  """On a GPU the mosaic backend's gathered norm (bf16) and W4A4 activation quantize are the
+  Pallas kernel (seen in the CUDA lowering, made here on the CPU); other inputs keep the
+  reference."""
   import jax
   monkeypatch.setattr(dispatch, "_norm_kernel_runs", lambda: True)
   x, perm, kw = _norm_args(np.random.default_rng(4), d=d)
@@ -101,12 +102,39 @@ def test_mosaic_norm_picks_kernel_where_it_runs(monkeypatch, dtype, d, uses_kern
   f = lambda x, p: dispatch.gathered_norm(x, p, backend="mosaic", **kw)  # noqa: E731
   text = jax.jit(f).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
   assert ("mosaic_gpu" in text) == uses_kernel
-  if d % 128 == 0:  # the W4A4 activation quantize: the kernel when it fuses a rotation
-    for p, rotate in ((perm, False), (None, False), (None, True), (perm, True)):
-      g = lambda x, p=p, r=rotate: dispatch._quantize_activations(  # noqa: E731, SLF001
-          x, jnp.float32(0.01), p, r)
-      text = jax.jit(g).trace(x.reshape(-1, d)).lower(lowering_platforms=("cuda",)).as_text()
-      assert ("mosaic_gpu" in text) == rotate
+  # the W4A4 activation quantize (any float dtype): the kernel from NORM_KERNEL_MIN_ROWS rows
+  # wherever D fits it
+  rows = x.reshape(-1, d)
+  tall = jnp.tile(rows, (-(-dispatch.NORM_KERNEL_MIN_ROWS // rows.shape[0]), 1))
+  for p, rotate in ((perm, False), (None, False), (None, True), (perm, True)):
+    assert ("mosaic_gpu" in _quantize_lowered(tall, p, rotate)) == (d % 64 == 0)
+    assert "mosaic_gpu" not in _quantize_lowered(tall[:dispatch.NORM_KERNEL_MIN_ROWS - 4], p,
+                                                 rotate)
+
+
+def _quantize_lowered(x2, perm, rotate: bool) -> str:
+  """The CUDA lowering (made on the CPU) of the mosaic backend's W4A4 activation quantize."""
+  import jax
+  g = lambda x: dispatch._quantize_activations(x, jnp.float32(0.01), perm, rotate)  # noqa: E731, SLF001
+  return jax.jit(g).trace(x2).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_mosaic_quantize_codes_where_values_do_not_fit(monkeypatch):
+  """Where a row block with float16 values exceeds the norm kernel's shared memory but one
+  with codes fits, a rotated site still quantizes in the kernel (codes, decoded by XLA);
+  an unrotated one goes to XLA's fusion."""
+  from pqjax_kernels import norm_kernel
+  monkeypatch.setattr(dispatch, "_norm_kernel_runs", lambda: True)
+  rng = np.random.default_rng(7)
+  d = 256
+  x2 = jnp.asarray(rng.standard_normal((dispatch.NORM_KERNEL_MIN_ROWS, d)), jnp.bfloat16)
+  perm = jnp.asarray(rng.permutation(d), jnp.int32)
+  # 4-row blocks: float16 values 4 * 256 * 4 + 512 (int16 perm) = 4608 bytes, codes 3136
+  monkeypatch.setattr(norm_kernel, "SMEM_BYTES", 4000)
+  assert not norm_kernel.accepts(x2, perm, kind="none", hadamard=True, out="nvfp4_f16")
+  assert norm_kernel.accepts(x2, perm, kind="none", hadamard=True, out="nvfp4")
+  assert "mosaic_gpu" in _quantize_lowered(x2, perm, True)
+  assert "mosaic_gpu" not in _quantize_lowered(x2, perm, False)
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")

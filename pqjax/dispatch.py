@@ -16,9 +16,9 @@ store that beside the ``QTensor`` and pass it as ``linear(..., prepared=...)``, 
 every call re-lays the weights out (an extra XLA pass over the scales per call).
 
 On ``"mosaic"`` running on a GPU, the gathered norm (bf16 in and out) and, from
-``NORM_KERNEL_MIN_ROWS`` rows, the NVFP4 activation quantize of W4A4 linears (the input
-permutation and block Hadamard rotation fused; written as the float16 values the matmul
-reads) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
+``NORM_KERNEL_MIN_ROWS`` rows, the NVFP4 activation quantize of gathered or rotated W4A4
+linears (the input permutation and block Hadamard rotation fused; written as the float16
+values the matmul reads) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
 shapes it does not take (D not a multiple of 64, rows that do not fit in shared memory) and
 every other backend use the plain-jnp ``pqjax_kernels.norm`` (XLA fuses it).
 
@@ -143,9 +143,9 @@ def _norm_kernel_runs() -> bool:
   return jax.devices()[0].platform == "gpu"
 
 
-# Rows from which W4A4 activations are quantized by the norm kernel (below, by XLA's fusion
-# of gather + quantize + decode): at 16 rows the kernel's few CTAs lost to XLA by 3-12 us
-# (H200, ``results/diag_large_m_NVIDIA_H200_2026-12-01_v20.json``); from 1024 it wins or ties.
+# Rows from which gathered or rotated W4A4 activations are quantized by the norm kernel:
+# at 16 rows its few CTAs lost to XLA's fusion by 3-12 us, at 1024 it won by 4-44 us (H200,
+# ``results/diag_large_m_NVIDIA_H200_2026-12-01_v20a.json``, ``_v20b``; 256-1023 untimed).
 NORM_KERNEL_MIN_ROWS = 512
 
 
@@ -153,14 +153,16 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP
   """NVFP4 of ``x2[:, perm]`` (block-Hadamard rotated if ``rotate``) for a W4A4 kernel call,
   as the float16 values the kernels read (``norm.NVFP4Values``): no decode pass in the call.
 
-  From ``NORM_KERNEL_MIN_ROWS`` rows on a GPU, the norm kernel writes them (where a row
-  block with float16 values does not fit its shared memory, a rotation still runs in the
-  kernel, writing codes that XLA decodes); otherwise XLA's fusion of gather + quantize +
-  decode. H200, 2 x 4608 x 3072, static scale (``results/kernels_NVIDIA_H200_2026-12-01_v20n.json``):
-  the kernel 53.9 us gathered, 61.9 rotated; XLA 143.0 and 398.7.
+  A gather or a rotation from ``NORM_KERNEL_MIN_ROWS`` rows on a GPU: the norm kernel
+  (where a row block with float16 values does not fit its shared memory, a rotation still
+  runs there, writing codes that XLA decodes). Otherwise XLA's fusion of gather + quantize +
+  decode, which in order is the faster (whole linear, 4608 x 12288 x 3072: 518.1 us against
+  536.2 through the kernel; gathered 693.1 against 599.9, rotated 897.5 against 624.6;
+  H200, ``results/diag_large_m_NVIDIA_H200_2026-12-01_v20b.json``).
   """
   kw = dict(tensor_scale=act_tensor_scale, hadamard=rotate)
-  if _norm_kernel_runs() and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
+  if (perm is not None or rotate) and _norm_kernel_runs() \
+     and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
     for out in ("nvfp4_f16", "nvfp4") if rotate else ("nvfp4_f16",):
       if norm_kernel.accepts(x2, perm, kind="none", hadamard=rotate, out=out):
         q = norm_kernel.norm_quantize(x2, perm, kind="none", out=out, **kw)

@@ -1133,7 +1133,7 @@ def _fence_async_global() -> None:
 def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
                  interpret: bool, gelu: bool = False):
   """Runs the streaming kernel (``MatmulConfig.stream``) on activations ``x (M, K)``
-  (M need not be a multiple of ``tile_m``: Mp is M rounded up to one).
+  (M a multiple of 8, not necessarily of ``tile_m``: Mp is M rounded up to one).
 
   ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
   applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(M, N)`` itself
@@ -1192,8 +1192,9 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   direct = sb is not None
   cl = config.cluster_splits
   fx = config.fixup_splits
-  # x may end inside its last row block: TMA reads rows past it as zeros and drops stores
-  # past the output's rows (float32 partials and workspaces keep whole blocks).
+  # x may end inside its last row block (M a multiple of 8): TMA reads rows past it as zeros
+  # and drops stores past the output's rows (float32 partials and workspaces keep whole
+  # blocks).
   n_blocks, m_blocks = n // tn // tiles, -(-m // tm)
   mp = m_blocks * tm
   tm_s = tm // splits if cl else tm  # rows of each output tile a CTA finishes
@@ -1659,11 +1660,12 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     y = _xla_product(x, w, out_scale, out_dtype)
   else:
     mp = -(-m // config.tile_m) * config.tile_m
-    # The streaming kernel on the GPU takes M rows as they are (its TMA copies read zeros
-    # past them): a pad would be one more pass over float16 activations (18 / 70 us at
+    # The streaming kernel on the GPU takes M rows as they are where M is a multiple of 8
+    # (its TMA copies read zeros past them; its copies' 8-row tiling misplaces rows of a
+    # ragged 8): a pad would be one more pass over float16 activations (18 / 70 us at
     # 4608 x 3072 / 12288, H200). The interpreter's copies clamp instead, and the small-M
     # kernel's address whole tiles.
-    pad_rows = interpret or not config.stream
+    pad_rows = interpret or not config.stream or m % 8 != 0
     pad = (lambda v: jnp.pad(v, ((0, mp - m), (0, 0)))) if pad_rows else (lambda v: v)
     if config.act_codes:  # decoded in the kernel (the scales widened here: a 16th the size)
       xp = (pad(a), pad(a_scales.astype(jnp.float16)))

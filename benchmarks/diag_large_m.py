@@ -1,12 +1,14 @@
 """Where the large-M W4A4 time goes: per-kernel CUPTI breakdown of the decode + XLA dot path.
 
     python benchmarks/diag_large_m.py --out DIR
+    python benchmarks/diag_large_m.py --plot RESULTS.json  # the PNG again
 
 Times (median of 10 calls, per weight buffer) XLA bf16 in both weight layouts, our "xla"
 method for W4A4 and W4A16, the weight decode alone, the activation decode alone, and lists
 each kernel of our call by name, and the whole W4A4 linear from bf16 activations (in order,
 gathered, gathered + block Hadamard) as ``pqjax.dispatch.linear`` runs it, from XLA's
-float16 values, and from NVFP4 codes as it ran before; writes ``diag_large_m.json`` and the optimized HLO.
+float16 values, and from NVFP4 codes as it ran before; writes ``diag_large_m.json``, a bar
+plot of the whole linears (``diag_large_m.png``) and the optimized HLO.
 """
 
 from __future__ import annotations
@@ -47,12 +49,48 @@ def _measure(fn, args):
   return statistics.median(totals), {k: statistics.median(v) for k, v in kernels.items()}
 
 
+# The whole-linear candidates, by activation path: (label, key prefix).
+E2E_PATHS = (("NVFP4 codes, then fp4_matmul's decode (before version 20)", "e2e_codes_"),
+             ("float16 values from XLA's fusion", "e2e_xla_values_"),
+             ("dispatch.linear as run", "e2e_"))
+E2E_SITES = (("in order", "quantize"), ("gathered", "gathered"),
+             ("gathered + Hadamard", "gathered_hadamard"))
+
+
+def plot_e2e(res: dict, path: str) -> None:
+  """Bars of the whole W4A4 linear's time per activation path and site, one panel per
+  shape, XLA bf16 (``bf16_kn``) as a line."""
+  import matplotlib  # noqa: PLC0415 (only for the plot)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  rows = [r for r in res["rows"] if any(k.startswith("e2e_") for k in r)]
+  fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.6), squeeze=False)
+  for ax, r in zip(axes[0], rows):
+    for i, (label, prefix) in enumerate(E2E_PATHS):
+      ys = [r.get(prefix + site, {}).get("us", float("nan")) for _, site in E2E_SITES]
+      ax.bar([j + 0.27 * (i - 1) for j in range(len(E2E_SITES))], ys, width=0.27, label=label)
+    ax.axhline(r["bf16_kn"]["us"], color="k", lw=0.8, ls="--", label="XLA bf16 matmul")
+    ax.set_xticks(range(len(E2E_SITES)), [s for s, _ in E2E_SITES], fontsize=7)
+    ax.set_title(f"{r['m']} x {r['k']} x {r['n']}", fontsize=9)
+  axes[0][0].set_ylabel("us per linear (CUPTI, all kernels)")
+  axes[0][-1].legend(fontsize=6)
+  fig.suptitle(f"Whole W4A4 linear from bf16 activations, {res['device']}, JAX {res['jax']}, "
+               f"{res['date']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--shapes", default="4608x3072x12288,4608x12288x3072,4608x3072x3072")
   p.add_argument("--tag", default="")
+  p.add_argument("--plot", default=None, help="only plot this results JSON (PNG beside it)")
   args = p.parse_args()
+  if args.plot:
+    with open(args.plot) as f:
+      plot_e2e(json.load(f), os.path.splitext(args.plot)[0] + ".png")
+    return
   res = dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
              device=jax.devices()[0].device_kind,
              xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
@@ -129,6 +167,7 @@ def main():
         print(f"   {name}: {t:8.1f} us  {kname}", flush=True)
   with open(os.path.join(args.out, f"diag_large_m{args.tag}.json"), "w") as f:
     json.dump(res, f, indent=1)
+  plot_e2e(res, os.path.join(args.out, f"diag_large_m{args.tag}.png"))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ Backends:
   NVFP4; everything else falls back to the reference.
 
 On ``"mosaic"`` the kernel reads weights re-laid out once by ``prepare(w)``
-(``PreparedWeights``: int4 view of the codes, bf16 block scales transposed to (K/G, N));
-store that beside the ``QTensor`` and pass it as ``linear(..., prepared=...)``, otherwise
-every call re-lays the weights out (an extra XLA pass over the scales per call).
+(``PreparedWeights``: the codes tiled in register order, the block scales as float16/bf16
+tiles); store that beside the ``QTensor`` and pass it as ``linear(..., prepared=...)``,
+otherwise every call re-lays the weights out (a pass over codes and scales per call).
+``QuantLinear`` stores it (``pqjax.qmodules.prepare_kernel_weights``, which
+``pqjax.quantize`` and ``pqjax.load`` run where this backend is the default).
 
 On ``"mosaic"`` running on a GPU, the gathered norm (bf16 in and out) and, from
 ``NORM_KERNEL_MIN_ROWS`` rows, the NVFP4 activation quantize of gathered or rotated W4A4
@@ -125,6 +127,13 @@ def prepare(w: QTensor) -> matmul_fp4.PreparedWeights | None:
     return None
   return matmul_fp4.prepare_weights(w.codes, w.scales, w.tensor_scale,
                                     fmt=_KERNEL_FORMATS[w.fmt])
+
+
+def prepared_weights(w: QTensor, codes: jax.Array, scales_t: jax.Array
+                     ) -> matmul_fp4.PreparedWeights:
+  """``prepare(w)`` rebuilt from its stored arrays (``codes``, ``scales_t``)."""
+  return matmul_fp4.PreparedWeights(codes, scales_t, w.tensor_scale, _KERNEL_FORMATS[w.fmt],
+                                    w.group_size)
 
 
 def _check_prepared(prepared, w: QTensor) -> None:

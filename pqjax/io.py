@@ -32,7 +32,8 @@ from flax import nnx
 
 from pqjax.config import QuantConfig
 from pqjax.fold import dotted_path, set_module
-from pqjax.qmodules import SWAP_TYPES, QuantInfo
+from pqjax import dispatch
+from pqjax.qmodules import SWAP_TYPES, KernelLayout, QuantInfo, prepare_kernel_weights
 from pqjax.search import SiteDecision
 
 FORMAT_TAG = "pqjax-quantized/1"
@@ -58,7 +59,9 @@ class CheckpointMismatchError(QuantCheckpointError):
 
 
 def _flat(model: nnx.Module) -> dict[str, Any]:
-  return {dotted_path(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
+  """The arrays a checkpoint holds: the model's state but the kernels' derived layouts."""
+  state = nnx.state(model, nnx.Not(KernelLayout))
+  return {dotted_path(p): v[...] for p, v in nnx.to_flat_state(state)}
 
 
 def _param_dtype(model: nnx.Module) -> str:
@@ -195,7 +198,9 @@ def load(path: str | os.PathLike) -> nnx.Module:
     path: checkpoint folder.
 
   Returns:
-    The quantized model (same class, same outputs bit for bit).
+    The quantized model (same class, same outputs bit for bit), with the GPU kernels' weight
+    layout rebuilt (``pqjax.qmodules.prepare_kernel_weights``) where the ``"mosaic"``
+    backend is the default.
 
   Raises:
     IncompleteCheckpointError: an unfinished save.
@@ -230,7 +235,8 @@ def load(path: str | os.PathLike) -> nnx.Module:
       raise CorruptCheckpointError(f"{path}: array {key} restored as {arr.shape} "
                                    f"{arr.dtype}, expected {want[key]}")
     var.set_value(jnp.asarray(arr))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return prepare_kernel_weights(model) if dispatch.current_backend() == "mosaic" else model
 
 
 def _check_manifest(path: Path, want: dict, stored: dict) -> None:

@@ -22,12 +22,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from pqjax import calibrate as calib
-from pqjax import search
+from pqjax import dispatch, search
 from pqjax.config import ConfigError, QuantConfig
 from pqjax.fold import FoldError, embed_permutation, fold_site, get_module, set_module
 from pqjax.hadamard import rotate_kernel_rows
 from pqjax.qmatmul import quantize_weight
-from pqjax.qmodules import GatheredLinear, QuantInfo, QuantLinear
+from pqjax.qmodules import GatheredLinear, QuantInfo, QuantLinear, prepare_kernel_weights
 from pqjax.search import SiteData, SiteDecision
 from pqjax.sites import Site
 
@@ -204,6 +204,8 @@ def quantize(params: nnx.Module, calib_batch: Mapping[str, Any] | Iterable[Mappi
   Returns:
     A model of the same class and call signature whose block linears are ``QuantLinear`` and
     whose permuted norms are ``GatheredNorm``; ``model.pqjax_info`` holds the decisions.
+    Where the ``"mosaic"`` backend (Hopper) is the default, the linears also hold the GPU
+    kernels' weight layout (``pqjax.qmodules.prepare_kernel_weights``).
 
   Raises:
     UnsupportedModelError: not a converted model with permutation sites.
@@ -256,6 +258,8 @@ def quantize(params: nnx.Module, calib_batch: Mapping[str, Any] | Iterable[Mappi
   ordered = [decisions[s.name] for s in sites]
   qmodel.pqjax_info = QuantInfo(config, sites, tuple(d for d, _ in ordered),
                                 np.concatenate([p for _, p in ordered]))
+  if dispatch.current_backend() == "mosaic":  # the kernels' weight layout, once
+    prepare_kernel_weights(qmodel)
   return qmodel
 
 

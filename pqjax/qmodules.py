@@ -25,6 +25,12 @@ class QuantArray(nnx.Variable):
   """Quantized weight data, static scales and permutations: state, but not trainable."""
 
 
+class KernelLayout(nnx.Variable):
+  """A ``QuantLinear``'s weights re-laid out for the GPU kernels (``dispatch.prepare``):
+  derived from its ``QTensor``, so ``pqjax.save`` leaves it out and ``pqjax.load`` rebuilds
+  it."""
+
+
 def _opt(var: nnx.Variable | None) -> Array | None:
   return None if var is None else var[...]
 
@@ -65,6 +71,20 @@ class QuantLinear(nnx.Module):
                              else QuantArray(jnp.asarray(act_tensor_scale, jnp.float32)))
     self.in_perm = None if in_perm is None else QuantArray(jnp.asarray(in_perm, jnp.int32))
     self.rotate = bool(rotate)
+    self.kernel_codes = self.kernel_scales = None  # prepare_kernel_weights() fills them
+
+  def prepare_kernel_weights(self) -> bool:
+    """Stores the GPU kernels' layout of the weights (``dispatch.prepare``) beside them, so
+    that calls on the ``"mosaic"`` backend do not re-lay them out: a pass over the codes
+    and scales per call otherwise, ~25 MB each way for a 3072 x 12288 layer. Costs as much
+    device memory again as the codes and scales. Returns whether the kernels take them."""
+    pw = dispatch.prepare(self.qweight)
+    if pw is None:
+      return False
+    # nnx.data: the attributes were None (static) until now
+    self.kernel_codes = nnx.data(KernelLayout(pw.codes))
+    self.kernel_scales = nnx.data(KernelLayout(pw.scales_t))
+    return True
 
   @property
   def qweight(self) -> QTensor:
@@ -76,10 +96,13 @@ class QuantLinear(nnx.Module):
                    dtype=jnp.dtype(self.weight_dtype))
 
   def __call__(self, x: Array) -> Array:
-    return dispatch.linear(x, self.qweight, _opt(self.bias), act_format=self.act_format,
+    w = self.qweight
+    prepared = (None if self.kernel_codes is None else
+                dispatch.prepared_weights(w, self.kernel_codes[...], self.kernel_scales[...]))
+    return dispatch.linear(x, w, _opt(self.bias), act_format=self.act_format,
                            act_tensor_scale=_opt(self.act_tensor_scale),
                            in_perm=_opt(self.in_perm), rotate=self.rotate,
-                           out_dtype=jnp.dtype(self.out_dtype))
+                           out_dtype=jnp.dtype(self.out_dtype), prepared=prepared)
 
   def spec(self) -> dict[str, Any]:
     return {"type": "QuantLinear", "in_features": self.in_features,
@@ -175,6 +198,19 @@ class GatheredLinear(nnx.Module):
     k, n = s["in_features"], s["out_features"]
     bias = None if s["bias_dtype"] is None else jnp.zeros((n,), s["bias_dtype"])
     return cls(jnp.zeros((k, n), s["dtype"]), bias, jnp.arange(k, dtype=jnp.int32))
+
+
+def prepare_kernel_weights(model: nnx.Module) -> nnx.Module:
+  """Stores the GPU kernels' weight layout in every ``QuantLinear`` of ``model`` that the
+  kernels take (``QuantLinear.prepare_kernel_weights``), in place; returns ``model``.
+
+  ``pqjax.quantize`` and ``pqjax.load`` call it where the ``"mosaic"`` backend (Hopper) is
+  the default; call it after ``dispatch.use_backend("mosaic")`` elsewhere.
+  """
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, QuantLinear):
+      node.prepare_kernel_weights()
+  return model
 
 
 class QuantInfo(nnx.Module):

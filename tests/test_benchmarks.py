@@ -69,3 +69,19 @@ def test_bench_kernels_tiny_runs_and_checks(tmp_path):
   assert res["check_ok"] and {r["m"] for r in res["matmul"]} == {5, 80}
   modes = {(c["mode"], c["m"]) for c in res["check"]}
   assert {("ours_w4a4_xla", 5), ("ours_w4a4_xla", 80), ("ours_w4a16_xla", 80)} <= modes
+
+
+def test_bench_inference_tiny_runs(tmp_path):
+  """``bench_inference.py --tiny`` (CPU) quantizes a tiny FLUX both ways, times the three
+  forward passes, and writes the JSON and plot; the quantized outputs are near bf16's."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_inference.py"),
+                  "--tiny", "--out", str(tmp_path)], check=True, cwd=root,
+                 env={**os.environ, "PYTHONPATH": root}, capture_output=True)
+  (path,) = tmp_path.glob("inference_*.json")
+  assert path.with_suffix(".png").exists()
+  runs = json.loads(path.read_text())["runs"]
+  assert list(runs) == ["bf16", "nvfp4 w4a4", "nvfp4 w4a16"]
+  assert all(r["wall_ms"] > 0 for r in runs.values())
+  assert runs["bf16"]["rel_error_vs_bf16"] == 0.0
+  assert all(0 < runs[k]["rel_error_vs_bf16"] < 0.5 for k in ("nvfp4 w4a4", "nvfp4 w4a16"))

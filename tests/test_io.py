@@ -120,3 +120,38 @@ def test_corrupt_array_data(saved, tmp_path):
 def test_save_needs_quantized_model(tmp_path):
   with pytest.raises(io.QuantCheckpointError, match="pqjax.quantize"):
     pqjax.save(make_toy(), tmp_path / "f")
+
+
+def test_kernel_layout_attached_not_saved(tmp_path):
+  """Where the mosaic backend is the default, ``quantize`` and ``load`` attach the GPU
+  kernels' weight layout to every QuantLinear the kernels take (K, N multiples of 128);
+  ``save`` leaves it out (the checkpoint is the same either way) and the reference
+  outputs do not change."""
+  from pqjax import dispatch
+  from pqjax.qmodules import KernelLayout
+  model = make_toy(dim=128, ff_dim=256, outliers=30.0)
+  batches = [toy_batch(1, tokens=16), toy_batch(2, tokens=16)]
+  cfg = pqjax.QuantConfig(method="permuquant", error_tokens=64)
+  with dispatch.use_backend("mosaic"):
+    q = pqjax.quantize(model, batches, cfg)
+  lin = q.blocks[0].to_q
+  assert (lin.in_features, lin.out_features) == (128, 128)
+  pw = dispatch.prepare(lin.qweight)
+  np.testing.assert_array_equal(np.asarray(lin.kernel_codes.value), np.asarray(pw.codes))
+  np.testing.assert_array_equal(np.asarray(lin.kernel_scales.value), np.asarray(pw.scales_t))
+  linears = [node for _, node in nnx.iter_graph(q) if isinstance(node, QuantLinear)]
+  for node in linears:  # the kernels take K and N multiples of 128 (not the context's 32)
+    takes = node.in_features % 128 == 0 and node.out_features % 128 == 0
+    assert (node.kernel_codes is not None) == takes, (node.in_features, node.out_features)
+  assert any(n.kernel_codes is None for n in linears)
+  path = pqjax.save(q, tmp_path / "q")
+  assert not [k for k in io.read_metadata(path)["arrays"] if "kernel_" in k]
+  plain = pqjax.load(path)  # the CPU's default backend: no kernel layout
+  assert not nnx.state(plain, KernelLayout)
+  with dispatch.use_backend("mosaic"):
+    again = pqjax.load(path)
+  assert jax_state(again).keys() == jax_state(q).keys()
+  for k, v in jax_state(q).items():
+    assert v.tobytes() == jax_state(again)[k].tobytes(), k
+  batch = toy_batch(9, tokens=16)
+  np.testing.assert_array_equal(np.asarray(q(**batch)), np.asarray(plain(**batch)))

@@ -1,0 +1,134 @@
+"""Inference speed: a FLUX.1-dev-width model's forward pass in bf16 and quantized, one GPU.
+
+``converters.from_config`` builds FLUX.1-dev's real config with random bf16 weights and
+``--double`` / ``--single`` transformer blocks (the full model has 19 and 38; the blocks
+carry nearly all the time, so per-block ratios carry over). The model is quantized with
+``pqjax.quantize`` (PermuQuant NVFP4, W4A4 and W4A16, static activation scales) on a small
+calibration set, then one forward pass of ``--batch`` samples of image + text tokens is
+timed per model: kernel time from CUPTI (every kernel of the jitted call, median of 20) and
+wall time, beside the output's relative error against bf16. Writes
+``inference_<device>_<date>.json`` and a bar plot beside it.
+
+  python benchmarks/bench_inference.py --out $OUT          # FLUX.1-dev width, GPU
+  python benchmarks/bench_inference.py --tiny --out /tmp   # smoke run on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import converters  # noqa: E402
+import pqjax  # noqa: E402
+from pqjax import dispatch  # noqa: E402
+from benchmarks.bench_kernels import Timer  # noqa: E402
+from benchmarks.bench_pipeline import FLUX1_DEV, TINY, batches  # noqa: E402
+
+MODES = ("w4a4", "w4a16")
+
+
+def forward_fn(model: nnx.Module):
+  """The jitted forward pass of ``model`` and its state (weights are arguments, as a
+  serving loop holds them)."""
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda st, inputs: nnx.merge(graphdef, st)(**inputs)), state
+
+
+def rel_error(got, want) -> float:
+  got, want = (np.asarray(v, np.float64) for v in (got, want))
+  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def plot(result: dict, path: str) -> None:
+  """Forward-pass kernel time per model, with the speed-up over bf16 on each bar."""
+  import matplotlib  # noqa: PLC0415 (only for the plot)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  runs = result["runs"]
+  names = list(runs)
+  key = "kernel_ms" if all(np.isfinite(r["kernel_ms"]) for r in runs.values()) else "wall_ms"
+  ys = [runs[n][key] for n in names]
+  fig, ax = plt.subplots(figsize=(5.0, 3.4))
+  bars = ax.bar(names, ys, color=[f"C{i}" for i in range(len(names))])
+  for bar, y in zip(bars, ys):
+    ax.text(bar.get_x() + bar.get_width() / 2, y, f"{ys[0] / y:.2f}x", ha="center",
+            va="bottom", fontsize=8)
+  ax.set_ylabel(f"forward pass, {key.replace('_', ' ')}")
+  ax.set_title(f"{result['model']}\n{result['device']}, JAX {result['jax']}, {result['date']}",
+               fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default=".")
+  ap.add_argument("--tiny", action="store_true", help="tiny FLUX config (CPU smoke run)")
+  ap.add_argument("--double", type=int, default=2, help="double-stream blocks")
+  ap.add_argument("--single", type=int, default=4, help="single-stream blocks")
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--img-tokens", type=int, default=4096)
+  ap.add_argument("--txt-tokens", type=int, default=512)
+  ap.add_argument("--calib-samples", type=int, default=4)
+  ap.add_argument("--modes", default=",".join(MODES))
+  args = ap.parse_args()
+  if args.tiny:
+    config = dict(TINY)
+    args.img_tokens, args.txt_tokens, args.calib_samples = 16, 8, 2
+  else:
+    config = dict(FLUX1_DEV, num_layers=args.double, num_single_layers=args.single)
+  device = jax.devices()[0]
+  timer = Timer(tiny=device.platform != "gpu")
+  model = converters.from_config(config, dtype=jnp.bfloat16)
+  data = dict(img_tokens=args.img_tokens, txt_tokens=args.txt_tokens, dtype=jnp.bfloat16)
+  calib = list(batches(config, samples=args.calib_samples, batch=min(2, args.calib_samples),
+                       **data))
+  (inputs,) = batches(config, samples=args.batch, batch=args.batch, **data)
+  models = {"bf16": model}
+  for mode in args.modes.split(","):
+    cfg = pqjax.QuantConfig(format="nvfp4", mode=mode, method="permuquant")
+    models[f"nvfp4 {mode}"] = pqjax.quantize(model, calib, cfg, progress=True)
+  runs = {}
+  for name, m in models.items():
+    fn, state = forward_fn(m)
+    kern, wall, out = timer(fn, (state, inputs), 1)
+    runs[name] = {"kernel_ms": kern / 1e3, "wall_ms": wall / 1e3, "out": out}
+  ref = runs["bf16"]["out"]
+  for r in runs.values():
+    r["rel_error_vs_bf16"] = rel_error(r.pop("out"), ref)
+  result = {
+      "benchmark": "inference",
+      "model": (f"FLUX.1-dev width, {config['num_layers']} double + "
+                f"{config['num_single_layers']} single blocks, random bf16 weights")
+      if not args.tiny else "tiny FLUX",
+      "device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+      "date": datetime.date.today().isoformat(), "batch": args.batch,
+      "img_tokens": args.img_tokens, "txt_tokens": args.txt_tokens,
+      "calib_samples": args.calib_samples, "backend": dispatch.current_backend(),
+      "runs": runs,
+  }
+  print(f"{'model':<14} {'kernel ms':>10} {'wall ms':>9} {'vs bf16':>8} {'rel err':>9}")
+  base = runs["bf16"]["kernel_ms" if device.platform == "gpu" else "wall_ms"]
+  for name, r in runs.items():
+    t = r["kernel_ms" if device.platform == "gpu" else "wall_ms"]
+    print(f"{name:<14} {r['kernel_ms']:10.2f} {r['wall_ms']:9.2f} {base / t:7.2f}x "
+          f"{r['rel_error_vs_bf16']:9.4f}")
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"inference_{device.device_kind.replace(' ', '_')}_"
+                      f"{result['date']}")
+  with open(stem + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  plot(result, stem + ".png")
+
+
+if __name__ == "__main__":
+  main()

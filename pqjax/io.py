@@ -30,9 +30,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from pqjax import dispatch
 from pqjax.config import QuantConfig
 from pqjax.fold import dotted_path, set_module
-from pqjax import dispatch
 from pqjax.qmodules import SWAP_TYPES, KernelLayout, QuantInfo, prepare_kernel_weights
 from pqjax.search import SiteDecision
 

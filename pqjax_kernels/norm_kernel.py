@@ -26,8 +26,9 @@ Gather (``perm``): the statistics are permutation-invariant, so only the output 
 gathers; the affine/adaLN vectors are gathered outside (they are small). On the GPU each
 thread loads its elements from the shared-memory row block at the column indices read from
 ``perm`` (also in shared memory), in inline Mosaic GPU (``_gather_registers``): Pallas has no
-lane gather. Under the interpreter the same step is a ``jnp.take``. bf16 output of bf16
-input is staged in place over x, except with a gather.
+lane gather. Under the interpreter the same step is a ``jnp.take``. A two-byte output
+(bf16, float16 values) of a two-byte x is staged in place over x, except with a gather;
+``perm`` is staged as int16 where D allows.
 
 Arithmetic: every elementwise operation is the reference's, in the same order and precision
 (float32; the E4M3 block scale and E2M1 codes by ``norm``'s own comparisons with rounded

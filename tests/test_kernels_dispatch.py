@@ -116,7 +116,8 @@ def test_mosaic_norm_picks_kernel_where_it_runs(monkeypatch, dtype, d, uses_kern
 def _quantize_lowered(x2, perm, rotate: bool) -> str:
   """The CUDA lowering (made on the CPU) of the mosaic backend's W4A4 activation quantize."""
   import jax
-  g = lambda x: dispatch._quantize_activations(x, jnp.float32(0.01), perm, rotate)  # noqa: E731, SLF001
+  def g(x):
+    return dispatch._quantize_activations(x, jnp.float32(0.01), perm, rotate)  # noqa: SLF001
   return jax.jit(g).trace(x2).lower(lowering_platforms=("cuda",)).as_text()
 
 

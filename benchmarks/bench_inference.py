@@ -6,7 +6,8 @@ carry nearly all the time, so per-block ratios carry over). The model is quantiz
 ``pqjax.quantize`` (PermuQuant NVFP4, W4A4 and W4A16, static activation scales) on a small
 calibration set, then one forward pass of ``--batch`` samples of image + text tokens is
 timed per model: kernel time from CUPTI (every kernel of the jitted call, median of 20) and
-wall time, beside the output's relative error against bf16. Writes
+wall time, beside the output's relative error against bf16; the W4A4 model also once with
+its linears re-laying their weights out per call (no stored kernel layout). Writes
 ``inference_<device>_<date>.json`` and a bar plot beside it.
 
   python benchmarks/bench_inference.py --out $OUT          # FLUX.1-dev width, GPU
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import converters  # noqa: E402
 import pqjax  # noqa: E402
 from pqjax import dispatch  # noqa: E402
+from pqjax.qmodules import QuantLinear  # noqa: E402
 from benchmarks.bench_kernels import Timer  # noqa: E402
 from benchmarks.bench_pipeline import FLUX1_DEV, TINY, batches  # noqa: E402
 
@@ -41,6 +43,16 @@ def forward_fn(model: nnx.Module):
   serving loop holds them)."""
   graphdef, state = nnx.split(model)
   return jax.jit(lambda st, inputs: nnx.merge(graphdef, st)(**inputs)), state
+
+
+def without_kernel_layout(model: nnx.Module) -> nnx.Module:
+  """A copy of a quantized model whose linears re-lay their weights out on every call (as
+  before ``prepare_kernel_weights``): what storing the layout saves."""
+  model = nnx.clone(model)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, QuantLinear):
+      node.kernel_codes = node.kernel_scales = nnx.data(None)
+  return model
 
 
 def rel_error(got, want) -> float:
@@ -57,8 +69,9 @@ def plot(result: dict, path: str) -> None:
   names = list(runs)
   key = "kernel_ms" if all(np.isfinite(r["kernel_ms"]) for r in runs.values()) else "wall_ms"
   ys = [runs[n][key] for n in names]
-  fig, ax = plt.subplots(figsize=(5.0, 3.4))
-  bars = ax.bar(names, ys, color=[f"C{i}" for i in range(len(names))])
+  fig, ax = plt.subplots(figsize=(6.0, 3.8))
+  bars = ax.bar(range(len(names)), ys, color=[f"C{i}" for i in range(len(names))])
+  ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=7)
   for bar, y in zip(bars, ys):
     ax.text(bar.get_x() + bar.get_width() / 2, y, f"{ys[0] / y:.2f}x", ha="center",
             va="bottom", fontsize=8)
@@ -97,6 +110,8 @@ def main() -> None:
   for mode in args.modes.split(","):
     cfg = pqjax.QuantConfig(format="nvfp4", mode=mode, method="permuquant")
     models[f"nvfp4 {mode}"] = pqjax.quantize(model, calib, cfg, progress=True)
+  if "nvfp4 w4a4" in models:
+    models["nvfp4 w4a4, re-laid per call"] = without_kernel_layout(models["nvfp4 w4a4"])
   runs = {}
   for name, m in models.items():
     fn, state = forward_fn(m)
@@ -116,11 +131,11 @@ def main() -> None:
       "calib_samples": args.calib_samples, "backend": dispatch.current_backend(),
       "runs": runs,
   }
-  print(f"{'model':<14} {'kernel ms':>10} {'wall ms':>9} {'vs bf16':>8} {'rel err':>9}")
+  print(f"{'model':<30} {'kernel ms':>10} {'wall ms':>9} {'vs bf16':>8} {'rel err':>9}")
   base = runs["bf16"]["kernel_ms" if device.platform == "gpu" else "wall_ms"]
   for name, r in runs.items():
     t = r["kernel_ms" if device.platform == "gpu" else "wall_ms"]
-    print(f"{name:<14} {r['kernel_ms']:10.2f} {r['wall_ms']:9.2f} {base / t:7.2f}x "
+    print(f"{name:<30} {r['kernel_ms']:10.2f} {r['wall_ms']:9.2f} {base / t:7.2f}x "
           f"{r['rel_error_vs_bf16']:9.4f}")
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(args.out, f"inference_{device.device_kind.replace(' ', '_')}_"

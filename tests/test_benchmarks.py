@@ -72,8 +72,8 @@ def test_bench_kernels_tiny_runs_and_checks(tmp_path):
 
 
 def test_bench_inference_tiny_runs(tmp_path):
-  """``bench_inference.py --tiny`` (CPU) quantizes a tiny FLUX both ways, times the three
-  forward passes, and writes the JSON and plot; the quantized outputs are near bf16's."""
+  """``bench_inference.py --tiny`` (CPU) quantizes a tiny FLUX both ways, times the forward
+  passes, and writes the JSON and plot; the quantized outputs are near bf16's."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_inference.py"),
                   "--tiny", "--out", str(tmp_path)], check=True, cwd=root,
@@ -81,7 +81,10 @@ def test_bench_inference_tiny_runs(tmp_path):
   (path,) = tmp_path.glob("inference_*.json")
   assert path.with_suffix(".png").exists()
   runs = json.loads(path.read_text())["runs"]
-  assert list(runs) == ["bf16", "nvfp4 w4a4", "nvfp4 w4a16"]
+  assert list(runs) == ["bf16", "nvfp4 w4a4", "nvfp4 w4a16", "nvfp4 w4a4, re-laid per call"]
   assert all(r["wall_ms"] > 0 for r in runs.values())
   assert runs["bf16"]["rel_error_vs_bf16"] == 0.0
-  assert all(0 < runs[k]["rel_error_vs_bf16"] < 0.5 for k in ("nvfp4 w4a4", "nvfp4 w4a16"))
+  assert all(0 < r["rel_error_vs_bf16"] < 0.5 for k, r in runs.items() if k != "bf16")
+  # the same model either way (on the CPU neither has a kernel layout)
+  assert runs["nvfp4 w4a4"]["rel_error_vs_bf16"] == \
+      runs["nvfp4 w4a4, re-laid per call"]["rel_error_vs_bf16"]

@@ -351,6 +351,7 @@ def bench_norm(results, log, save, shapes, timer, sweep=False):
     x = jax.random.normal(k1, (b, t, d), jnp.bfloat16)
     perm = jax.random.permutation(k2, d).astype(jnp.int32)
     ident = jnp.arange(d, dtype=jnp.int32)
+    friendly = jnp.asarray(nk.bank_friendly_perm(np.asarray(perm)))
     shift, scale = (jax.random.normal(k3, (2, b, d), jnp.float32) * 0.1)
     nbytes = b * t * d * 2
     r = _reps(nbytes)
@@ -370,15 +371,21 @@ def bench_norm(results, log, save, shapes, timer, sweep=False):
 
     ts = jnp.float32(0.01)
     q_bytes = nbytes + nbytes // 4 + nbytes // 16  # read bf16, write 4-bit codes + scales
-    row = dict(b=b, t=t, d=d, reps=r)
+    row = dict(b=b, t=t, d=d, reps=r, **{
+        f"gather_wavefronts_{name}": float(nk.gather_wavefronts(np.asarray(p)).mean())
+        for name, p in (("random", perm), ("bankfriendly", friendly))})
     # Each variant once: XLA's candidate, the Mosaic kernel's name (or None), a builder
     # taking ``kernel``, the arguments and the bytes moved.
     variants = [
         ("copy", None, lambda k: copy, (xs,), 2 * nbytes),
         ("gathered_norm_nvfp4_static", "kernel_gathered_nvfp4_static",
          lambda k: norm_fn("nvfp4", ts, k), (xs, perm), q_bytes),
-        ("inorder_norm_nvfp4_static", None, lambda k: norm_fn("nvfp4", ts, k), (xs, ident),
-         q_bytes),
+        # the gather's code path reading in order (conflict-free loads), and reading the
+        # same groups as perm reordered for fewer bank conflicts (nk.bank_friendly_perm)
+        ("inorder_norm_nvfp4_static", "kernel_gathered_identity_nvfp4_static",
+         lambda k: norm_fn("nvfp4", ts, k), (xs, ident), q_bytes),
+        ("bankfriendly_norm_nvfp4_static", "kernel_gathered_bankfriendly_nvfp4_static",
+         lambda k: norm_fn("nvfp4", ts, k), (xs, friendly), q_bytes),
         ("plain_norm_nvfp4_static", "kernel_inorder_nvfp4_static",
          lambda k: norm_fn("nvfp4", ts, k), (xs, None), q_bytes),
         ("gathered_norm_nvfp4_dynamic", "kernel_gathered_nvfp4_dynamic",
@@ -399,6 +406,11 @@ def bench_norm(results, log, save, shapes, timer, sweep=False):
         # quantize and decode (a W4A4 linear's activation step today) against the kernel
         ("gathered_quantize_values_static", "kernel_gathered_quantize_values_static",
          lambda k: quant_fn(ts, k, out="nvfp4_f16"), (xs, perm), 2 * nbytes),
+        ("inorder_quantize_values_static", "kernel_gathered_identity_quantize_values_static",
+         lambda k: quant_fn(ts, k, out="nvfp4_f16"), (xs, ident), 2 * nbytes),
+        ("bankfriendly_quantize_values_static",
+         "kernel_gathered_bankfriendly_quantize_values_static",
+         lambda k: quant_fn(ts, k, out="nvfp4_f16"), (xs, friendly), 2 * nbytes),
         ("gathered_quantize_hadamard_values_static",
          "kernel_gathered_quantize_hadamard_values_static",
          lambda k: quant_fn(ts, k, hadamard=True, out="nvfp4_f16"), (xs, perm), 2 * nbytes)]

@@ -362,3 +362,33 @@ def test_bad_input_raises(kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     nk.norm_quantize(args.pop("x"), **args)
+
+
+def test_gather_wavefronts_counts_bank_conflicts():
+  """One load instruction per slab and element: in order, 32 distinct words in 32 banks (1
+  wavefront); words 32 apart share a bank; two columns of one word are one wavefront."""
+  d = 256
+  assert (nk.gather_wavefronts(np.arange(d)) == 1).all()
+  clash = np.arange(d)
+  clash[[2, 64]] = clash[[64, 2]]  # slab 0, element 0 reads words 0 and 32: both bank 0
+  w = nk.gather_wavefronts(clash)
+  assert w[0, 0] == 2 and w[1, 0] == 2 and w.sum() == w.size + 2
+  same_word = np.arange(d)
+  same_word[[1, 2]] = same_word[[2, 1]]  # element 0 reads columns 0 and 1: word 0 twice
+  assert (nk.gather_wavefronts(same_word) == 1).all()
+
+
+@pytest.mark.parametrize("d", [1152, 3072])
+def test_bank_friendly_perm_keeps_groups_and_cuts_conflicts(d):
+  """The reordered permutation holds the same 16-groups (as sets: the same NVFP4 codes and
+  scales per group) and needs far fewer wavefronts per load than a random one."""
+  perm = np.random.default_rng(d).permutation(d).astype(np.int32)
+  got = nk.bank_friendly_perm(perm)
+  assert got.dtype == np.int32 and np.array_equal(np.sort(got), np.arange(d))
+  as_sets = lambda p: sorted(map(tuple, np.sort(p.reshape(-1, 16), axis=1)))  # noqa: E731
+  assert as_sets(got) == as_sets(perm)
+  assert nk.gather_wavefronts(perm).mean() > 3.0
+  assert nk.gather_wavefronts(got).mean() <= 2.1
+  np.testing.assert_array_equal(got, nk.bank_friendly_perm(perm))  # deterministic
+  with pytest.raises(ValueError, match="multiple of 64"):
+    nk.bank_friendly_perm(np.arange(80))

@@ -446,9 +446,9 @@ def bank_friendly_perm(perm, *, seed: int = 0, steps_per_group: int = 1500) -> n
   """``perm`` with its 16-groups (as sets) reordered, and the columns inside each, so that
   the gather's loads hit fewer bank conflicts (``gather_wavefronts``).
 
-  A W4A4 site may reorder its groups and the channels inside each freely: the NVFP4 groups,
-  hence every code and scale, stay the same, and the consumers' weight rows follow the same
-  order. Groups are dealt to 64-column slabs by simulated annealing of group swaps (cost:
+  A site quantized in groups of 16 (NVFP4) may reorder its groups and the channels inside
+  each freely: the groups, hence every code and scale, stay the same, and the consumers'
+  weight rows follow the same order (larger groups would be split: not for them). Groups are dealt to 64-column slabs by simulated annealing of group swaps (cost:
   the squared columns per bank beyond two, what a slab's two load instructions can take
   conflict-free), then each slab's columns are split between its two instructions, eight
   per group each, by swaps inside a group while they lower the squared distinct words per
@@ -501,7 +501,7 @@ def _split_slab(cols: np.ndarray) -> np.ndarray:
   instruction, swapped between them while the squared distinct words per bank beyond one
   (per instruction) go down."""
   words = cols // 2
-  elem = np.repeat([[0, 1]], 8, axis=1).reshape(1, 16).repeat(4, axis=0)  # 8 + 8 per group
+  elem = np.tile(np.repeat([0, 1], 8), (4, 1))  # the instruction of each column: 8 + 8
 
   def cost(el):
     total = 0

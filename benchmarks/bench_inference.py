@@ -32,6 +32,7 @@ import converters  # noqa: E402
 import pqjax  # noqa: E402
 from pqjax import dispatch  # noqa: E402
 from pqjax.qmodules import QuantLinear  # noqa: E402
+from pqjax.report import rel_error  # noqa: E402
 from benchmarks.bench_kernels import Timer  # noqa: E402
 from benchmarks.bench_pipeline import FLUX1_DEV, TINY, batches  # noqa: E402
 
@@ -53,11 +54,6 @@ def without_kernel_layout(model: nnx.Module) -> nnx.Module:
     if isinstance(node, QuantLinear):
       node.kernel_codes = node.kernel_scales = nnx.data(None)
   return model
-
-
-def rel_error(got, want) -> float:
-  got, want = (np.asarray(v, np.float64) for v in (got, want))
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def plot(result: dict, path: str) -> None:

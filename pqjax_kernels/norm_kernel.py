@@ -448,19 +448,20 @@ def bank_friendly_perm(perm, *, seed: int = 0, steps_per_group: int = 1500) -> n
 
   A site quantized in groups of 16 (NVFP4) may reorder its groups and the channels inside
   each freely: the groups, hence every code and scale, stay the same, and the consumers'
-  weight rows follow the same order (larger groups would be split: not for them). Groups are dealt to 64-column slabs by simulated annealing of group swaps (cost:
-  the squared columns per bank beyond two, what a slab's two load instructions can take
-  conflict-free), then each slab's columns are split between its two instructions, eight
-  per group each, by swaps inside a group while they lower the squared distinct words per
-  bank beyond one. A random ``perm`` at D = 3072 goes from 3.46 to 2.01 wavefronts per load
-  (few slabs can hold every bank at most twice). Deterministic for a ``seed``; ~3 s at
-  D = 3072 (pure NumPy / Python).
+  weight rows follow the same order (larger groups would be split: not for them). Groups
+  are dealt to 64-column slabs by simulated annealing of group swaps (cost: the squared
+  columns per bank beyond two, what a slab's two load instructions can take conflict-free),
+  then each slab's columns are split between its two instructions, eight per group each, by
+  swaps inside a group while they lower the squared distinct words per bank beyond one. A
+  random ``perm`` at D = 3072 goes from 3.46 to 2.01 wavefronts per load (few slabs can hold
+  every bank at most twice). Deterministic for a ``seed``; ~3 s at D = 3072 (pure NumPy /
+  Python).
   """
   perm = np.asarray(perm)
   d = perm.shape[0]
   if d % _SLAB:
     raise ValueError(f"perm length {d} must be a multiple of {_SLAB}")
-  groups = perm.reshape(-1, 16)
+  groups = perm.reshape(-1, norm.GROUP)
   slots = _deal_groups(groups, np.random.default_rng(seed), steps_per_group)
   return np.concatenate([_split_slab(groups[slab]) for slab in slots]).astype(perm.dtype)
 

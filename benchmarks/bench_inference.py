@@ -56,6 +56,27 @@ def without_kernel_layout(model: nnx.Module) -> nnx.Module:
   return model
 
 
+def kernel_breakdown(fn, args, top: int = 30) -> list[tuple[str, float]] | None:
+  """The forward pass's kernels by total time (CUPTI, median of 3 passes): [(name, us)],
+  the ``top`` longest; None where this JAX's profiler gives no per-kernel times."""
+  from jax.experimental.mosaic.gpu import profiler  # noqa: PLC0415 (GPU only)
+  try:
+    _, per = profiler.measure(fn, aggregate=False, iterations=3)(*args)
+  except (TypeError, ValueError, RuntimeError) as e:
+    print(f"no per-kernel times: {e!r}", flush=True)
+    return None
+  passes = per if per and isinstance(per[0], list) else [per]
+  totals: dict[str, list[float]] = {}
+  for p in passes:
+    sums: dict[str, float] = {}
+    for name, ms in p:
+      sums[name] = sums.get(name, 0.0) + ms * 1e3
+    for name, us in sums.items():
+      totals.setdefault(name, []).append(us)
+  rows = sorted(((n, float(np.median(v))) for n, v in totals.items()), key=lambda r: -r[1])
+  return rows[:top]
+
+
 def plot(result: dict, path: str) -> None:
   """Forward-pass kernel time per model, with the speed-up over bf16 on each bar."""
   import matplotlib  # noqa: PLC0415 (only for the plot)
@@ -113,6 +134,11 @@ def main() -> None:
     fn, state = forward_fn(m)
     kern, wall, out = timer(fn, (state, inputs), 1)
     runs[name] = {"kernel_ms": kern / 1e3, "wall_ms": wall / 1e3, "out": out}
+    print(f"timed {name}: {kern / 1e3:.2f} ms kernel", flush=True)
+    if device.platform == "gpu":
+      runs[name]["kernels_us"] = kernel_breakdown(fn, (state, inputs))
+      for kname, us in (runs[name]["kernels_us"] or [])[:12]:
+        print(f"  {us:9.1f} us  {kname[:90]}", flush=True)
   ref = runs["bf16"]["out"]
   for r in runs.values():
     r["rel_error_vs_bf16"] = rel_error(r.pop("out"), ref)

@@ -110,6 +110,10 @@ def main() -> None:
   ap.add_argument("--txt-tokens", type=int, default=512)
   ap.add_argument("--calib-samples", type=int, default=4)
   ap.add_argument("--modes", default=",".join(MODES))
+  ap.add_argument("--skip-relaid", action="store_true",
+                  help="leave out the W4A4 model that re-lays its weights out per call")
+  ap.add_argument("--hlo", action="store_true",
+                  help="also write each model's optimized HLO (names the profiled kernels)")
   args = ap.parse_args()
   if args.tiny:
     config = dict(TINY)
@@ -127,11 +131,16 @@ def main() -> None:
   for mode in args.modes.split(","):
     cfg = pqjax.QuantConfig(format="nvfp4", mode=mode, method="permuquant")
     models[f"nvfp4 {mode}"] = pqjax.quantize(model, calib, cfg, progress=True)
-  if "nvfp4 w4a4" in models:
+  if "nvfp4 w4a4" in models and not args.skip_relaid:
     models["nvfp4 w4a4, re-laid per call"] = without_kernel_layout(models["nvfp4 w4a4"])
   runs = {}
+  os.makedirs(args.out, exist_ok=True)
   for name, m in models.items():
     fn, state = forward_fn(m)
+    if args.hlo:
+      slug = name.replace(" ", "_").replace(",", "")
+      with open(os.path.join(args.out, f"hlo_{slug}.txt"), "w") as f:
+        f.write(fn.lower(state, inputs).compile().as_text())
     kern, wall, out = timer(fn, (state, inputs), 1)
     runs[name] = {"kernel_ms": kern / 1e3, "wall_ms": wall / 1e3, "out": out}
     print(f"timed {name}: {kern / 1e3:.2f} ms kernel", flush=True)
@@ -159,7 +168,6 @@ def main() -> None:
     t = r["kernel_ms" if device.platform == "gpu" else "wall_ms"]
     print(f"{name:<30} {r['kernel_ms']:10.2f} {r['wall_ms']:9.2f} {base / t:7.2f}x "
           f"{r['rel_error_vs_bf16']:9.4f}")
-  os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(args.out, f"inference_{device.device_kind.replace(' ', '_')}_"
                       f"{result['date']}")
   with open(stem + ".json", "w") as f:

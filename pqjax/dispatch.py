@@ -18,9 +18,9 @@ otherwise every call re-lays the weights out (a pass over codes and scales per c
 ``pqjax.quantize`` and ``pqjax.load`` run where this backend is the default).
 
 On ``"mosaic"`` running on a GPU, the gathered norm (bf16 in and out) and, from
-``NORM_KERNEL_MIN_ROWS`` rows, the NVFP4 activation quantize of gathered or rotated W4A4
-linears (the input permutation and block Hadamard rotation fused; written as the float16
-values the matmul reads) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
+``NORM_KERNEL_MIN_ROWS`` rows, the NVFP4 activation quantize of every W4A4 linear (the input
+permutation and block Hadamard rotation fused; written as the float16 values the matmul
+reads) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
 shapes it does not take (D not a multiple of 64, rows that do not fit in shared memory) and
 every other backend use the plain-jnp ``pqjax_kernels.norm`` (XLA fuses it).
 
@@ -152,8 +152,8 @@ def _norm_kernel_runs() -> bool:
   return jax.devices()[0].platform == "gpu"
 
 
-# Rows from which gathered or rotated W4A4 activations are quantized by the norm kernel:
-# at 16 rows its few CTAs lost to XLA's fusion by 3-12 us, at 1024 it won by 4-44 us (H200,
+# Rows from which W4A4 activations are quantized by the norm kernel: at 16 rows its few CTAs
+# lost to XLA's fusion by 3-12 us, at 1024 it won by 4-44 us gathered (H200,
 # ``results/diag_large_m_NVIDIA_H200_2026-12-01_v20a.json``, ``_v20b``; 256-1023 untimed).
 NORM_KERNEL_MIN_ROWS = 512
 
@@ -162,17 +162,18 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP
   """NVFP4 of ``x2[:, perm]`` (block-Hadamard rotated if ``rotate``) for a W4A4 kernel call,
   as the float16 values the kernels read (``norm.NVFP4Values``): no decode pass in the call.
 
-  A gather or a rotation from ``NORM_KERNEL_MIN_ROWS`` rows on a GPU: the norm kernel
-  (where a row block with float16 values does not fit its shared memory, a rotation still
-  runs there, writing codes that XLA decodes). Otherwise XLA's fusion of gather + quantize +
-  decode, which in order is the faster (whole linear, 4608 x 12288 x 3072: 518.1 us against
-  536.2 through the kernel; gathered 693.1 against 599.9, rotated 897.5 against 624.6;
-  H200, ``results/diag_large_m_NVIDIA_H200_2026-12-01_v20b.json``).
+  From ``NORM_KERNEL_MIN_ROWS`` rows on a GPU: the norm kernel, one pass. Where a row block
+  with float16 values does not fit its shared memory, the kernel writes codes and XLA
+  decodes them (rotated, 2 x 4608 x 3072: 121.3 us against 396.7 for XLA's whole fusion).
+  In order too: alone, XLA's fusion of quantize + decode beat the kernel at 4608 x 12288
+  (whole linear 518.1 us against 536.2), but inside a model XLA splits it into three or
+  four passes (the scaled input and the group boundaries written as float32), and the
+  quantizes took ~1.5 ms of a 12.0 ms FLUX-width forward pass (H200,
+  ``results/inference_NVIDIA_H200_2026-12-01.json``). Otherwise XLA's fusion.
   """
   kw = dict(tensor_scale=act_tensor_scale, hadamard=rotate)
-  if (perm is not None or rotate) and _norm_kernel_runs() \
-     and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
-    for out in ("nvfp4_f16", "nvfp4") if rotate else ("nvfp4_f16",):
+  if _norm_kernel_runs() and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
+    for out in ("nvfp4_f16", "nvfp4"):
       if norm_kernel.accepts(x2, perm, kind="none", hadamard=rotate, out=out):
         q = norm_kernel.norm_quantize(x2, perm, kind="none", out=out, **kw)
         return q if out == "nvfp4_f16" else norm.nvfp4_values(q)

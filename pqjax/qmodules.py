@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pqjax import dispatch
@@ -26,9 +27,9 @@ class QuantArray(nnx.Variable):
 
 
 class KernelLayout(nnx.Variable):
-  """A ``QuantLinear``'s weights re-laid out for the GPU kernels (``dispatch.prepare``):
-  derived from its ``QTensor``, so ``pqjax.save`` leaves it out and ``pqjax.load`` rebuilds
-  it."""
+  """What a ``QuantLinear`` keeps for the GPU kernels: its weights re-laid out
+  (``dispatch.prepare``) and its static activation scale shared with the linears that have
+  the same one. Derived, so ``pqjax.save`` leaves it out and ``pqjax.load`` rebuilds it."""
 
 
 def _opt(var: nnx.Variable | None) -> Array | None:
@@ -71,7 +72,8 @@ class QuantLinear(nnx.Module):
                              else QuantArray(jnp.asarray(act_tensor_scale, jnp.float32)))
     self.in_perm = None if in_perm is None else QuantArray(jnp.asarray(in_perm, jnp.int32))
     self.rotate = bool(rotate)
-    self.kernel_codes = self.kernel_scales = None  # prepare_kernel_weights() fills them
+    # prepare_kernel_weights() fills them
+    self.kernel_codes = self.kernel_scales = self.kernel_act_scale = None
 
   def prepare_kernel_weights(self) -> bool:
     """Stores the GPU kernels' layout of the weights (``dispatch.prepare``) beside them, so
@@ -99,8 +101,9 @@ class QuantLinear(nnx.Module):
     w = self.qweight
     prepared = (None if self.kernel_codes is None else
                 dispatch.prepared_weights(w, self.kernel_codes[...], self.kernel_scales[...]))
+    act_scale = self.act_tensor_scale if self.kernel_act_scale is None else self.kernel_act_scale
     return dispatch.linear(x, w, _opt(self.bias), act_format=self.act_format,
-                           act_tensor_scale=_opt(self.act_tensor_scale),
+                           act_tensor_scale=_opt(act_scale),
                            in_perm=_opt(self.in_perm), rotate=self.rotate,
                            out_dtype=jnp.dtype(self.out_dtype), prepared=prepared)
 
@@ -204,12 +207,21 @@ def prepare_kernel_weights(model: nnx.Module) -> nnx.Module:
   """Stores the GPU kernels' weight layout in every ``QuantLinear`` of ``model`` that the
   kernels take (``QuantLinear.prepare_kernel_weights``), in place; returns ``model``.
 
+  Linears with the same static activation scale (bit for bit: the consumers of one site,
+  such as Q, K and V, calibrated on the same input) get one shared ``kernel_act_scale``, so
+  that their activation quantizes of one input are the same computation on the same
+  operands, which XLA then runs once.
+
   ``pqjax.quantize`` and ``pqjax.load`` call it where the ``"mosaic"`` backend (Hopper) is
   the default; call it after ``dispatch.use_backend("mosaic")`` elsewhere.
   """
+  shared: dict[bytes, KernelLayout] = {}
   for _, node in nnx.iter_graph(model):
-    if isinstance(node, QuantLinear):
-      node.prepare_kernel_weights()
+    if isinstance(node, QuantLinear) and node.prepare_kernel_weights() \
+       and node.act_tensor_scale is not None:
+      scale = node.act_tensor_scale[...]
+      var = shared.setdefault(np.asarray(scale).tobytes(), KernelLayout(scale))
+      node.kernel_act_scale = nnx.data(var)
   return model
 
 

@@ -144,6 +144,14 @@ def test_kernel_layout_attached_not_saved(tmp_path):
     takes = node.in_features % 128 == 0 and node.out_features % 128 == 0
     assert (node.kernel_codes is not None) == takes, (node.in_features, node.out_features)
   assert any(n.kernel_codes is None for n in linears)
+  # one site's consumers (one input, one calibrated scale) share their activation scale by
+  # identity, so that their quantizes of that input are one computation; equal bit for bit
+  b = q.blocks[1]
+  assert b.to_q.kernel_act_scale is b.to_k.kernel_act_scale is b.proj_mlp.kernel_act_scale
+  assert b.ff1.kernel_act_scale is not b.ff2.kernel_act_scale
+  for node in linears:
+    if node.kernel_act_scale is not None:
+      assert node.kernel_act_scale[...].tobytes() == node.act_tensor_scale[...].tobytes()
   path = pqjax.save(q, tmp_path / "q")
   assert not [k for k in io.read_metadata(path)["arrays"] if "kernel_" in k]
   with dispatch.use_backend("reference"):  # the CPU's default (a GPU's is "mosaic")

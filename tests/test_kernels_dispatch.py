@@ -102,13 +102,12 @@ def test_mosaic_norm_picks_kernel_where_it_runs(monkeypatch, dtype, d, uses_kern
   f = lambda x, p: dispatch.gathered_norm(x, p, backend="mosaic", **kw)  # noqa: E731
   text = jax.jit(f).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
   assert ("mosaic_gpu" in text) == uses_kernel
-  # the W4A4 activation quantize (any float dtype) of gathered or rotated sites: the kernel
-  # from NORM_KERNEL_MIN_ROWS rows wherever D fits it
+  # the W4A4 activation quantize (any float dtype), gathered, rotated or in order: the
+  # kernel from NORM_KERNEL_MIN_ROWS rows wherever D fits it
   rows = x.reshape(-1, d)
   tall = jnp.tile(rows, (-(-dispatch.NORM_KERNEL_MIN_ROWS // rows.shape[0]), 1))
   for p, rotate in ((perm, False), (None, False), (None, True), (perm, True)):
-    fused = p is not None or rotate  # in order and unrotated: XLA's fusion is the faster
-    assert ("mosaic_gpu" in _quantize_lowered(tall, p, rotate)) == (fused and d % 64 == 0)
+    assert ("mosaic_gpu" in _quantize_lowered(tall, p, rotate)) == (d % 64 == 0)
     assert "mosaic_gpu" not in _quantize_lowered(tall[:dispatch.NORM_KERNEL_MIN_ROWS - 4], p,
                                                  rotate)
 
@@ -123,8 +122,7 @@ def _quantize_lowered(x2, perm, rotate: bool) -> str:
 
 def test_mosaic_quantize_codes_where_values_do_not_fit(monkeypatch):
   """Where a row block with float16 values exceeds the norm kernel's shared memory but one
-  with codes fits, a rotated site still quantizes in the kernel (codes, decoded by XLA);
-  an unrotated one goes to XLA's fusion."""
+  with codes fits, the site still quantizes in the kernel (codes, decoded by XLA)."""
   from pqjax_kernels import norm_kernel
   monkeypatch.setattr(dispatch, "_norm_kernel_runs", lambda: True)
   rng = np.random.default_rng(7)
@@ -136,6 +134,8 @@ def test_mosaic_quantize_codes_where_values_do_not_fit(monkeypatch):
   assert not norm_kernel.accepts(x2, perm, kind="none", hadamard=True, out="nvfp4_f16")
   assert norm_kernel.accepts(x2, perm, kind="none", hadamard=True, out="nvfp4")
   assert "mosaic_gpu" in _quantize_lowered(x2, perm, True)
+  assert "mosaic_gpu" in _quantize_lowered(x2, perm, False)
+  monkeypatch.setattr(norm_kernel, "SMEM_BYTES", 2000)  # neither fits: XLA's fusion
   assert "mosaic_gpu" not in _quantize_lowered(x2, perm, False)
 
 
@@ -153,7 +153,9 @@ def test_mosaic_norm_matches_reference_on_gpu():
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m", [32, 80])  # the Mosaic matmul and the decode + XLA dot path
+# 32, 80: the Mosaic matmul and the decode + XLA dot path, XLA's activation quantize; 600:
+# the streaming kernel on the norm kernel's activation values, gathered and in order
+@pytest.mark.parametrize("m", [32, 80, 600])
 @pytest.mark.parametrize("rotate", [False, True])
 def test_mosaic_w4a4_gathered_linear_on_gpu(m, rotate):
   """W4A4 with an input permutation (and block Hadamard: then both fused into the norm

@@ -273,8 +273,8 @@ class TestGPU:
       _assert_within_rounding(got, ref, "nvfp4")
 
   @pytest.mark.parametrize("kind,gathered,dynamic,hadamard", [
-      ("none", True, False, True), ("none", False, True, False), ("layer", True, False, False),
-      ("layer", False, True, True)])
+      ("none", True, False, True), ("none", False, True, False), ("none", False, False, False),
+      ("layer", True, False, False), ("layer", False, True, True)])
   def test_values(self, kind, gathered, dynamic, hadamard):
     """NVFP4 values written as float16 at a DiT width: the plain quantize bit for bit, after
     a LayerNorm within rounding (the statistics)."""

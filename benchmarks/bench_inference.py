@@ -12,6 +12,7 @@ its linears re-laying their weights out per call (no stored kernel layout). Writ
 
   python benchmarks/bench_inference.py --out $OUT          # FLUX.1-dev width, GPU
   python benchmarks/bench_inference.py --tiny --out /tmp   # smoke run on the CPU
+  python benchmarks/bench_inference.py --plot RESULTS.json  # the PNG again
 """
 
 from __future__ import annotations
@@ -77,8 +78,26 @@ def kernel_breakdown(fn, args, top: int = 30) -> list[tuple[str, float]] | None:
   return rows[:top]
 
 
+# Kernel-name patterns for the plot's breakdown, first match wins (CUPTI names: Mosaic GPU
+# kernels, cuBLAS's nvjet GEMMs and XLA's Triton GEMM fusions, XLA's other fusions).
+_KINDS = (("our kernels (Mosaic GPU)", ("mosaic",)), ("GEMMs (cuBLAS, XLA)", ("nvjet", "gemm")),
+          ("other XLA kernels", ("",)))
+
+
+def breakdown(run: dict) -> dict[str, float]:
+  """A run's forward-pass kernel time (ms) by kind (``_KINDS``); the kernels past the
+  recorded longest ones count as "other XLA kernels"."""
+  out = {name: 0.0 for name, _ in _KINDS}
+  for kname, us in run.get("kernels_us") or []:
+    kind = next(name for name, pats in _KINDS if any(p in kname for p in pats))
+    out[kind] += us / 1e3
+  out[_KINDS[-1][0]] += run["kernel_ms"] - sum(out.values())
+  return out
+
+
 def plot(result: dict, path: str) -> None:
-  """Forward-pass kernel time per model, with the speed-up over bf16 on each bar."""
+  """Forward-pass kernel time per model, split by kind of kernel where the per-kernel times
+  were recorded, with the speed-up over bf16 on each bar."""
   import matplotlib  # noqa: PLC0415 (only for the plot)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -87,11 +106,21 @@ def plot(result: dict, path: str) -> None:
   key = "kernel_ms" if all(np.isfinite(r["kernel_ms"]) for r in runs.values()) else "wall_ms"
   ys = [runs[n][key] for n in names]
   fig, ax = plt.subplots(figsize=(6.0, 3.8))
-  bars = ax.bar(range(len(names)), ys, color=[f"C{i}" for i in range(len(names))])
-  ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=7)
-  for bar, y in zip(bars, ys):
-    ax.text(bar.get_x() + bar.get_width() / 2, y, f"{ys[0] / y:.2f}x", ha="center",
-            va="bottom", fontsize=8)
+  xs = np.arange(len(names))
+  if key == "kernel_ms" and all(r.get("kernels_us") for r in runs.values()):
+    parts = [breakdown(runs[n]) for n in names]
+    bottom = np.zeros(len(names))
+    for i, (kind, _) in enumerate(_KINDS):
+      h = np.array([p[kind] for p in parts])
+      ax.bar(xs, h, bottom=bottom, color=f"C{i}", label=kind)
+      bottom += h
+    ax.set_ylim(top=max(ys) * 1.25)
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
+  else:
+    ax.bar(xs, ys, color=[f"C{i}" for i in range(len(names))])
+  ax.set_xticks(xs, names, rotation=15, ha="right", fontsize=7)
+  for x, y in zip(xs, ys):
+    ax.text(x, y, f"{ys[0] / y:.2f}x", ha="center", va="bottom", fontsize=8)
   ax.set_ylabel(f"forward pass, {key.replace('_', ' ')}")
   ax.set_title(f"{result['model']}\n{result['device']}, JAX {result['jax']}, {result['date']}",
                fontsize=8)
@@ -114,7 +143,12 @@ def main() -> None:
                   help="leave out the W4A4 model that re-lays its weights out per call")
   ap.add_argument("--hlo", action="store_true",
                   help="also write each model's optimized HLO (names the profiled kernels)")
+  ap.add_argument("--plot", default=None, help="only plot this results JSON (PNG beside it)")
   args = ap.parse_args()
+  if args.plot:
+    with open(args.plot) as f:
+      plot(json.load(f), os.path.splitext(args.plot)[0] + ".png")
+    return
   if args.tiny:
     config = dict(TINY)
     args.img_tokens, args.txt_tokens, args.calib_samples = 16, 8, 2

@@ -158,6 +158,14 @@ def _norm_kernel_runs() -> bool:
 NORM_KERNEL_MIN_ROWS = 512
 
 
+# In order, the quantize needs no whole row (its groups are 16 columns, its tensor scale is
+# global), so the norm kernel takes rows wider than this cut into rows of this width: its
+# row blocks then need the shared memory of D = 3072, where several CTAs share an SM (at
+# 4608 x 12288 its 4-row blocks of whole rows ran one CTA per SM, 107 us against 89 for
+# XLA's fusion alone; NOTES_kernels.md, version 20). Not yet timed (version 21).
+QUANTIZE_ROW = 3072
+
+
 def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP4Values:
   """NVFP4 of ``x2[:, perm]`` (block-Hadamard rotated if ``rotate``) for a W4A4 kernel call,
   as the float16 values the kernels read (``norm.NVFP4Values``): no decode pass in the call.
@@ -173,10 +181,14 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP
   """
   kw = dict(tensor_scale=act_tensor_scale, hadamard=rotate)
   if _norm_kernel_runs() and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
+    xk = x2
+    if perm is None and x2.shape[1] % QUANTIZE_ROW == 0:
+      xk = x2.reshape(-1, QUANTIZE_ROW)
     for out in ("nvfp4_f16", "nvfp4"):
-      if norm_kernel.accepts(x2, perm, kind="none", hadamard=rotate, out=out):
-        q = norm_kernel.norm_quantize(x2, perm, kind="none", out=out, **kw)
-        return q if out == "nvfp4_f16" else norm.nvfp4_values(q)
+      if norm_kernel.accepts(xk, perm, kind="none", hadamard=rotate, out=out):
+        q = norm_kernel.norm_quantize(xk, perm, kind="none", out=out, **kw)
+        q = q if out == "nvfp4_f16" else norm.nvfp4_values(q)
+        return norm.NVFP4Values(q.values.reshape(x2.shape), q.tensor_scale)
   return norm.gathered_quantize(x2, perm, out="nvfp4_f16", **kw)
 
 

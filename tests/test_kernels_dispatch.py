@@ -120,6 +120,34 @@ def _quantize_lowered(x2, perm, rotate: bool) -> str:
   return jax.jit(g).trace(x2).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+@pytest.mark.parametrize("rotate", [False, True])
+def test_mosaic_quantize_cuts_wide_rows_in_order(monkeypatch, rotate):
+  """In order, rows wider than ``QUANTIZE_ROW`` (a multiple of it) reach the norm kernel cut
+  into rows of that width (run here under the GPU interpreter): the same float16 values as
+  the plain-jnp quantize of the whole rows, bit for bit; a gather keeps whole rows."""
+  from pqjax_kernels import norm, norm_kernel
+  monkeypatch.setattr(dispatch, "_norm_kernel_runs", lambda: True)
+  monkeypatch.setattr(dispatch, "QUANTIZE_ROW", 128)
+  seen, kernel = [], norm_kernel.norm_quantize
+  def spy(x, perm, **kw):
+    seen.append(x.shape)
+    with interpret.gpu_interpreter():
+      return kernel(x, perm, interpret=True, **kw)
+  monkeypatch.setattr(norm_kernel, "norm_quantize", spy)
+  rng = np.random.default_rng(11 + rotate)
+  m, d = dispatch.NORM_KERNEL_MIN_ROWS, 384
+  x2 = jnp.asarray(rng.standard_normal((m, d)) * 3, jnp.bfloat16)
+  ts = jnp.float32(0.01)
+  got = dispatch._quantize_activations(x2, ts, None, rotate)  # noqa: SLF001
+  want = norm.gathered_quantize(x2, None, out="nvfp4_f16", tensor_scale=ts, hadamard=rotate)
+  assert seen == [(m * 3, 128)] and got.values.shape == (m, d)
+  np.testing.assert_array_equal(np.asarray(got.values), np.asarray(want.values))
+  perm = jnp.asarray(rng.permutation(d), jnp.int32)
+  dispatch._quantize_activations(x2, ts, perm, rotate)  # noqa: SLF001
+  assert seen[-1] == (m, d)
+
+
 def test_mosaic_quantize_codes_where_values_do_not_fit(monkeypatch):
   """Where a row block with float16 values exceeds the norm kernel's shared memory but one
   with codes fits, the site still quantizes in the kernel (codes, decoded by XLA)."""

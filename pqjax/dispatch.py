@@ -177,7 +177,7 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP
   (whole linear 518.1 us against 536.2), but inside a model XLA splits it into three or
   four passes (the scaled input and the group boundaries written as float32), and the
   quantizes took ~1.5 ms of a 12.0 ms FLUX-width forward pass (H200,
-  ``results/inference_NVIDIA_H200_2026-12-01.json``). Otherwise XLA's fusion.
+  ``results/inference_NVIDIA_H200_2026-12-01_a.json``). Otherwise XLA's fusion.
   """
   kw = dict(tensor_scale=act_tensor_scale, hadamard=rotate)
   if _norm_kernel_runs() and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:

@@ -24,6 +24,12 @@ reads) run the Pallas kernel ``pqjax_kernels.norm_kernel.norm_quantize``;
 shapes it does not take (D not a multiple of 64, rows that do not fit in shared memory) and
 every other backend use the plain-jnp ``pqjax_kernels.norm`` (XLA fuses it).
 
+Inside a jitted function on ``"mosaic"``, a W4A4 linear whose input is the very array that
+``gathered_norm`` returned (a norm site's consumers: Q, K, V, ...) quantizes it in the norm
+kernel's one pass from the norm's input (``_NormSource``): the norm rounded to its output
+dtype, then quantized, which is what quantizing the stored output computes; XLA then drops
+the bf16 output no one reads.
+
 The backend is picked from ``jax.devices()[0]``; ``use_backend(name)`` (a context manager)
 or the ``backend=`` argument overrides it.
 """
@@ -32,7 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Literal
+import dataclasses
+from typing import Any, Literal
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -166,7 +174,64 @@ NORM_KERNEL_MIN_ROWS = 512
 QUANTIZE_ROW = 3072
 
 
-def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP4Values:
+@dataclasses.dataclass(frozen=True)
+class _NormSource:
+  """How ``gathered_norm`` computed an array: its input and the norm kernel's arguments."""
+
+  x: jax.Array
+  perm: jax.Array | None
+  kwargs: dict[str, Any]  # kind, weight, bias, shift, scale (as the kernel takes them), eps
+
+
+# Arrays ``gathered_norm`` returned from the norm kernel while tracing, by id: a weak
+# reference to each (which removes its entry when the array is freed, so an id is never
+# matched to a later array) and its ``_NormSource`` with weak references for arrays. Weak
+# throughout: a tracer reaches its whole trace, which the registry must not keep alive.
+_NORM_OUTPUTS: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
+
+
+def _weak(v):
+  return weakref.ref(v) if isinstance(v, jax.Array) else v
+
+
+def _strong(v):
+  return v() if isinstance(v, weakref.ref) else v
+
+
+def _remember_norm(y: jax.Array, source: _NormSource) -> None:
+  if isinstance(y, jax.core.Tracer):  # only while tracing: eager arrays keep the two passes
+    key = id(y)
+    fields = dict(x=source.x, perm=source.perm, **source.kwargs)
+    _NORM_OUTPUTS[key] = (weakref.ref(y, lambda _: _NORM_OUTPUTS.pop(key, None)),
+                          {k: _weak(v) for k, v in fields.items()})
+
+
+def _norm_source(x) -> _NormSource | None:
+  """The ``_NormSource`` of ``x`` if ``gathered_norm`` returned this very array."""
+  entry = _NORM_OUTPUTS.get(id(x))
+  if entry is None or entry[0]() is not x:
+    return None
+  weak = entry[1]
+  fields = {k: _strong(v) for k, v in weak.items()}
+  if any(isinstance(weak[k], weakref.ref) and fields[k] is None for k in weak):
+    return None  # one of its inputs was freed
+  return _NormSource(fields.pop("x"), fields.pop("perm"), fields)
+
+
+def _quantize_normed(src: _NormSource, act_tensor_scale, rotate: bool):
+  """``_quantize_activations`` of the norm kernel's output ``src`` describes, in the norm
+  kernel's one pass (None where it does not take it)."""
+  kw = dict(src.kwargs, out="nvfp4_f16", hadamard=rotate)
+  eps = kw.pop("eps")
+  if not norm_kernel.accepts(src.x, src.perm, **kw):
+    return None
+  q = norm_kernel.norm_quantize(src.x, src.perm, eps=eps, tensor_scale=act_tensor_scale,
+                                round_to=src.x.dtype, **kw)
+  return norm.NVFP4Values(q.values.reshape(-1, q.values.shape[-1]), q.tensor_scale)
+
+
+def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool,
+                          src: _NormSource | None = None) -> norm.NVFP4Values:
   """NVFP4 of ``x2[:, perm]`` (block-Hadamard rotated if ``rotate``) for a W4A4 kernel call,
   as the float16 values the kernels read (``norm.NVFP4Values``): no decode pass in the call.
 
@@ -177,10 +242,16 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP
   (whole linear 518.1 us against 536.2), but inside a model XLA splits it into three or
   four passes (the scaled input and the group boundaries written as float32), and the
   quantizes took ~1.5 ms of a 12.0 ms FLUX-width forward pass (H200,
-  ``results/inference_NVIDIA_H200_2026-12-01_a.json``). Otherwise XLA's fusion.
+  ``results/inference_NVIDIA_H200_2026-12-01_a.json``). Where ``x2`` is the norm kernel's
+  output ``src`` describes (in order), the norm and the quantize in one kernel pass.
+  Otherwise XLA's fusion.
   """
   kw = dict(tensor_scale=act_tensor_scale, hadamard=rotate)
   if _norm_kernel_runs() and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
+    q = None if src is None or perm is not None else _quantize_normed(src, act_tensor_scale,
+                                                                      rotate)
+    if q is not None:
+      return q
     xk = x2
     if perm is None and x2.shape[1] % QUANTIZE_ROW == 0:
       xk = x2.reshape(-1, QUANTIZE_ROW)
@@ -193,12 +264,12 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool) -> norm.NVFP
 
 
 def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype, prepared,
-                   perm, rotate: bool):
+                   perm, rotate: bool, src: _NormSource | None):
   fmt = _KERNEL_FORMATS[w.fmt]
   pw = prepared if prepared is not None else prepare(w)
   if act_format is None:
     return pqjax_kernels.fp4_matmul(x2, pw, fmt=fmt, bias=bias, out_dtype=out_dtype)
-  qa = _quantize_activations(x2, act_tensor_scale, perm, rotate)
+  qa = _quantize_activations(x2, act_tensor_scale, perm, rotate, src)
   return pqjax_kernels.fp4_matmul(qa.values, pw, a_tensor_scale=qa.tensor_scale, fmt=fmt,
                                   bias=bias, out_dtype=out_dtype)
 
@@ -240,6 +311,7 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
     ``(..., N)`` array.
   """
   backend = _check_backend(backend) if backend is not None else current_backend()
+  src = _norm_source(x)
   x = jnp.asarray(x)
   out_dtype = x.dtype if out_dtype is None else out_dtype
   if len(w.shape) != 2 or w.axis != 1 or x.shape[-1] != w.shape[1]:
@@ -254,7 +326,7 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
   x2 = x.reshape(-1, k)
   if mosaic:
     y = _linear_mosaic(x2, w, bias, act_format, act_tensor_scale, out_dtype, prepared,
-                       in_perm if fused else None, rotate and fused)
+                       in_perm if fused else None, rotate and fused, src)
   elif (backend == "scaled_matmul" and w.fmt == "nvfp4" and act_format == "nvfp4"
         and w.group_size == 16):
     y = _linear_scaled_matmul(x2, w, bias, act_tensor_scale, out_dtype)
@@ -289,7 +361,10 @@ def gathered_norm(x: jax.Array, perm: jax.Array | None, *, kind: str, weight=Non
     kw = dict(kind=kind, weight=weight, bias=bias, shift=_kernel_vec(shift, x),
               scale=_kernel_vec(scale, x), out="bf16")
     if norm_kernel.accepts(x, perm, **kw):
-      return norm_kernel.norm_quantize(x, perm, eps=eps, **kw)
+      y = norm_kernel.norm_quantize(x, perm, eps=eps, **kw)
+      kw.pop("out")
+      _remember_norm(y, _NormSource(x, perm, dict(kw, eps=eps)))
+      return y
   return norm.reference(x, perm, kind=kind, weight=weight, bias=bias, shift=shift,
                         scale=scale, eps=eps, out="bf16", out_dtype=x.dtype)
 

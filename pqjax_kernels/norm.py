@@ -303,10 +303,19 @@ def _finish(y, out: str, tensor_scale, hadamard: bool, out_dtype):
   return nvfp4_values(act) if out == "nvfp4_f16" else act
 
 
+_ROUND_TO = (jnp.bfloat16, jnp.float16)
+
+
+def check_round_to(round_to) -> None:
+  """``round_to`` is None or a two-byte float dtype (``ValueError`` naming it otherwise)."""
+  if round_to is not None and jnp.dtype(round_to) not in [jnp.dtype(t) for t in _ROUND_TO]:
+    raise ValueError(f"round_to must be None, bfloat16 or float16, got {round_to!r}")
+
+
 def reference(x: jax.Array, perm: jax.Array | None, *, kind: NormKind = "layer",
               weight=None, bias=None, shift=None, scale=None, eps: float = 1e-6,
               out: OutKind = "bf16", tensor_scale=None, hadamard: bool = False,
-              out_dtype=jnp.bfloat16):
+              out_dtype=jnp.bfloat16, round_to=None):
   """Plain-jnp gathered norm (+ quantize); the definition the fast paths are tested against.
 
   Args:
@@ -322,12 +331,15 @@ def reference(x: jax.Array, perm: jax.Array | None, *, kind: NormKind = "layer",
     tensor_scale: NVFP4 static tensor scale; None computes it from the result (dynamic).
     hadamard: rotate each 16-group with ``block_hadamard`` before quantizing.
     out_dtype: dtype of the ``"bf16"`` output.
+    round_to: None, or ``jnp.bfloat16`` / ``jnp.float16``: the normalized values are rounded
+      to it before the rest (quantizing, then, what a norm stored in that dtype holds).
 
   Returns:
     The normalized, gathered array, or its ``NVFP4Activation`` / ``NVFP4Values``.
   """
   check_inputs(x, perm, kind=kind, weight=weight, bias=bias, shift=shift, scale=scale,
                out=out, hadamard=hadamard)
+  check_round_to(round_to)
   xf = x.astype(jnp.float32)
   if kind == "layer":
     mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -345,6 +357,8 @@ def reference(x: jax.Array, perm: jax.Array | None, *, kind: NormKind = "layer",
     y = y * (1.0 + _per_sample(scale, xf))
   if shift is not None:
     y = y + _per_sample(shift, xf)
+  if round_to is not None:
+    y = y.astype(round_to).astype(jnp.float32)
   return _finish(_gather(y, perm), out, tensor_scale, hadamard, out_dtype)
 
 

@@ -527,7 +527,7 @@ def _split_slab(cols: np.ndarray) -> np.ndarray:
 
 
 def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: float, out: str,
-                 t: int, rows: int, chunk: int, hadamard: bool, interpret: bool):
+                 t: int, rows: int, chunk: int, hadamard: bool, round_to, interpret: bool):
   """Runs the kernel on ``x2 (M, D)`` (M a multiple of ``rows``); returns its outputs
   (row-major, in the kernel's array shapes). ``out="amax"``: instead of codes and scales
   (dynamic scale), one float32 row per CTA holding the amax of the result per row and chunk
@@ -631,6 +631,8 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
         if present:
           y = op(y, vec(j, c))
           j += 1
+      if round_to is not None:  # what quantizing a stored round_to result would see
+        y = y.astype(round_to).astype(jnp.float32)
       if hadamard:  # rotates what is quantized (and what the dynamic amax sees)
         y = _hadamard_chunk(y, interpret)
       cols = pl.ds(c * gc, gc)
@@ -705,7 +707,7 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
 def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
                   kind: KernelKind = "layer", weight=None, bias=None, shift=None,
                   scale=None, eps: float = 1e-6, out: _OutKind = "nvfp4", tensor_scale=None,
-                  hadamard: bool = False, rows: int | None = None,
+                  hadamard: bool = False, round_to=None, rows: int | None = None,
                   chunk: int | None = None, interpret: bool = False):
   """Fused LayerNorm/RMSNorm + adaLN (+ NVFP4 quantize) of ``x``, optionally gathered.
 
@@ -730,6 +732,9 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
       the tensor scale, and a second pass quantizes.
     hadamard: rotate each 16-group by ``norm.block_hadamard`` before quantizing (needs a
       quantized ``out``; a dynamic tensor scale is the amax of the rotated values).
+    round_to: None, or ``jnp.bfloat16`` / ``jnp.float16``: round the normalized values to it
+      first, so that the result is the quantize of the norm's output stored in that dtype
+      (``norm.reference``'s ``round_to``) in one pass.
     rows: rows per CTA (``ROW_CHOICES``); None picks ``default_rows``.
     chunk: columns per register chunk (``CHUNK_CHOICES``; D must be a multiple); None picks
       ``default_chunk``.
@@ -747,6 +752,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   """
   rows, chunk = _resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk)
   _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk, hadamard)
+  norm.check_round_to(round_to)
   lead, d = x.shape[:-1], x.shape[-1]
   t = x.shape[1] if x.ndim == 3 else x.shape[0]  # rows per sample
   x2 = x.reshape(-1, d)
@@ -759,7 +765,8 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   if vecs is not None and perm is not None:  # the affine / adaLN act on gathered columns
     vecs = jnp.take(vecs, perm, axis=-1)
   call = functools.partial(_kernel_call, x2, vecs, perm=perm, kind=kind, flags=flags, eps=eps,
-                           t=t, rows=rows, hadamard=hadamard, interpret=interpret)
+                           t=t, rows=rows, hadamard=hadamard, round_to=round_to,
+                           interpret=interpret)
   if out == "bf16":
     return call(None, out="bf16", chunk=chunk)[0].reshape(mp, d)[:m].reshape(x.shape)
   if tensor_scale is None:  # dynamic: amax of the result, then the static pass

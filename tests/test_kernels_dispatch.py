@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from pqjax import dispatch, hadamard, qmatmul
 from tests import bounds, interpret
@@ -148,6 +149,83 @@ def test_mosaic_quantize_cuts_wide_rows_in_order(monkeypatch, rotate):
   assert seen[-1] == (m, d)
 
 
+def _norm_then_linears(x, perm, kw, ws, ts, rotate=False, other=None):
+  """What a norm site computes: the gathered norm, then W4A4 linears reading its output
+  (``other``: one more reading a different array of the same values)."""
+  y = dispatch.gathered_norm(x, perm, backend="mosaic", **kw)
+  outs = [dispatch.linear(y, w, act_format="nvfp4", act_tensor_scale=ts, rotate=rotate,
+                          backend="mosaic") for w in ws]
+  if other is not None:
+    outs.append(dispatch.linear(y + 0, other, act_format="nvfp4", act_tensor_scale=ts,
+                                backend="mosaic"))
+  return outs
+
+
+def test_mosaic_norm_site_quantizes_in_the_norm_pass(monkeypatch):
+  """Traced on the mosaic backend, W4A4 linears reading the very array ``gathered_norm``
+  returned quantize it in one norm-kernel pass from the norm's input (rounded to bf16:
+  ``round_to``), with the norm's arguments; a linear reading another array quantizes that
+  (plain quantize, ``kind="none"``). The registry holds arrays only weakly (a tracer reaches
+  its whole trace)."""
+  import weakref
+  import jax
+  from pqjax_kernels import norm_kernel
+  monkeypatch.setattr(dispatch, "_norm_kernel_runs", lambda: True)
+  calls, entries, kernel = [], [], norm_kernel.norm_quantize
+  def spy(x, perm, **kw):
+    calls.append((kw.get("kind"), kw.get("out"), kw.get("round_to"), perm is not None,
+                  kw.get("hadamard", False)))
+    if kw.get("round_to") is not None:  # the registry while the trace is alive
+      entries.extend(dispatch._NORM_OUTPUTS.values())  # noqa: SLF001
+    return kernel(x, perm, **kw)
+  monkeypatch.setattr(norm_kernel, "norm_quantize", spy)
+  rng = np.random.default_rng(8)
+  x, perm, kw = _norm_args(rng, b=2, t=256, d=256)
+  ws = [qmatmul.quantize_weight(rng.standard_normal((256, 128)).astype(np.float32), "nvfp4")
+        for _ in range(3)]
+  ts = jnp.float32(0.01)
+  for rotate in (False, True):
+    calls.clear()
+    f = lambda x, p: _norm_then_linears(x, p, kw, ws[:2], ts, rotate, ws[2])  # noqa: E731
+    text = jax.jit(f).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    fused = ("layer", "nvfp4_f16", jnp.bfloat16, True, rotate)
+    assert calls == [("layer", "bf16", None, True, False), fused, fused,
+                     ("none", "nvfp4_f16", None, False, False)]
+  assert entries
+  for ref, fields in entries:
+    assert isinstance(ref, weakref.ref) and isinstance(fields["x"], weakref.ref)
+    assert not [k for k, v in fields.items() if isinstance(v, jax.Array)]
+
+
+def test_quantized_model_norm_sites_take_the_one_pass(monkeypatch):
+  """In a model from ``pqjax.quantize`` traced on the mosaic backend, the norm sites'
+  consumers reach the one-pass norm + quantize: the converted modules hand the norm's output
+  array itself to the linears."""
+  import jax
+  import pqjax
+  from pqjax_kernels import norm_kernel
+  from tests.test_pipeline_toy import make_toy, toy_batch
+  bf16 = jnp.bfloat16  # the norm kernel's dtype
+  model = make_toy(dim=128, ff_dim=256, outliers=30.0, dtype=bf16)
+  cfg = pqjax.QuantConfig(method="permuquant", error_tokens=64)
+  with dispatch.use_backend("mosaic"):
+    q = pqjax.quantize(model, [toy_batch(s, tokens=16, dtype=bf16) for s in (1, 2)], cfg)
+  monkeypatch.setattr(dispatch, "_norm_kernel_runs", lambda: True)
+  monkeypatch.setattr(dispatch, "NORM_KERNEL_MIN_ROWS", 1)
+  fused, kernel = [], norm_kernel.norm_quantize
+  def spy(x, perm, **kw):
+    fused.append(kw.get("round_to") is not None)
+    return kernel(x, perm, **kw)
+  monkeypatch.setattr(norm_kernel, "norm_quantize", spy)
+  graphdef, state = nnx.split(q)
+  batch = toy_batch(1, tokens=16, dtype=bf16)
+  with dispatch.use_backend("mosaic"):
+    jax.jit(lambda st, b: nnx.merge(graphdef, st)(**b)).trace(state, batch).lower(
+        lowering_platforms=("cuda",))
+  assert any(fused)
+
+
 def test_mosaic_quantize_codes_where_values_do_not_fit(monkeypatch):
   """Where a row block with float16 values exceeds the norm kernel's shared memory but one
   with codes fits, the site still quantizes in the kernel (codes, decoded by XLA)."""
@@ -165,6 +243,32 @@ def test_mosaic_quantize_codes_where_values_do_not_fit(monkeypatch):
   assert "mosaic_gpu" in _quantize_lowered(x2, perm, False)
   monkeypatch.setattr(norm_kernel, "SMEM_BYTES", 2000)  # neither fits: XLA's fusion
   assert "mosaic_gpu" not in _quantize_lowered(x2, perm, False)
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rotate", [False, True])
+def test_mosaic_norm_site_on_gpu(monkeypatch, rotate):
+  """A norm site's W4A4 linears, jitted: the norm and quantize in one kernel pass give what
+  the two passes give (the norm kernel's bf16 output, quantized) within the activation
+  rounding (2**-8: a bf16 result at a boundary may round either way) plus float32 sums."""
+  import jax
+  from pqjax_kernels import matmul_fp4 as fm
+  from pqjax_kernels import norm
+  rng = np.random.default_rng(9 + rotate)
+  x, perm, kw = _norm_args(rng, b=2, t=512, d=3072)
+  w = qmatmul.quantize_weight(rng.standard_normal((3072, 256)).astype(np.float32), "nvfp4")
+  ts = jnp.float32(0.004)
+  f = jax.jit(lambda x, p: _norm_then_linears(x, p, kw, [w], ts, rotate)[0])
+  got = np.asarray(f(x, perm), np.float64)
+  monkeypatch.setattr(dispatch, "_norm_source", lambda x: None)
+  two = np.asarray(jax.jit(lambda x, p: _norm_then_linears(x, p, kw, [w], ts, rotate)[0])(
+      x, perm), np.float64)
+  y = dispatch.gathered_norm(x, perm, backend="reference", **kw)
+  q = norm.gathered_quantize(y.reshape(-1, 3072), None, tensor_scale=ts, hadamard=rotate)
+  xd = np.asarray(fm.dequantize(q.codes, q.scales, q.tensor_scale, "nvfp4"), np.float64)
+  wd = np.asarray(fm.dequantize(w.codes, w.scales, w.tensor_scale, "nvfp4"), np.float64)
+  bound = np.abs(xd) @ np.abs(wd).T * (2.0**-8 + (3072 + 2) * 2.0**-24) + 1e-30
+  assert (np.abs(got.reshape(-1, 256) - two.reshape(-1, 256)) <= 2 * bound).all()
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")

@@ -73,6 +73,25 @@ def test_gathered_norm_equals_norm_of_gathered_input(kind):
   np.testing.assert_allclose(np.asarray(out), y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_round_to_quantizes_the_stored_norm(hadamard):
+  """``round_to=bf16``: the quantize of the norm's bf16 output (what a linear reading it
+  quantizes), bit for bit; without it the float32 norm is quantized (codes differ)."""
+  b, t, d = 2, 8, 64
+  x = _x((b, t, d)).astype(jnp.bfloat16)
+  perm = jnp.asarray(np.random.default_rng(2).permutation(d), jnp.int32)
+  vecs = dict(weight=_x((d,), 2), bias=_x((d,), 3), shift=_x((b, d), 4), scale=_x((b, d), 5))
+  ts = jnp.float32(0.004)
+  stored = gn.reference(x, perm, **vecs, eps=1e-6, out_dtype=jnp.bfloat16)
+  want = gn.gathered_quantize(stored, None, out="nvfp4_f16", tensor_scale=ts, hadamard=hadamard)
+  kw = dict(**vecs, eps=1e-6, out="nvfp4_f16", tensor_scale=ts, hadamard=hadamard)
+  got = gn.reference(x, perm, round_to=jnp.bfloat16, **kw)
+  np.testing.assert_array_equal(np.asarray(got.values), np.asarray(want.values))
+  assert (np.asarray(gn.reference(x, perm, **kw).values) != np.asarray(want.values)).any()
+  with pytest.raises(ValueError, match="round_to"):
+    gn.reference(x, perm, round_to=jnp.float32, **kw)
+
+
 def test_gathered_quantize_with_hadamard_matches_pipeline_rotation():
   x = _x((3, 64))
   perm = jnp.asarray(np.random.default_rng(2).permutation(64), jnp.int32)

@@ -44,16 +44,16 @@ def _vectors(rng, shape, per_sample):
 
 
 def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, chunk=None,
-          hadamard=False):
+          hadamard=False, round_to=None):
   """Kernel (under the interpreter, or on the GPU) and the jitted reference (XLA contracts
   multiply-adds into FMAs, as Mosaic GPU does; the interpreter compiles the kernel body with
   XLA likewise). ``kind="none"``: the plain quantize, against ``norm.gathered_quantize``."""
   ts = jnp.float32(TS) if out in norm.QUANTIZED and not dynamic else None
   kw = dict(kind=kind, out=out, tensor_scale=ts, rows=rows, chunk=chunk, hadamard=hadamard,
-            **vecs)
+            round_to=round_to, **vecs)
   if gpu:
-    got = jax.jit(nk.norm_quantize,
-                  static_argnames=("kind", "out", "rows", "chunk", "hadamard"))(x, perm, **kw)
+    got = jax.jit(nk.norm_quantize, static_argnames=("kind", "out", "rows", "chunk", "hadamard",
+                                                     "round_to"))(x, perm, **kw)
   else:
     with interpret.gpu_interpreter():
       got = nk.norm_quantize(x, perm, interpret=True, **kw)
@@ -61,8 +61,9 @@ def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, ch
     ref = jax.jit(norm.gathered_quantize, static_argnames=("hadamard", "out"))(
         x, perm, tensor_scale=ts, hadamard=hadamard, out=out)
   else:
-    ref = jax.jit(norm.reference, static_argnames=("kind", "out", "hadamard"))(
-        x, perm, kind=kind, out=out, tensor_scale=ts, hadamard=hadamard, **vecs)
+    ref = jax.jit(norm.reference, static_argnames=("kind", "out", "hadamard", "round_to"))(
+        x, perm, kind=kind, out=out, tensor_scale=ts, hadamard=hadamard, round_to=round_to,
+        **vecs)
   return got, ref
 
 
@@ -192,13 +193,16 @@ class TestInterpreter:
     _assert_nvfp4_equal(got, ref)
 
   # NVFP4 values written as float16 (out="nvfp4_f16"): after a norm (exact sums), the plain
-  # quantize (dynamic, ragged rows), the Hadamard, float32 x
-  @pytest.mark.parametrize("kind,dtype,gathered,dynamic,hadamard,rows", [
-      ("layer", jnp.bfloat16, True, False, False, 8), ("none", jnp.bfloat16, False, True,
-                                                       False, 16),
-      ("none", jnp.bfloat16, True, False, True, 4), ("rms", jnp.float32, False, False, True,
-                                                     8)])
-  def test_values_bit_exact(self, kind, dtype, gathered, dynamic, hadamard, rows):
+  # quantize (dynamic, ragged rows), the Hadamard, float32 x; the norm rounded to bf16 first
+  # (round_to: what quantizing its stored output gives), static and dynamic
+  @pytest.mark.parametrize("kind,dtype,gathered,dynamic,hadamard,rows,round_to", [
+      ("layer", jnp.bfloat16, True, False, False, 8, None),
+      ("none", jnp.bfloat16, False, True, False, 16, None),
+      ("none", jnp.bfloat16, True, False, True, 4, None),
+      ("rms", jnp.float32, False, False, True, 8, None),
+      ("layer", jnp.bfloat16, True, False, True, 4, jnp.bfloat16),
+      ("layer", jnp.bfloat16, False, True, False, 8, jnp.bfloat16)])
+  def test_values_bit_exact(self, kind, dtype, gathered, dynamic, hadamard, rows, round_to):
     shape = (2, 24, 256)
     rng = np.random.default_rng(21 + rows)
     if kind == "none":
@@ -208,7 +212,7 @@ class TestInterpreter:
     perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
     vecs = {} if kind == "none" else _vectors(rng, shape, False)
     got, ref = _call(x, kind, "nvfp4_f16", vecs, perm, rows=rows, dynamic=dynamic,
-                     hadamard=hadamard)
+                     hadamard=hadamard, round_to=round_to)
     assert got.values.shape == shape
     _assert_nvfp4_equal(got, ref)
 
@@ -272,19 +276,20 @@ class TestGPU:
     else:
       _assert_within_rounding(got, ref, "nvfp4")
 
-  @pytest.mark.parametrize("kind,gathered,dynamic,hadamard", [
-      ("none", True, False, True), ("none", False, True, False), ("none", False, False, False),
-      ("layer", True, False, False), ("layer", False, True, True)])
-  def test_values(self, kind, gathered, dynamic, hadamard):
+  @pytest.mark.parametrize("kind,gathered,dynamic,hadamard,round_to", [
+      ("none", True, False, True, None), ("none", False, True, False, None),
+      ("none", False, False, False, None), ("layer", True, False, False, None),
+      ("layer", False, True, True, None), ("layer", True, False, False, jnp.bfloat16)])
+  def test_values(self, kind, gathered, dynamic, hadamard, round_to):
     """NVFP4 values written as float16 at a DiT width: the plain quantize bit for bit, after
-    a LayerNorm within rounding (the statistics)."""
+    a LayerNorm within rounding (the statistics), also rounded to bf16 first."""
     shape = (2, 512, 3072)
     rng = np.random.default_rng(23 + dynamic)
     x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
     perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
     vecs = {} if kind == "none" else _vectors(rng, shape, True)
     got, ref = _call(x, kind, "nvfp4_f16", vecs, perm, gpu=True, dynamic=dynamic,
-                     hadamard=hadamard)
+                     hadamard=hadamard, round_to=round_to)
     if kind == "none":
       _assert_nvfp4_equal(got, ref)
     else:
@@ -320,6 +325,17 @@ def test_lowers_for_cuda(shape, dtype, kind, out, vecs, per_sample, gathered):
   assert "mosaic_gpu" in text
 
 
+def test_round_to_lowers_for_cuda():
+  """The norm rounded to bf16 before the quantize (``round_to``) lowers to Mosaic GPU."""
+  x = jax.ShapeDtypeStruct((2, 1024, 3072), jnp.bfloat16)
+  kw = _vectors(np.random.default_rng(0), x.shape, True)
+  f = lambda x, p, kw: nk.norm_quantize(x, p, out="nvfp4_f16", round_to=jnp.bfloat16,  # noqa: E731
+                                        tensor_scale=jnp.float32(TS), **kw)
+  perm = jax.ShapeDtypeStruct((3072,), jnp.int32)
+  assert "mosaic_gpu" in jax.jit(f).trace(x, perm, kw).lower(
+      lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("kind,gathered,rows,chunk", [
     ("none", True, 4, 64), ("layer", False, 16, 128), ("rms", True, 8, 256),
     ("layer", True, 4, 512)])
@@ -353,6 +369,7 @@ def test_dynamic_scale_lowers_for_cuda(kind, gathered, rows, chunk):
     (dict(x=jnp.zeros((16, 3072), jnp.bfloat16), out="bf16", weight=jnp.ones(3072),
           bias=jnp.ones(3072), perm=jnp.arange(3072, dtype=jnp.int32), rows=16),
      "shared memory"),
+    (dict(round_to=jnp.float32), "round_to"),
     (dict(perm=jnp.arange(64, dtype=jnp.int32)), "perm"),
     (dict(perm=jnp.arange(128, dtype=jnp.float32)), "perm"),
 ])

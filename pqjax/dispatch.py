@@ -242,14 +242,13 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool,
   (whole linear 518.1 us against 536.2), but inside a model XLA splits it into three or
   four passes (the scaled input and the group boundaries written as float32), and the
   quantizes took ~1.5 ms of a 12.0 ms FLUX-width forward pass (H200,
-  ``results/inference_NVIDIA_H200_2026-12-01_a.json``). Where ``x2`` is the norm kernel's
-  output ``src`` describes (in order), the norm and the quantize in one kernel pass.
-  Otherwise XLA's fusion.
+  ``results/inference_NVIDIA_H200_2026-12-01_a.json``). Where ``src`` says how the norm
+  kernel computed ``x2`` (in order), the norm and the quantize run as one kernel pass.
+  Below ``NORM_KERNEL_MIN_ROWS`` or off the GPU: XLA's fusion.
   """
   kw = dict(tensor_scale=act_tensor_scale, hadamard=rotate)
   if _norm_kernel_runs() and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
-    q = None if src is None or perm is not None else _quantize_normed(src, act_tensor_scale,
-                                                                      rotate)
+    q = _quantize_normed(src, act_tensor_scale, rotate) if src and perm is None else None
     if q is not None:
       return q
     xk = x2

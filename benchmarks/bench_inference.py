@@ -7,8 +7,9 @@ carry nearly all the time, so per-block ratios carry over; the default 1 + 2 run
 ``pqjax.quantize`` (PermuQuant NVFP4, W4A4 and W4A16, static activation scales) on a small
 calibration set, then one forward pass of ``--batch`` samples of image + text tokens is
 timed per model: kernel time from CUPTI (every kernel of the jitted call, median of 20) and
-wall time, beside the output's relative error against bf16; the W4A4 model also once with
-its linears re-laying their weights out per call (no stored kernel layout). Writes
+wall time, beside the output's relative error against bf16; the W4A4 model also with its
+norm sites' norm and quantize in two passes (``dispatch.norm_fusion(False)``) and with its
+linears re-laying their weights out per call (no stored kernel layout). Writes
 ``inference_<device>_<date>.json`` and a bar plot beside it.
 
   python benchmarks/bench_inference.py --out $OUT          # FLUX.1-dev width, GPU
@@ -19,6 +20,7 @@ its linears re-laying their weights out per call (no stored kernel layout). Writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -129,6 +131,23 @@ def plot(result: dict, path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def time_model(model: nnx.Module, name: str, inputs, timer, args, device) -> dict:
+  """One model's forward pass timed (and its kernels listed, its HLO written if asked)."""
+  fn, state = forward_fn(model)
+  if args.hlo:
+    slug = name.replace(" ", "_").replace(",", "").replace("+", "and")
+    with open(os.path.join(args.out, f"hlo_{slug}.txt"), "w") as f:
+      f.write(fn.lower(state, inputs).compile().as_text())
+  kern, wall, out = timer(fn, (state, inputs), 1)
+  run = {"kernel_ms": kern / 1e3, "wall_ms": wall / 1e3, "out": out}
+  print(f"timed {name}: {kern / 1e3:.2f} ms kernel", flush=True)
+  if device.platform == "gpu":
+    run["kernels_us"] = kernel_breakdown(fn, (state, inputs))
+    for kname, us in (run["kernels_us"] or [])[:12]:
+      print(f"  {us:9.1f} us  {kname[:90]}", flush=True)
+  return run
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default=".")
@@ -166,23 +185,17 @@ def main() -> None:
   for mode in args.modes.split(","):
     cfg = pqjax.QuantConfig(format="nvfp4", mode=mode, method="permuquant")
     models[f"nvfp4 {mode}"] = pqjax.quantize(model, calib, cfg, progress=True)
+  contexts = {}  # traced and run inside: the norm sites' norm and quantize in two passes
+  if "nvfp4 w4a4" in models:
+    contexts["nvfp4 w4a4, norm + quantize apart"] = dispatch.norm_fusion(False)
+    models["nvfp4 w4a4, norm + quantize apart"] = models["nvfp4 w4a4"]
   if "nvfp4 w4a4" in models and not args.skip_relaid:
     models["nvfp4 w4a4, re-laid per call"] = without_kernel_layout(models["nvfp4 w4a4"])
   runs = {}
   os.makedirs(args.out, exist_ok=True)
   for name, m in models.items():
-    fn, state = forward_fn(m)
-    if args.hlo:
-      slug = name.replace(" ", "_").replace(",", "")
-      with open(os.path.join(args.out, f"hlo_{slug}.txt"), "w") as f:
-        f.write(fn.lower(state, inputs).compile().as_text())
-    kern, wall, out = timer(fn, (state, inputs), 1)
-    runs[name] = {"kernel_ms": kern / 1e3, "wall_ms": wall / 1e3, "out": out}
-    print(f"timed {name}: {kern / 1e3:.2f} ms kernel", flush=True)
-    if device.platform == "gpu":
-      runs[name]["kernels_us"] = kernel_breakdown(fn, (state, inputs))
-      for kname, us in (runs[name]["kernels_us"] or [])[:12]:
-        print(f"  {us:9.1f} us  {kname[:90]}", flush=True)
+    with contexts.get(name, contextlib.nullcontext()):
+      runs[name] = time_model(m, name, inputs, timer, args, device)
   ref = runs["bf16"]["out"]
   for r in runs.values():
     r["rel_error_vs_bf16"] = rel_error(r.pop("out"), ref)

@@ -28,7 +28,7 @@ Inside a jitted function on ``"mosaic"``, a W4A4 linear whose input is the very 
 ``gathered_norm`` returned (a norm site's consumers: Q, K, V, ...) quantizes it in the norm
 kernel's one pass from the norm's input (``_NormSource``): the norm rounded to its output
 dtype, then quantized, which is what quantizing the stored output computes; XLA then drops
-the bf16 output no one reads.
+the bf16 output no one reads. ``norm_fusion(False)`` (a context manager) keeps two passes.
 
 The backend is picked from ``jax.devices()[0]``; ``use_backend(name)`` (a context manager)
 or the ``backend=`` argument overrides it.
@@ -91,6 +91,22 @@ def use_backend(name: Backend):
     yield
   finally:
     _OVERRIDE.reset(token)
+
+
+_NORM_FUSION: contextvars.ContextVar[bool] = contextvars.ContextVar("pqjax_norm_fusion",
+                                                                     default=True)
+
+
+@contextlib.contextmanager
+def norm_fusion(enabled: bool):
+  """Context manager: whether the calls traced inside it fuse a norm site's norm and its
+  consumers' activation quantize into one kernel pass (default True; False keeps the two
+  passes, e.g. to time what the fusion saves)."""
+  token = _NORM_FUSION.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _NORM_FUSION.reset(token)
 
 
 def _act_group(act_format: str | None, w: QTensor) -> int:
@@ -199,7 +215,8 @@ def _strong(v):
 
 
 def _remember_norm(y: jax.Array, source: _NormSource) -> None:
-  if isinstance(y, jax.core.Tracer):  # only while tracing: eager arrays keep the two passes
+  # only while tracing (eager arrays keep the two passes), unless norm_fusion(False)
+  if isinstance(y, jax.core.Tracer) and _NORM_FUSION.get():
     key = id(y)
     fields = dict(x=source.x, perm=source.perm, **source.kwargs)
     _NORM_OUTPUTS[key] = (weakref.ref(y, lambda _: _NORM_OUTPUTS.pop(key, None)),

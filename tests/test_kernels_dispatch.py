@@ -165,8 +165,8 @@ def test_mosaic_norm_site_quantizes_in_the_norm_pass(monkeypatch):
   """Traced on the mosaic backend, W4A4 linears reading the very array ``gathered_norm``
   returned quantize it in one norm-kernel pass from the norm's input (rounded to bf16:
   ``round_to``), with the norm's arguments; a linear reading another array quantizes that
-  (plain quantize, ``kind="none"``). The registry holds arrays only weakly (a tracer reaches
-  its whole trace)."""
+  (plain quantize, ``kind="none"``), as all do under ``norm_fusion(False)``. The registry
+  holds arrays only weakly (a tracer reaches its whole trace)."""
   import weakref
   import jax
   from pqjax_kernels import norm_kernel
@@ -192,6 +192,12 @@ def test_mosaic_norm_site_quantizes_in_the_norm_pass(monkeypatch):
     fused = ("layer", "nvfp4_f16", jnp.bfloat16, True, rotate)
     assert calls == [("layer", "bf16", None, True, False), fused, fused,
                      ("none", "nvfp4_f16", None, False, False)]
+  calls.clear()
+  with dispatch.norm_fusion(False):  # two passes: the plain quantize of the norm's output
+    jax.jit(lambda x, p: _norm_then_linears(x, p, kw, ws[:1], ts)).trace(x, perm).lower(
+        lowering_platforms=("cuda",))
+  assert calls == [("layer", "bf16", None, True, False), ("none", "nvfp4_f16", None, False,
+                                                          False)]
   assert entries
   for ref, fields in entries:
     assert isinstance(ref, weakref.ref) and isinstance(fields["x"], weakref.ref)
@@ -247,7 +253,7 @@ def test_mosaic_quantize_codes_where_values_do_not_fit(monkeypatch):
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rotate", [False, True])
-def test_mosaic_norm_site_on_gpu(monkeypatch, rotate):
+def test_mosaic_norm_site_on_gpu(rotate):
   """A norm site's W4A4 linears, jitted: the norm and quantize in one kernel pass give what
   the two passes give (the norm kernel's bf16 output, quantized) within the activation
   rounding (2**-8: a bf16 result at a boundary may round either way) plus float32 sums."""
@@ -258,11 +264,10 @@ def test_mosaic_norm_site_on_gpu(monkeypatch, rotate):
   x, perm, kw = _norm_args(rng, b=2, t=512, d=3072)
   w = qmatmul.quantize_weight(rng.standard_normal((3072, 256)).astype(np.float32), "nvfp4")
   ts = jnp.float32(0.004)
-  f = jax.jit(lambda x, p: _norm_then_linears(x, p, kw, [w], ts, rotate)[0])
-  got = np.asarray(f(x, perm), np.float64)
-  monkeypatch.setattr(dispatch, "_norm_source", lambda x: None)
-  two = np.asarray(jax.jit(lambda x, p: _norm_then_linears(x, p, kw, [w], ts, rotate)[0])(
-      x, perm), np.float64)
+  f = lambda x, p: _norm_then_linears(x, p, kw, [w], ts, rotate)[0]  # noqa: E731
+  got = np.asarray(jax.jit(f)(x, perm), np.float64)
+  with dispatch.norm_fusion(False):
+    two = np.asarray(jax.jit(lambda x, p: f(x, p))(x, perm), np.float64)
   y = dispatch.gathered_norm(x, perm, backend="reference", **kw)
   q = norm.gathered_quantize(y.reshape(-1, 3072), None, tensor_scale=ts, hadamard=rotate)
   xd = np.asarray(fm.dequantize(q.codes, q.scales, q.tensor_scale, "nvfp4"), np.float64)

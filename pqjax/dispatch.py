@@ -26,7 +26,7 @@ every other backend use the plain-jnp ``pqjax_kernels.norm`` (XLA fuses it).
 
 Inside a jitted function on ``"mosaic"``, a W4A4 linear whose input is the very array that
 ``gathered_norm`` returned (a norm site's consumers: Q, K, V, ...) quantizes it in the norm
-kernel's one pass from the norm's input (``_NormSource``): the norm rounded to its output
+kernel's one pass from the norm's input (``_norm_source``): the norm rounded to its output
 dtype, then quantized, which is what quantizing the stored output computes; XLA then drops
 the bf16 output no one reads. ``norm_fusion(False)`` (a context manager) keeps two passes.
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 from typing import Any, Literal
 import weakref
 
@@ -190,65 +189,50 @@ NORM_KERNEL_MIN_ROWS = 512
 QUANTIZE_ROW = 3072
 
 
-@dataclasses.dataclass(frozen=True)
-class _NormSource:
-  """How ``gathered_norm`` computed an array: its input and the norm kernel's arguments."""
-
-  x: jax.Array
-  perm: jax.Array | None
-  kwargs: dict[str, Any]  # kind, weight, bias, shift, scale (as the kernel takes them), eps
-
-
 # Arrays ``gathered_norm`` returned from the norm kernel while tracing, by id: a weak
 # reference to each (which removes its entry when the array is freed, so an id is never
-# matched to a later array) and its ``_NormSource`` with weak references for arrays. Weak
-# throughout: a tracer reaches its whole trace, which the registry must not keep alive.
+# matched to a later array) and how it was computed (``_norm_source``), arrays held weakly
+# too: a tracer reaches its whole trace, which the registry must not keep alive.
 _NORM_OUTPUTS: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 
 
-def _weak(v):
-  return weakref.ref(v) if isinstance(v, jax.Array) else v
-
-
-def _strong(v):
-  return v() if isinstance(v, weakref.ref) else v
-
-
-def _remember_norm(y: jax.Array, source: _NormSource) -> None:
+def _remember_norm(y: jax.Array, **source) -> None:
+  """Records ``y`` as the norm kernel's output of ``source`` (x, perm and the kernel's other
+  arguments: kind, weight, bias, shift, scale, eps)."""
   # only while tracing (eager arrays keep the two passes), unless norm_fusion(False)
   if isinstance(y, jax.core.Tracer) and _NORM_FUSION.get():
     key = id(y)
-    fields = dict(x=source.x, perm=source.perm, **source.kwargs)
     _NORM_OUTPUTS[key] = (weakref.ref(y, lambda _: _NORM_OUTPUTS.pop(key, None)),
-                          {k: _weak(v) for k, v in fields.items()})
+                          {k: weakref.ref(v) if isinstance(v, jax.Array) else v
+                           for k, v in source.items()})
 
 
-def _norm_source(x) -> _NormSource | None:
-  """The ``_NormSource`` of ``x`` if ``gathered_norm`` returned this very array."""
+def _norm_source(x) -> dict[str, Any] | None:
+  """How the norm kernel computed ``x`` (``_remember_norm``'s ``source``), if
+  ``gathered_norm`` returned this very array and its inputs are still alive."""
   entry = _NORM_OUTPUTS.get(id(x))
   if entry is None or entry[0]() is not x:
     return None
-  weak = entry[1]
-  fields = {k: _strong(v) for k, v in weak.items()}
-  if any(isinstance(weak[k], weakref.ref) and fields[k] is None for k in weak):
+  source = {k: v() if isinstance(v, weakref.ref) else v for k, v in entry[1].items()}
+  if any(isinstance(v, weakref.ref) and source[k] is None for k, v in entry[1].items()):
     return None  # one of its inputs was freed
-  return _NormSource(fields.pop("x"), fields.pop("perm"), fields)
+  return source
 
 
-def _quantize_normed(src: _NormSource, act_tensor_scale, rotate: bool):
+def _quantize_normed(src: dict[str, Any], act_tensor_scale, rotate: bool):
   """``_quantize_activations`` of the norm kernel's output ``src`` describes, in the norm
   kernel's one pass (None where it does not take it)."""
-  kw = dict(src.kwargs, out="nvfp4_f16", hadamard=rotate)
-  eps = kw.pop("eps")
-  if not norm_kernel.accepts(src.x, src.perm, **kw):
+  kw = dict(src, out="nvfp4_f16", hadamard=rotate)
+  x, perm, eps = kw.pop("x"), kw.pop("perm"), kw.pop("eps")
+  if not norm_kernel.accepts(x, perm, **kw):
     return None
-  q = norm_kernel.norm_quantize(src.x, src.perm, eps=eps, tensor_scale=act_tensor_scale,
-                                round_to=src.x.dtype, **kw)
+  q = norm_kernel.norm_quantize(x, perm, eps=eps, tensor_scale=act_tensor_scale,
+                                round_to=x.dtype, **kw)
   return norm.NVFP4Values(q.values.reshape(-1, q.values.shape[-1]), q.tensor_scale)
 
 
 def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool,
-                          src: _NormSource | None = None) -> norm.NVFP4Values:
+                          src: dict[str, Any] | None = None) -> norm.NVFP4Values:
   """NVFP4 of ``x2[:, perm]`` (block-Hadamard rotated if ``rotate``) for a W4A4 kernel call,
   as the float16 values the kernels read (``norm.NVFP4Values``): no decode pass in the call.
 
@@ -280,7 +264,7 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool,
 
 
 def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype, prepared,
-                   perm, rotate: bool, src: _NormSource | None):
+                   perm, rotate: bool, src: dict[str, Any] | None):
   fmt = _KERNEL_FORMATS[w.fmt]
   pw = prepared if prepared is not None else prepare(w)
   if act_format is None:
@@ -379,7 +363,7 @@ def gathered_norm(x: jax.Array, perm: jax.Array | None, *, kind: str, weight=Non
     if norm_kernel.accepts(x, perm, **kw):
       y = norm_kernel.norm_quantize(x, perm, eps=eps, **kw)
       kw.pop("out")
-      _remember_norm(y, _NormSource(x, perm, dict(kw, eps=eps)))
+      _remember_norm(y, x=x, perm=perm, eps=eps, **kw)
       return y
   return norm.reference(x, perm, kind=kind, weight=weight, bias=bias, shift=shift,
                         scale=scale, eps=eps, out="bf16", out_dtype=x.dtype)

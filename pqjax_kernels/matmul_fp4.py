@@ -106,6 +106,12 @@ _E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 # JAX >= 0.11 lowers concatenate in kernels: then one wgmma group per K step; before, one per
 # 16-column slice.
 _REGISTER_CONCAT = tuple(int(v) for v in jax.__version_info__[:2]) >= (0, 11)
+# The small-M kernel without Pallas's automatic warpgroup barriers (``bar.sync`` before every
+# TMA load, two per pipeline step): its refills are ordered by the wgmma waits instead (a
+# slot is refilled once the group that read it completed, which every warp had to issue,
+# past its loads of the slot), and its output tile by the store wait's and
+# ``commit_smem``'s own barriers.
+_NO_AUTO_BARRIERS = True
 _SWIZZLE = 32  # bytes: 16 bf16 per swizzle row, so each 16-wide column slice is tile aligned
 _FIX_CHUNK = 64  # fixup_splits: output-tile columns (rows of M) handed on at a time
 
@@ -1101,7 +1107,8 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
       grid=(n // tn // tiles, mp // tm, splits), grid_names=("n", "m", "s"),
-      scratch_types=scratch, **wg_kw)
+      scratch_types=scratch, **wg_kw,
+      compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=_NO_AUTO_BARRIERS))
   return call(x, w.codes, w.scales_t)
 
 

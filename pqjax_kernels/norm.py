@@ -312,6 +312,22 @@ def check_round_to(round_to) -> None:
     raise ValueError(f"round_to must be None, bfloat16 or float16, got {round_to!r}")
 
 
+def round_through(y: jax.Array, dtype) -> jax.Array:
+  """float32 ``y`` rounded to ``dtype`` (bfloat16 or float16) and back, as the cast does.
+
+  Written without the casts: XLA on the GPU drops a float32 -> bf16 -> float32 round trip
+  (``xla_allow_excess_precision``), which would make this reference skip the rounding the
+  kernels do. ``reduce_precision`` is kept, but flushes float16's subnormals, which are
+  rounded to multiples of 2**-24 here instead.
+  """
+  fi = jnp.finfo(dtype)
+  r = jax.lax.reduce_precision(y, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float16):
+    tiny = jnp.float32(fi.smallest_normal)
+    r = jnp.where(jnp.abs(y) < tiny, jnp.round(y * 2.0**24) * 2.0**-24, r)
+  return r
+
+
 def reference(x: jax.Array, perm: jax.Array | None, *, kind: NormKind = "layer",
               weight=None, bias=None, shift=None, scale=None, eps: float = 1e-6,
               out: OutKind = "bf16", tensor_scale=None, hadamard: bool = False,
@@ -358,7 +374,7 @@ def reference(x: jax.Array, perm: jax.Array | None, *, kind: NormKind = "layer",
   if shift is not None:
     y = y + _per_sample(shift, xf)
   if round_to is not None:
-    y = y.astype(round_to).astype(jnp.float32)
+    y = round_through(y, round_to)
   return _finish(_gather(y, perm), out, tensor_scale, hadamard, out_dtype)
 
 

@@ -89,3 +89,27 @@ def test_bench_inference_tiny_runs(tmp_path):
   # the same model each way (on the CPU no kernel layout and no norm kernel)
   for variant in ("nvfp4 w4a4, norm + quantize apart", "nvfp4 w4a4, re-laid per call"):
     assert runs["nvfp4 w4a4"]["rel_error_vs_bf16"] == runs[variant]["rel_error_vs_bf16"]
+
+
+def test_diag_decode_stand_ins_reach_the_lowered_kernel():
+  """``diag_decode``'s stand-ins change the kernel it lowers (the PTX is read while lowering,
+  after tracing) and are undone after; the auto-barrier variants put the barriers back (more
+  code: the serialized module stores each inline-PTX string once, so it is not counted)."""
+  import jax
+  import jax.numpy as jnp
+  import diag_decode as dd  # noqa: PLC0415
+  from benchmarks.bench_kernels import _rand_weights  # noqa: PLC0415
+  m, k, n = 16, 256, 128
+  pw = fm.prepare_weights(*_rand_weights(jax.random.key(0), n, k))
+  cfg = fm.default_config(m, n, k)
+  am = jnp.zeros((cfg.tile_m, k), jnp.float16)
+
+  def lowered(variant):
+    with dd.stand_ins(variant):
+      return dd.kernel_fn(cfg).trace(am, [pw]).lower(lowering_platforms=("cuda",)).as_text()
+  shipped, no_decode = lowered("shipped"), lowered("no_decode")
+  assert "cvt.rn.f16x2.e4m3x2" in shipped and "shf.l.wrap" not in shipped
+  assert "cvt.rn.f16x2.e4m3x2" not in no_decode and "shf.l.wrap" in no_decode
+  assert len(shipped) < len(lowered("shipped_auto_barriers"))  # the barriers' code
+
+  assert fm._E2M1_TO_F16X2_PTX is dd._SHIPPED_PTX and fm._NO_AUTO_BARRIERS

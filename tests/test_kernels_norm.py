@@ -92,6 +92,21 @@ def test_round_to_quantizes_the_stored_norm(hadamard):
     gn.reference(x, perm, round_to=jnp.float32, **kw)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_round_through_is_the_cast(dtype):
+  """``round_through`` rounds as the float32 -> dtype -> float32 casts do, bit for bit, over
+  normal, subnormal (float16's flushed by ``reduce_precision`` alone), overflowing and
+  special values; the casts themselves would be dropped by XLA on the GPU."""
+  rng = np.random.default_rng(7)
+  x = np.concatenate([rng.standard_normal(4096) * s for s in (1e-7, 1e-5, 1.0, 1e2, 1e5)]
+                     + [[65519.0, 65520.0, -7e4, np.inf, -np.inf, 0.0, -0.0, 1e-40, 2.0**-25,
+                         3 * 2.0**-25, 2.0**-14, 2.0**-14 * (1 - 2.0**-12)]])
+  x = jnp.asarray(x, jnp.float32)
+  want = np.asarray(x.astype(dtype).astype(jnp.float32)).view(np.int32)
+  got = np.asarray(jax.jit(gn.round_through, static_argnums=1)(x, dtype)).view(np.int32)
+  np.testing.assert_array_equal(got, want)
+
+
 def test_gathered_quantize_with_hadamard_matches_pipeline_rotation():
   x = _x((3, 64))
   perm = jnp.asarray(np.random.default_rng(2).permutation(64), jnp.int32)

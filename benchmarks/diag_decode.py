@@ -24,7 +24,8 @@ WRONG stand-ins, to find which part holds it back:
         python benchmarks/diag_decode.py --profile no_decode --shapes 16x3072x12288
 
 Kernel time from CUPTI, median, several weight buffers per call (L2 defeated). Writes
-``diag_decode_<device>_<date>.json``.
+``diag_decode_<device>_<date>.json`` and a bar plot beside it (``--plot RESULTS.json``
+draws it again).
 """
 
 from __future__ import annotations
@@ -150,6 +151,28 @@ def run_shape(m: int, k: int, n: int, timer, tilings=(), variants=tuple(VARIANTS
   return row
 
 
+def plot(result: dict, path: str) -> None:
+  """Grouped bars: each shape's kernel time per variant (the ones the run timed)."""
+  import matplotlib  # noqa: PLC0415 (only for the plot)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  rows = result["rows"]
+  names = [v for v in [*VARIANTS, "stream_only"] if all(v + "_us" in r for r in rows)]
+  fig, ax = plt.subplots(figsize=(7.0, 3.8))
+  width = 0.8 / len(names)
+  for i, name in enumerate(names):
+    xs = np.arange(len(rows)) + (i - (len(names) - 1) / 2) * width
+    ax.bar(xs, [r[name + "_us"] for r in rows], width, label=name.replace("_", " "))
+  ax.set_xticks(np.arange(len(rows)), [f"{r['m']}x{r['k']}x{r['n']}" for r in rows])
+  ax.set_ylabel("small-M kernel alone, us (CUPTI median)")
+  ax.set_title(f"W4A4 small-M kernel, parts of its body replaced (wrong results but the "
+               f"shipped one)\n{result['device']}, JAX {result['jax']}, {result['date']}",
+               fontsize=8)
+  ax.legend(fontsize=7, ncol=3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=".")
@@ -159,7 +182,12 @@ def main() -> None:
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--profile", default=None, choices=list(VARIANTS),
                  help="only run this variant's kernel twice at the first shape (for ncu)")
+  p.add_argument("--plot", default=None, help="only plot this results JSON (PNG beside it)")
   args = p.parse_args()
+  if args.plot:
+    with open(args.plot) as f:
+      plot(json.load(f), os.path.splitext(args.plot)[0] + ".png")
+    return
   if args.profile:
     m, k, n = map(int, args.shapes.split(",")[0].split("x"))
     pw = fm.prepare_weights(*bk._rand_weights(jax.random.key(0), n, k))
@@ -182,6 +210,7 @@ def main() -> None:
     result["rows"].append(run_shape(m, k, n, timer, tilings, args.variants.split(",")))
     with open(path, "w") as f:
       json.dump(result, f, indent=1)
+  plot(result, os.path.splitext(path)[0] + ".png")
   cols = [*args.variants.split(","), "stream_only"]
   print("M x K x N        " + " ".join(f"{c:>11s}" for c in cols))
   for r in result["rows"]:

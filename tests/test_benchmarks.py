@@ -111,5 +111,36 @@ def test_diag_decode_stand_ins_reach_the_lowered_kernel():
   assert "cvt.rn.f16x2.e4m3x2" in shipped and "shf.l.wrap" not in shipped
   assert "cvt.rn.f16x2.e4m3x2" not in no_decode and "shf.l.wrap" in no_decode
   assert len(shipped) < len(lowered("shipped_auto_barriers"))  # the barriers' code
-
   assert fm._E2M1_TO_F16X2_PTX is dd._SHIPPED_PTX and fm._NO_AUTO_BARRIERS
+
+
+_SASS = """
+        .section        .text.kernel_mosaic_gpu_kernel,"ax",@progbits
+.text.kernel_mosaic_gpu_kernel:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+.L_x_1:
+        /*0020*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0x10], R3 ;
+.L_x_0:
+        /*0030*/              @!P0 BRA `(.L_x_0) ;
+        /*0040*/                   LDSM.16.M88.4 R4, [R2+UR5] ;
+        /*0050*/                   SHF.L.W.U32.HI R8, R4, 0x1, R4 ;
+        /*0060*/                   SHF.L.W.U32.HI R9, R4, 0x2, R4 ;
+        /*0070*/                   HGMMA.64x16x16.F32 R24, R8, gdesc[UR8], R24 ;
+        /*0080*/                   ISETP.NE.AND P1, PT, R5, 0xc, PT ;
+        /*0090*/               @P1 BRA `(.L_x_1) ;
+        /*00a0*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_sass_loops_finds_the_loops_innermost_first():
+  """``sass_loops.loops``: each backward branch is a loop (the spin wait inside the pipeline
+  step, then the step), counted by base opcode; forward branches are not loops."""
+  import sass_loops  # noqa: PLC0415
+  spin, step = sass_loops.loops(_SASS)
+  assert (spin["start"], spin["branch"], spin["length"]) == (0x30, 0x30, 1)
+  assert (step["start"], step["branch"], step["length"]) == (0x20, 0x90, 8)
+  assert step["opcodes"] == {"SHF": 2, "BRA": 2, "SYNCS": 1, "LDSM": 1, "HGMMA": 1,
+                             "ISETP": 1}

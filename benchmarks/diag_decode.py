@@ -14,6 +14,8 @@ WRONG stand-ins, to find which part holds it back:
 - ``no_scale``: the shipped decode, no block-scale multiply (the scales are still loaded);
 - ``no_decode``: one rotate per register instead of the decode, and no scale multiply: the
   pipeline, ``wgmma`` and bookkeeping alone;
+- ``no_wgmma``: no decode and no ``wgmma`` either (the loads and decode then go unused): the
+  pipeline's copies, waits and output stores alone;
 - ``*_auto_barriers``: ``shipped`` and ``no_decode`` with Pallas's automatic warpgroup
   barriers (a ``bar.sync`` before each TMA load: the kernel before version 22);
 - ``stream_only``: ``bench_kernels``' empty-body pipeline over the same tiles.
@@ -48,7 +50,6 @@ from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
 from pqjax_kernels import norm as gn  # noqa: E402
 
 _SHIPPED_PTX = fm._E2M1_TO_F16X2_PTX
-_SHIPPED_SCALED = fm._scaled_slices
 
 # Stand-ins for the decode (same operands: $4 the word in, $0-$3 the four f16x2 words out).
 _NO_CVT_PTX = _SHIPPED_PTX.split("mov.b32 {h0")[0] + """mov.b32 $0, e0;
@@ -79,15 +80,27 @@ def _unscaled(vals, scales_ref, g, dtype, interpret):
   return [vals[:, 16 * j:16 * (j + 1)] for j in range(fm.TILE_K // 16)]
 
 
-VARIANTS = {  # name: (decode PTX, scale function)
-    "shipped": (_SHIPPED_PTX, _SHIPPED_SCALED),
-    "no_cvt": (_NO_CVT_PTX, _SHIPPED_SCALED),
-    "shift_and": (_SHIFT_AND_PTX, _SHIPPED_SCALED),
-    "no_scale": (_SHIPPED_PTX, _unscaled),
-    "no_decode": (_NO_DECODE_PTX, _unscaled),
+def _no_wgmma(acc_ref, slices, at_smem, m_major):
+  del acc_ref, slices, at_smem, m_major
+
+
+# The module attributes each variant replaces while the kernel is traced and lowered.
+_SHIPPED = {"_E2M1_TO_F16X2_PTX": fm._E2M1_TO_F16X2_PTX, "_scaled_slices": fm._scaled_slices,
+            "_register_wgmma": fm._register_wgmma, "_NO_AUTO_BARRIERS": fm._NO_AUTO_BARRIERS}
+VARIANTS = {
+    "shipped": {},
+    "no_cvt": {"_E2M1_TO_F16X2_PTX": _NO_CVT_PTX},
+    "shift_and": {"_E2M1_TO_F16X2_PTX": _SHIFT_AND_PTX},
+    "no_scale": {"_scaled_slices": _unscaled},
+    "no_decode": {"_E2M1_TO_F16X2_PTX": _NO_DECODE_PTX, "_scaled_slices": _unscaled},
+    # no wgmma either: the decode's results go unused, so the pipeline alone is left (the
+    # weight tiles' TMA copies, barrier waits, the accumulator stores)
+    "no_wgmma": {"_E2M1_TO_F16X2_PTX": _NO_DECODE_PTX, "_scaled_slices": _unscaled,
+                 "_register_wgmma": _no_wgmma},
     # the same with Pallas's automatic warpgroup barriers (the kernel before version 22)
-    "shipped_auto_barriers": (_SHIPPED_PTX, _SHIPPED_SCALED),
-    "no_decode_auto_barriers": (_NO_DECODE_PTX, _unscaled),
+    "shipped_auto_barriers": {"_NO_AUTO_BARRIERS": False},
+    "no_decode_auto_barriers": {"_E2M1_TO_F16X2_PTX": _NO_DECODE_PTX,
+                                "_scaled_slices": _unscaled, "_NO_AUTO_BARRIERS": False},
 }
 
 
@@ -95,14 +108,14 @@ VARIANTS = {  # name: (decode PTX, scale function)
 def stand_ins(variant: str):
   """The kernel traced, lowered and compiled with ``variant``'s stand-ins (module attributes
   read while tracing and, for the PTX, while lowering), restored after."""
-  no_auto = fm._NO_AUTO_BARRIERS
-  fm._E2M1_TO_F16X2_PTX, fm._scaled_slices = VARIANTS[variant]
-  fm._NO_AUTO_BARRIERS = not variant.endswith("_auto_barriers")
+  saved = {name: getattr(fm, name) for name in _SHIPPED}
+  for name, value in {**_SHIPPED, **VARIANTS[variant]}.items():
+    setattr(fm, name, value)
   try:
     yield
   finally:
-    fm._E2M1_TO_F16X2_PTX, fm._scaled_slices = _SHIPPED_PTX, _SHIPPED_SCALED
-    fm._NO_AUTO_BARRIERS = no_auto
+    for name, value in saved.items():
+      setattr(fm, name, value)
 
 
 def kernel_fn(cfg):

@@ -112,6 +112,7 @@ def test_diag_decode_stand_ins_reach_the_lowered_kernel():
   assert "cvt.rn.f16x2.e4m3x2" not in no_decode and "shf.l.wrap" in no_decode
   assert len(shipped) < len(lowered("shipped_auto_barriers"))  # the barriers' code
   assert fm._E2M1_TO_F16X2_PTX is dd._SHIPPED_PTX and fm._NO_AUTO_BARRIERS
+  assert "wgmma.mma_async" in shipped and "wgmma.mma_async" not in lowered("no_wgmma")
 
 
 _SASS = """

@@ -8,7 +8,8 @@ carry nearly all the time, so per-block ratios carry over; the default 1 + 2 run
 calibration set, then one forward pass of ``--batch`` samples of image + text tokens is
 timed per model: kernel time from CUPTI (every kernel of the jitted call, median of 20) and
 wall time, beside the output's relative error against bf16; the W4A4 model also with its
-norm sites' norm and quantize in two passes (``dispatch.norm_fusion(False)``) and with its
+fusions off (``dispatch.fusion(False)``: the norm sites' norm and quantize in two passes, the
+MLPs' GELU in a pass of its own) and with its
 linears re-laying their weights out per call (no stored kernel layout). Writes
 ``inference_<device>_<date>.json`` and a bar plot beside it.
 
@@ -185,10 +186,10 @@ def main() -> None:
   for mode in args.modes.split(","):
     cfg = pqjax.QuantConfig(format="nvfp4", mode=mode, method="permuquant")
     models[f"nvfp4 {mode}"] = pqjax.quantize(model, calib, cfg, progress=True)
-  contexts = {}  # traced and run inside: the norm sites' norm and quantize in two passes
+  contexts = {}  # traced and run inside: the W4A4 model with its fusions off
   if "nvfp4 w4a4" in models:
-    contexts["nvfp4 w4a4, norm + quantize apart"] = dispatch.norm_fusion(False)
-    models["nvfp4 w4a4, norm + quantize apart"] = models["nvfp4 w4a4"]
+    contexts["nvfp4 w4a4, fusions off"] = dispatch.fusion(False)
+    models["nvfp4 w4a4, fusions off"] = models["nvfp4 w4a4"]
   if "nvfp4 w4a4" in models and not args.skip_relaid:
     models["nvfp4 w4a4, re-laid per call"] = without_kernel_layout(models["nvfp4 w4a4"])
   runs = {}

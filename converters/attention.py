@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converters.layers import Identity, Linear, Norm
+from converters.layers import Identity, Linear, Norm, linear_act
 from pqjax.sites import Consumer, Producer, Site
 
 Array = jax.Array
@@ -210,7 +210,9 @@ class GELU(nnx.Module):
     self.approximate = approximate == "tanh"
 
   def __call__(self, x: Array) -> Array:
-    return jax.nn.gelu(self.proj(x), approximate=self.approximate)
+    if self.approximate:
+      return linear_act(self.proj, x, "gelu_tanh")
+    return jax.nn.gelu(self.proj(x), approximate=False)
 
 
 class GEGLU(nnx.Module):

@@ -20,7 +20,7 @@ from converters import register
 from converters.attention import FeedForward, merge_heads, scaled_dot_product_attention, split_heads
 from converters.embeddings import (AdaLayerNormZero, CombinedTimestepGuidanceTextProjEmbeddings,
                                    CombinedTimestepTextProjEmbeddings)
-from converters.layers import Identity, Linear, Norm, gelu_tanh
+from converters.layers import Identity, Linear, Norm, linear_act
 from pqjax.sites import Consumer, Producer, Site
 
 Array = jax.Array
@@ -293,7 +293,7 @@ class FluxSingleTransformerBlock(nnx.Module):
     n_txt = encoder_hidden_states.shape[1]
     residual = jnp.concatenate([encoder_hidden_states, hidden_states], axis=1)
     norm_x, gate = self.norm(residual, emb=temb)
-    mlp = gelu_tanh(self.proj_mlp(norm_x))
+    mlp = linear_act(self.proj_mlp, norm_x, "gelu_tanh")
     attn_out = self.attn(norm_x, image_rotary_emb=image_rotary_emb)
     out = gate[:, None] * self.proj_out(jnp.concatenate([attn_out, mlp], axis=2))
     x = _clip_fp16(residual + out)

@@ -181,5 +181,17 @@ def gelu_tanh(x: Array) -> Array:
   return jax.nn.gelu(x, approximate=True)
 
 
+_FUSABLE = {"gelu_tanh": gelu_tanh}
+
+
+def linear_act(linear: Callable[..., Array], x: Array, act: str) -> Array:
+  """``act(linear(x))`` for ``act`` in ``_FUSABLE``; a linear listing ``act`` in its
+  ``fused_epilogues`` (a quantized one: ``pqjax.qmodules.QuantLinear``) applies it in its
+  matmul's epilogue instead, saving a pass over the activations."""
+  if act in getattr(linear, "fused_epilogues", ()):
+    return linear(x, epilogue=act)
+  return _FUSABLE[act](linear(x))
+
+
 def gelu_exact(x: Array) -> Array:
   return jax.nn.gelu(x, approximate=False)

@@ -28,7 +28,11 @@ Inside a jitted function on ``"mosaic"``, a W4A4 linear whose input is the very 
 ``gathered_norm`` returned (a norm site's consumers: Q, K, V, ...) quantizes it in the norm
 kernel's one pass from the norm's input (``_norm_source``): the norm rounded to its output
 dtype, then quantized, which is what quantizing the stored output computes; XLA then drops
-the bf16 output no one reads. ``norm_fusion(False)`` (a context manager) keeps two passes.
+the bf16 output no one reads. A linear called with ``epilogue="gelu_tanh"`` (an MLP's first
+projection) applies the GELU in the matmul's epilogue on ``"mosaic"`` (to the float32 result,
+before the cast; the streaming kernel writes it finished), so no pass of its own reads and
+writes the activations again; elsewhere after the matmul, as the unquantized model does.
+``fusion(False)`` (a context manager) turns both off: two passes each, as before.
 
 The backend is picked from ``jax.devices()[0]``; ``use_backend(name)`` (a context manager)
 or the ``backend=`` argument overrides it.
@@ -92,20 +96,21 @@ def use_backend(name: Backend):
     _OVERRIDE.reset(token)
 
 
-_NORM_FUSION: contextvars.ContextVar[bool] = contextvars.ContextVar("pqjax_norm_fusion",
-                                                                     default=True)
+_FUSION: contextvars.ContextVar[bool] = contextvars.ContextVar("pqjax_fusion", default=True)
+EPILOGUES = (None, "gelu_tanh")
 
 
 @contextlib.contextmanager
-def norm_fusion(enabled: bool):
-  """Context manager: whether the calls traced inside it fuse a norm site's norm and its
-  consumers' activation quantize into one kernel pass (default True; False keeps the two
-  passes, e.g. to time what the fusion saves)."""
-  token = _NORM_FUSION.set(bool(enabled))
+def fusion(enabled: bool):
+  """Context manager: whether the calls traced inside it on ``"mosaic"`` fuse a norm site's
+  norm and its consumers' activation quantize into one kernel pass, and a linear's
+  ``epilogue`` into its matmul (default True; False keeps the separate passes, e.g. to time
+  what the fusions save)."""
+  token = _FUSION.set(bool(enabled))
   try:
     yield
   finally:
-    _NORM_FUSION.reset(token)
+    _FUSION.reset(token)
 
 
 def _act_group(act_format: str | None, w: QTensor) -> int:
@@ -199,8 +204,8 @@ _NORM_OUTPUTS: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 def _remember_norm(y: jax.Array, **source) -> None:
   """Records ``y`` as the norm kernel's output of ``source`` (x, perm and the kernel's other
   arguments: kind, weight, bias, shift, scale, eps)."""
-  # only while tracing (eager arrays keep the two passes), unless norm_fusion(False)
-  if isinstance(y, jax.core.Tracer) and _NORM_FUSION.get():
+  # only while tracing (eager arrays keep the two passes), unless fusion(False)
+  if isinstance(y, jax.core.Tracer) and _FUSION.get():
     key = id(y)
     _NORM_OUTPUTS[key] = (weakref.ref(y, lambda _: _NORM_OUTPUTS.pop(key, None)),
                           {k: weakref.ref(v) if isinstance(v, jax.Array) else v
@@ -264,14 +269,14 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool,
 
 
 def _linear_mosaic(x2, w: QTensor, bias, act_format, act_tensor_scale, out_dtype, prepared,
-                   perm, rotate: bool, src: dict[str, Any] | None):
+                   perm, rotate: bool, src: dict[str, Any] | None, epilogue):
   fmt = _KERNEL_FORMATS[w.fmt]
   pw = prepared if prepared is not None else prepare(w)
+  kw = dict(fmt=fmt, bias=bias, out_dtype=out_dtype, epilogue=epilogue)
   if act_format is None:
-    return pqjax_kernels.fp4_matmul(x2, pw, fmt=fmt, bias=bias, out_dtype=out_dtype)
+    return pqjax_kernels.fp4_matmul(x2, pw, **kw)
   qa = _quantize_activations(x2, act_tensor_scale, perm, rotate, src)
-  return pqjax_kernels.fp4_matmul(qa.values, pw, a_tensor_scale=qa.tensor_scale, fmt=fmt,
-                                  bias=bias, out_dtype=out_dtype)
+  return pqjax_kernels.fp4_matmul(qa.values, pw, a_tensor_scale=qa.tensor_scale, **kw)
 
 
 def _linear_scaled_matmul(x2, w: QTensor, bias, act_tensor_scale, out_dtype):
@@ -290,8 +295,9 @@ def _linear_scaled_matmul(x2, w: QTensor, bias, act_tensor_scale, out_dtype):
 def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
            act_format: str | None, act_tensor_scale=None, in_perm=None, rotate: bool = False,
            out_dtype=None, backend: Backend | None = None,
-           prepared: matmul_fp4.PreparedWeights | None = None) -> jax.Array:
-  """``Q(x[..., in_perm] H) @ W + bias`` with ``w`` the quantized ``W.T`` ``(N, K)``.
+           prepared: matmul_fp4.PreparedWeights | None = None,
+           epilogue: str | None = None) -> jax.Array:
+  """``epilogue(Q(x[..., in_perm] H) @ W + bias)`` with ``w`` the quantized ``W.T`` ``(N, K)``.
 
   Args:
     x: ``(..., K)`` activations.
@@ -306,10 +312,18 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
     backend: overrides ``current_backend()``.
     prepared: ``prepare(w)``, computed once; used by the ``"mosaic"`` backend (None: it
       re-lays ``w`` out inside this call).
+    epilogue: None or ``"gelu_tanh"``: tanh-GELU of the result; on ``"mosaic"`` in the
+      matmul's epilogue (float32, before the cast) unless ``fusion(False)``, elsewhere of
+      the ``out_dtype`` result (what ``jax.nn.gelu(linear(...))`` computes).
 
   Returns:
     ``(..., N)`` array.
+
+  Raises:
+    ValueError: ``x`` does not match ``w``, or an ``epilogue`` not in ``EPILOGUES``.
   """
+  if epilogue not in EPILOGUES:
+    raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
   backend = _check_backend(backend) if backend is not None else current_backend()
   src = _norm_source(x)
   x = jnp.asarray(x)
@@ -324,9 +338,11 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
   x = _prepare_input(x, w, act_format, in_perm, rotate and not fused, gather=not fused)
   n, k = w.shape
   x2 = x.reshape(-1, k)
+  in_kernel = mosaic and epilogue is not None and _FUSION.get()
   if mosaic:
     y = _linear_mosaic(x2, w, bias, act_format, act_tensor_scale, out_dtype, prepared,
-                       in_perm if fused else None, rotate and fused, src)
+                       in_perm if fused else None, rotate and fused, src,
+                       epilogue if in_kernel else None)
   elif (backend == "scaled_matmul" and w.fmt == "nvfp4" and act_format == "nvfp4"
         and w.group_size == 16):
     y = _linear_scaled_matmul(x2, w, bias, act_tensor_scale, out_dtype)
@@ -334,6 +350,8 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
     y = qmatmul.reference_matmul(x2, w, act_format=act_format,
                                  act_tensor_scale=act_tensor_scale, bias=bias,
                                  out_dtype=out_dtype)
+  if epilogue == "gelu_tanh" and not in_kernel:
+    y = jax.nn.gelu(y, approximate=True)
   return y.reshape(*x.shape[:-1], n)
 
 

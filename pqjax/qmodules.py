@@ -50,7 +50,11 @@ class QuantLinear(nnx.Module):
     act_tensor_scale: static NVFP4 activation tensor scale, or None (dynamic).
     in_perm: int32 ``(K,)`` input gather, or None.
     rotate: block Hadamard inside each group (weights were rotated at quantize time).
+    fused_epilogues: the activations a call can apply in the matmul's epilogue
+      (``quant_linear(x, epilogue="gelu_tanh")``; ``converters.layers.linear_act``).
   """
+
+  fused_epilogues = ("gelu_tanh",)
 
   def __init__(self, qweight: QTensor, bias: Array | None = None, *,
                act_format: str | None = None, act_tensor_scale: Array | None = None,
@@ -97,7 +101,8 @@ class QuantLinear(nnx.Module):
                    shape=(self.out_features, self.in_features),
                    dtype=jnp.dtype(self.weight_dtype))
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, epilogue: str | None = None) -> Array:
+    """``epilogue(linear(x))``; ``epilogue`` in ``fused_epilogues`` (``dispatch.linear``)."""
     w = self.qweight
     prepared = (None if self.kernel_codes is None else
                 dispatch.prepared_weights(w, self.kernel_codes[...], self.kernel_scales[...]))
@@ -105,7 +110,8 @@ class QuantLinear(nnx.Module):
     return dispatch.linear(x, w, _opt(self.bias), act_format=self.act_format,
                            act_tensor_scale=_opt(act_scale),
                            in_perm=_opt(self.in_perm), rotate=self.rotate,
-                           out_dtype=jnp.dtype(self.out_dtype), prepared=prepared)
+                           out_dtype=jnp.dtype(self.out_dtype), prepared=prepared,
+                           epilogue=epilogue)
 
   def spec(self) -> dict[str, Any]:
     return {"type": "QuantLinear", "in_features": self.in_features,

@@ -81,13 +81,13 @@ def test_bench_inference_tiny_runs(tmp_path):
   (path,) = tmp_path.glob("inference_*.json")
   assert path.with_suffix(".png").exists()
   runs = json.loads(path.read_text())["runs"]
-  assert list(runs) == ["bf16", "nvfp4 w4a4", "nvfp4 w4a16", "nvfp4 w4a4, norm + quantize apart",
+  assert list(runs) == ["bf16", "nvfp4 w4a4", "nvfp4 w4a16", "nvfp4 w4a4, fusions off",
                         "nvfp4 w4a4, re-laid per call"]
   assert all(r["wall_ms"] > 0 for r in runs.values())
   assert runs["bf16"]["rel_error_vs_bf16"] == 0.0
   assert all(0 < r["rel_error_vs_bf16"] < 0.5 for k, r in runs.items() if k != "bf16")
   # the same model each way (on the CPU no kernel layout and no norm kernel)
-  for variant in ("nvfp4 w4a4, norm + quantize apart", "nvfp4 w4a4, re-laid per call"):
+  for variant in ("nvfp4 w4a4, fusions off", "nvfp4 w4a4, re-laid per call"):
     assert runs["nvfp4 w4a4"]["rel_error_vs_bf16"] == runs[variant]["rel_error_vs_bf16"]
 
 

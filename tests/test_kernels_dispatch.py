@@ -45,6 +45,73 @@ def test_bad_in_perm_raises():
                     in_perm=jnp.arange(64, dtype=jnp.int16))
 
 
+@pytest.mark.parametrize("backend", ["reference", "mosaic"])
+def test_linear_gelu_epilogue_off_the_kernels(backend):
+  """``epilogue="gelu_tanh"`` where no kernel runs (the reference; mosaic off the tiling):
+  the GELU of the result, bit for bit what ``jax.nn.gelu(linear(...))`` gives (so converted
+  models keep their numerics); another epilogue is a ``ValueError`` naming it."""
+  import jax
+  rng = np.random.default_rng(3)
+  w = qmatmul.quantize_weight(rng.standard_normal((64, 32)).astype(np.float32), "nvfp4")
+  x = jnp.asarray(rng.standard_normal((3, 64)), jnp.bfloat16)
+  kw = dict(act_format="nvfp4", backend=backend)
+  y = dispatch.linear(x, w, epilogue="gelu_tanh", **kw)
+  want = jax.nn.gelu(dispatch.linear(x, w, **kw), approximate=True)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+  with pytest.raises(ValueError, match="epilogue.*'gelu'"):
+    dispatch.linear(x, w, epilogue="gelu", **kw)
+
+
+@pytest.mark.parametrize("act_format", ["nvfp4", None])
+def test_mosaic_gelu_epilogue_reaches_the_matmul(monkeypatch, act_format):
+  """On mosaic (lowered for CUDA on the CPU) the GELU goes to ``fp4_matmul``'s epilogue (the
+  streaming kernel writes it finished); under ``fusion(False)`` it is applied after."""
+  import jax
+  import pqjax_kernels
+  rng = np.random.default_rng(4)
+  w = qmatmul.quantize_weight(rng.standard_normal((256, 128)).astype(np.float32), "nvfp4")
+  x = jnp.asarray(rng.standard_normal((1024, 256)), jnp.bfloat16)
+  seen, matmul = [], pqjax_kernels.fp4_matmul
+  def spy(*a, **kw):
+    seen.append(kw.get("epilogue"))
+    return matmul(*a, **kw)
+  monkeypatch.setattr(pqjax_kernels, "fp4_matmul", spy)
+  def lower():  # a new function each time: jit's cache does not key on the contexts
+    f = lambda x: dispatch.linear(x, w, act_format=act_format, epilogue="gelu_tanh",  # noqa: E731
+                                  act_tensor_scale=jnp.float32(0.01) if act_format else None)
+    jax.jit(f).trace(x).lower(lowering_platforms=("cuda",))
+  with dispatch.use_backend("mosaic"):
+    lower()
+    with dispatch.fusion(False):
+      lower()
+  assert seen == ["gelu_tanh", None]
+
+
+def test_converted_gelu_fuses_into_a_quantized_linear(monkeypatch):
+  """``converters``' tanh-GELU feed-forward hands the GELU to a quantized projection
+  (``linear_act``: ``QuantLinear.fused_epilogues``) and gets what it computed before; a
+  float projection keeps ``gelu(proj(x))``."""
+  import jax
+  from converters.attention import GELU
+  from pqjax.qmodules import QuantLinear
+  rng = np.random.default_rng(5)
+  mod = GELU(64, 32, approximate="tanh", rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(mod(x)),
+                                np.asarray(jax.nn.gelu(mod.proj(x), approximate=True)))
+  qt = qmatmul.quantize_weight(np.asarray(mod.proj.kernel[...]), "nvfp4")
+  mod.proj = QuantLinear(qt, mod.proj.bias[...], act_format="nvfp4")
+  epilogues, linear = [], dispatch.linear
+  def spy(*a, **kw):
+    epilogues.append(kw.get("epilogue"))
+    return linear(*a, **kw)
+  monkeypatch.setattr(dispatch, "linear", spy)
+  y = mod(x)
+  assert epilogues == ["gelu_tanh"]
+  np.testing.assert_array_equal(np.asarray(y),
+                                np.asarray(jax.nn.gelu(mod.proj(x), approximate=True)))
+
+
 @pytest.mark.parametrize("gathered,rotate", [(False, False), (True, True)])
 def test_prepared_weights_used_by_mosaic_xla_path(gathered, rotate):
   """M = XLA_MIN_M at K = 128 (below STREAM_MIN_K) takes the decode + XLA dot path, which
@@ -165,7 +232,7 @@ def test_mosaic_norm_site_quantizes_in_the_norm_pass(monkeypatch):
   """Traced on the mosaic backend, W4A4 linears reading the very array ``gathered_norm``
   returned quantize it in one norm-kernel pass from the norm's input (rounded to bf16:
   ``round_to``), with the norm's arguments; a linear reading another array quantizes that
-  (plain quantize, ``kind="none"``), as all do under ``norm_fusion(False)``. The registry
+  (plain quantize, ``kind="none"``), as all do under ``fusion(False)``. The registry
   holds arrays only weakly (a tracer reaches its whole trace)."""
   import weakref
   import jax
@@ -193,7 +260,7 @@ def test_mosaic_norm_site_quantizes_in_the_norm_pass(monkeypatch):
     assert calls == [("layer", "bf16", None, True, False), fused, fused,
                      ("none", "nvfp4_f16", None, False, False)]
   calls.clear()
-  with dispatch.norm_fusion(False):  # two passes: the plain quantize of the norm's output
+  with dispatch.fusion(False):  # two passes: the plain quantize of the norm's output
     jax.jit(lambda x, p: _norm_then_linears(x, p, kw, ws[:1], ts)).trace(x, perm).lower(
         lowering_platforms=("cuda",))
   assert calls == [("layer", "bf16", None, True, False), ("none", "nvfp4_f16", None, False,
@@ -252,6 +319,30 @@ def test_mosaic_quantize_codes_where_values_do_not_fit(monkeypatch):
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,act_format", [(1024, "nvfp4"), (16, "nvfp4"), (1024, None)])
+def test_mosaic_gelu_epilogue_on_gpu(m, act_format):
+  """A W4A4 / W4A16 linear with its tanh-GELU in the matmul's epilogue (the streaming kernel
+  at 1024 rows, the small-M kernel's XLA epilogue at 16) against the GELU applied after
+  (``fusion(False)``): the same products and sums, so they differ by the GELU of the
+  float32 result against that of its bf16 rounding (|gelu'| < 1.13 times 2**-9 relative)
+  plus the final rounding (2**-9): within 2**-7 of the result's magnitude, with an absolute
+  floor of 2**-8 of the largest result where GELU is near zero."""
+  import jax
+  rng = np.random.default_rng(13)
+  w = qmatmul.quantize_weight(rng.standard_normal((3072, 3072)).astype(np.float32) * 0.05,
+                              "nvfp4")
+  x = jnp.asarray(rng.standard_normal((m, 3072)), jnp.bfloat16)
+  f = lambda x: dispatch.linear(x, w, act_format=act_format, epilogue="gelu_tanh",  # noqa: E731
+                                act_tensor_scale=jnp.float32(0.01) if act_format else None)
+  got = np.asarray(jax.jit(f)(x), np.float64)
+  with dispatch.fusion(False):
+    apart = np.asarray(jax.jit(lambda x: f(x))(x), np.float64)
+  assert np.isfinite(got).all()
+  tol = 2.0**-7 * np.abs(apart) + 2.0**-8 * np.abs(apart).max()
+  assert (np.abs(got - apart) <= tol).all()
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rotate", [False, True])
 def test_mosaic_norm_site_on_gpu(rotate):
   """A norm site's W4A4 linears, jitted: the norm and quantize in one kernel pass give what
@@ -266,7 +357,7 @@ def test_mosaic_norm_site_on_gpu(rotate):
   ts = jnp.float32(0.004)
   f = lambda x, p: _norm_then_linears(x, p, kw, [w], ts, rotate)[0]  # noqa: E731
   got = np.asarray(jax.jit(f)(x, perm), np.float64)
-  with dispatch.norm_fusion(False):
+  with dispatch.fusion(False):
     two = np.asarray(jax.jit(lambda x, p: f(x, p))(x, perm), np.float64)
   y = dispatch.gathered_norm(x, perm, backend="reference", **kw)
   q = norm.gathered_quantize(y.reshape(-1, 3072), None, tensor_scale=ts, hadamard=rotate)

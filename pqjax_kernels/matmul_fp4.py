@@ -1054,10 +1054,13 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         k_sl = pl.ds((si * k_steps + j) * tk, tk)
         plgpu.copy_gmem_to_smem(at_gmem.at[m_sl, k_sl] if m_major else at_gmem.at[k_sl, m_sl],
                                 act_smem.at[j], act_barrier.at[0])
-      if cl:  # the per-column scale and bias of the CTA's output tiles (split 0 uses them)
-        for t in range(tiles):
-          plgpu.copy_gmem_to_smem(sb_gmem.at[:, pl.ds((first_tile + t) * tn, tn)],
-                                  sb_smem.at[t], sb_barrier)
+      if cl:  # the per-column scale and bias of the output tiles, for split 0 (which waits
+        # for them: no other CTA may exit with a copy into its shared memory in flight)
+        @pl.when(si == 0)
+        def _load_scale_bias():
+          for t in range(tiles):
+            plgpu.copy_gmem_to_smem(sb_gmem.at[:, pl.ds((first_tile + t) * tn, tn)],
+                                    sb_smem.at[t], sb_barrier)
 
     def fetch(step, slot):
       tile, kk = first_tile + step // tile_steps, step % tile_steps
@@ -1711,7 +1714,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       config = dataclasses.replace(config, cluster_splits=False, fixup_splits=False)
     direct = direct and (config.k_splits == 1 or config.cluster_splits or config.fixup_splits)
     _check_config(config, n, k, 2 if direct else 4)
-    if config.cluster_splits and (interpret or not _REGISTER_CONCAT):
+    if config.cluster_splits and (interpret or not (_REGISTER_CONCAT or config.stream)):
       raise ValueError("cluster_splits=True needs a GPU and JAX >= 0.11 (the interpreter has "
                        "no clusters)")
     if config.act_codes and not (packed and w.fmt == "nvfp4"):

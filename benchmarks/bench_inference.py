@@ -38,7 +38,7 @@ import pqjax  # noqa: E402
 from pqjax import dispatch  # noqa: E402
 from pqjax.qmodules import QuantLinear  # noqa: E402
 from pqjax.report import rel_error  # noqa: E402
-from benchmarks.bench_kernels import Timer  # noqa: E402
+from benchmarks.bench_kernels import Timer, replot  # noqa: E402
 from benchmarks.bench_pipeline import FLUX1_DEV, TINY, batches  # noqa: E402
 
 MODES = ("w4a4", "w4a16")
@@ -166,9 +166,7 @@ def main() -> None:
                   help="also write each model's optimized HLO (names the profiled kernels)")
   ap.add_argument("--plot", default=None, help="only plot this results JSON (PNG beside it)")
   args = ap.parse_args()
-  if args.plot:
-    with open(args.plot) as f:
-      plot(json.load(f), os.path.splitext(args.plot)[0] + ".png")
+  if replot(args.plot, plot):
     return
   if args.tiny:
     config = dict(TINY)

@@ -91,6 +91,16 @@ def _check(out, ref: np.ndarray) -> tuple[float, bool]:
   return rel, bool(np.isfinite(o).all()) and rel <= REL_TOL
 
 
+def replot(path: str | None, draw) -> bool:
+  """A script's ``--plot RESULTS.json``: ``draw(results, png_path)`` with the PNG beside the
+  JSON; whether there was one to draw (the script then stops)."""
+  if not path:
+    return False
+  with open(path) as f:
+    draw(json.load(f), os.path.splitext(path)[0] + ".png")
+  return True
+
+
 def _poison(nbytes: int = 512 << 20) -> None:
   """Fills a NaN buffer and frees it, so that the buffers of the next call (the checked one;
   XLA's allocator hands the freed memory out again) start as NaN: a kernel that leaves part

@@ -197,9 +197,7 @@ def main() -> None:
                  help="only run this variant's kernel twice at the first shape (for ncu)")
   p.add_argument("--plot", default=None, help="only plot this results JSON (PNG beside it)")
   args = p.parse_args()
-  if args.plot:
-    with open(args.plot) as f:
-      plot(json.load(f), os.path.splitext(args.plot)[0] + ".png")
+  if bk.replot(args.plot, plot):
     return
   if args.profile:
     m, k, n = map(int, args.shapes.split(",")[0].split("x"))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.bench_kernels import _rand_act, _rand_weights  # noqa: E402
+from benchmarks.bench_kernels import _rand_act, _rand_weights, replot  # noqa: E402
 from pqjax import dispatch  # noqa: E402
 from pqjax.formats import QTensor  # noqa: E402
 from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
@@ -87,9 +87,7 @@ def main():
   p.add_argument("--tag", default="")
   p.add_argument("--plot", default=None, help="only plot this results JSON (PNG beside it)")
   args = p.parse_args()
-  if args.plot:
-    with open(args.plot) as f:
-      plot_e2e(json.load(f), os.path.splitext(args.plot)[0] + ".png")
+  if replot(args.plot, plot_e2e):
     return
   res = dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
              device=jax.devices()[0].device_kind,

@@ -218,9 +218,13 @@ def _norm_source(x) -> dict[str, Any] | None:
   entry = _NORM_OUTPUTS.get(id(x))
   if entry is None or entry[0]() is not x:
     return None
-  source = {k: v() if isinstance(v, weakref.ref) else v for k, v in entry[1].items()}
-  if any(isinstance(v, weakref.ref) and source[k] is None for k, v in entry[1].items()):
-    return None  # one of its inputs was freed
+  source = {}
+  for k, v in entry[1].items():
+    if isinstance(v, weakref.ref):
+      v = v()
+      if v is None:
+        return None  # one of its inputs was freed
+    source[k] = v
   return source
 
 

@@ -1005,6 +1005,16 @@ def _k_loop(step, t, tile_steps: int, overlap: bool) -> None:
     step(t * tile_steps + tile_steps - 1, tile_steps - 1)
 
 
+def _finish_tile(y, sb_smem, tile, lc, gelu: bool, out_dtype):
+  """A ``(TILE_N, rows)`` float32 accumulator tile finished: times the per-column scale, plus
+  the bias (``sb_smem.at[tile]``: the tile's two rows of ``_scale_bias``), tanh-GELU if
+  ``gelu``, cast to ``out_dtype``."""
+  row = lambda r: lax.broadcast_in_dim(  # noqa: E731
+      lc(sb_smem.at[tile, r][...], plgpu.Layout.WGMMA.reduce(1)), y.shape, (0,))
+  y = y * row(0) + row(1)
+  return (jax.nn.gelu(y, approximate=True) if gelu else y).astype(out_dtype)
+
+
 def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m_major: bool,
                  sb=None, out_dtype=None, gelu: bool = False, m: int | None = None):
   """Runs the Mosaic GPU kernel: activations ``(Mp, K)`` if ``m_major`` else ``(K, Mp)``,
@@ -1111,12 +1121,9 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
               y = y + plgpu.load(plgpu.cluster_ref(out_smem, {"s": p}),
                                  layout=plgpu.Layout.WGMMA)
             plgpu.barrier_wait(sb_barrier)
-            row = lambda r: lax.broadcast_in_dim(  # noqa: E731
-                lc(sb_smem.at[t, r][...], plgpu.Layout.WGMMA.reduce(1)), y.shape, (0,))
-            y = y * row(0) + row(1)
-            y = jax.nn.gelu(y, approximate=True) if gelu else y
+            y = _finish_tile(y, sb_smem, t, lc, gelu, out_dtype)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
-            plgpu.transpose_ref(stage, (1, 0))[...] = y.astype(out_dtype)
+            plgpu.transpose_ref(stage, (1, 0))[...] = y
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(stage, out_gmem.at[m_sl, pl.ds((first_tile + t) * tn, tn)])
 
@@ -1470,17 +1477,12 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tiles' stores
         local = lambda p: t * step_tiles + wg * wt + p  # noqa: E731 (tile among the CTA's)
 
-        def finish(y, tile):  # scale, bias, tanh-GELU, cast: (TILE_N, rows) of a local tile
-          row = lambda r: lax.broadcast_in_dim(  # noqa: E731
-              lc(sb_smem.at[tile, r][...], plgpu.Layout.WGMMA.reduce(1)), y.shape, (0,))
-          y = y * row(0) + row(1)
-          return (jax.nn.gelu(y, approximate=True) if gelu else y).astype(out_dtype)
-
-        def put_finished(o_ref, y, tile):  # finish(y) into the (rows, TILE_N) tile o_ref
+        def put_finished(o_ref, y, tile):  # y finished into the (rows, TILE_N) tile o_ref
+          y = _finish_tile(y, sb_smem, tile, lc, gelu, out_dtype)
           if interpret:  # the interpreter has no transposed refs
-            o_ref[...] = finish(y, tile).T
+            o_ref[...] = y.T
           else:
-            plgpu.transpose_ref(o_ref, (1, 0))[...] = finish(y, tile)
+            plgpu.transpose_ref(o_ref, (1, 0))[...] = y
 
         if fx:  # split si adds the running sum of the splits before it
           _fixup(accs, local, put_finished)

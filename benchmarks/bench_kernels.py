@@ -304,12 +304,6 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret, only=""
         cands["ours_w4a4_values"] = (jax.jit(lambda av, avt, pws: [
             fm.fp4_matmul(av, p, a_tensor_scale=avt) for p in pws]),
             (vals.values, vals.tensor_scale, pws), r4)
-        cl = dataclasses.replace(fm.default_config(m, n, k), cluster_splits=True)
-        if m <= 64 and 2 <= cl.k_splits <= 8 and fm._REGISTER_CONCAT:
-          # the small-M kernel's splits summed in their cluster: no XLA pass after it
-          cands["ours_w4a4_values_cl"] = (jax.jit(lambda av, avt, pws, cl=cl: [
-              fm.fp4_matmul(av, p, a_tensor_scale=avt, config=cl) for p in pws]),
-              (vals.values, vals.tensor_scale, pws), r4)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
         cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
         if cfg is not None:

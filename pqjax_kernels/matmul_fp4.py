@@ -157,13 +157,12 @@ class MatmulConfig:
       warpgroups * wg_tiles``) only: the output tiles reuse the pipeline's shared memory,
       free once every consumer's last ``wgmma`` group has completed, so a deeper pipeline
       fits (``tile_m`` 256 at depth 3 instead of 2, ``wg_tiles`` 2 at 4 instead of 3).
-    cluster_splits: ``k_splits`` in [2, 8], GPU only (JAX >= 0.11): the ``k_splits`` CTAs of
-      an output tile run as one cluster and sum their accumulators through distributed
-      shared memory, finishing the tile (scale, bias, tanh-GELU, bf16/f16) instead of
-      writing float32 partials for XLA to sum. Streaming kernel (with ``alias_out``): each
-      CTA finishes ``tile_m / k_splits`` of the tile's rows (version 15). Small-M kernel
-      (one warpgroup): split 0 finishes the whole tile (version 22; prepared, not yet
-      measured: it would remove the XLA pass after the kernel, ~1.7 us at 16 x 3072 x 12288).
+    cluster_splits: streaming kernel with ``k_splits`` > 1 and ``alias_out`` (GPU only): the
+      ``k_splits`` CTAs of an output tile run as one cluster and sum their accumulators
+      through distributed shared memory, each finishing ``tile_m / k_splits`` of the tile's
+      rows (scale, bias, tanh-GELU, bf16/f16), instead of writing float32 partials for XLA
+      to sum (version 15). (The small-M kernel's version of it measured 1.4-1.6x slower
+      than its XLA sum: version 23.)
     n_inner: streaming kernel only: CTAs launch sweeping the weight tiles (N) for each block
       of activation rows instead of the rows for each weight block, so the CTAs resident
       together share activation rows rather than weights (for activations larger than the L2
@@ -643,11 +642,7 @@ def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
     buffers = max(pipeline, out) if config.alias_out else pipeline + out
     return buffers + ring + config.tiles_per_cta * 2 * TILE_N * 4 + 1024
   act = k_steps * config.tile_m * TILE_K * 2
-  # cluster_splits: the finished tile's staging (2-byte outputs) and the tiles' scale, bias
-  finish = (TILE_N * config.tile_m * 2 + config.tiles_per_cta * 2 * TILE_N * 4
-            if config.cluster_splits else 0)
-  return (act + wgs * (steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4)
-          + finish + 1024)
+  return act + wgs * (steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4) + 1024
 
 
 def _divisors(v: int) -> list[int]:
@@ -1015,15 +1010,9 @@ def _finish_tile(y, sb_smem, tile, lc, gelu: bool, out_dtype):
   return (jax.nn.gelu(y, approximate=True) if gelu else y).astype(out_dtype)
 
 
-def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m_major: bool,
-                 sb=None, out_dtype=None, gelu: bool = False, m: int | None = None):
+def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m_major: bool):
   """Runs the Mosaic GPU kernel: activations ``(Mp, K)`` if ``m_major`` else ``(K, Mp)``,
-  f16/bf16 -> float32 partials ``(splits, N, Mp)``; with ``config.cluster_splits`` (GPU only)
-  the ``(m, N)`` ``out_dtype`` output finished instead (``(Mp, N)`` where ``m`` is not a
-  multiple of 8): the ``k_splits`` CTAs of an output tile form a cluster, each stores its
-  accumulator in its shared memory, and split 0 sums them (distributed shared memory),
-  applies ``sb`` (``_scale_bias``: per-column scale and bias) and tanh-GELU if ``gelu``, and
-  stores the tile; no XLA pass sums float32 partials.
+  f16/bf16 -> float32 partials ``(splits, N, Mp)``.
 
   Each CTA loads its ``(tile_m, K/splits)`` activation slice into shared memory once; each of
   its ``warpgroups`` warpgroups then streams ``tiles_per_cta / warpgroups`` weight tiles of
@@ -1045,14 +1034,9 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   # then), so the pipeline needs two slots to overlap anything.
   overlap = config.overlap_wgmma and depth > 1
   lc = _layout_cast(interpret)
-  cl = config.cluster_splits
 
-  def kernel(at_gmem, wq_gmem, ws_gmem, *refs):
-    if cl:
-      (sb_gmem, out_gmem, act_smem, wq_smem, ws_smem, out_smem, acc_smem, act_barrier,
-       w_barrier, stage, sb_smem, sb_barrier) = refs
-    else:
-      out_gmem, act_smem, wq_smem, ws_smem, out_smem, acc_smem, act_barrier, w_barrier = refs
+  def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, act_smem, wq_smem, ws_smem, out_smem,
+             acc_smem, act_barrier, w_barrier):
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     wg = lax.axis_index("wg") if nwg > 1 else 0
     m_sl = pl.ds(mi * tm, tm)
@@ -1064,13 +1048,6 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         k_sl = pl.ds((si * k_steps + j) * tk, tk)
         plgpu.copy_gmem_to_smem(at_gmem.at[m_sl, k_sl] if m_major else at_gmem.at[k_sl, m_sl],
                                 act_smem.at[j], act_barrier.at[0])
-      if cl:  # the per-column scale and bias of the output tiles, for split 0 (which waits
-        # for them: no other CTA may exit with a copy into its shared memory in flight)
-        @pl.when(si == 0)
-        def _load_scale_bias():
-          for t in range(tiles):
-            plgpu.copy_gmem_to_smem(sb_gmem.at[:, pl.ds((first_tile + t) * tn, tn)],
-                                    sb_smem.at[t], sb_barrier)
 
     def fetch(step, slot):
       tile, kk = first_tile + step // tile_steps, step % tile_steps
@@ -1109,26 +1086,6 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         _k_loop(step, t, tile_steps, overlap)
         if overlap and not interpret:
           plgpu.wgmma_wait(0)
-        if cl:
-          out_smem[...] = acc_ref[...]
-          acc_ref[...] = zeros()
-          _cluster_sync()  # every split's accumulator is in its CTA's shared memory
-
-          @pl.when(si == 0)
-          def _finish():
-            y = plgpu.load(out_smem, layout=plgpu.Layout.WGMMA)
-            for p in range(1, splits):
-              y = y + plgpu.load(plgpu.cluster_ref(out_smem, {"s": p}),
-                                 layout=plgpu.Layout.WGMMA)
-            plgpu.barrier_wait(sb_barrier)
-            y = _finish_tile(y, sb_smem, t, lc, gelu, out_dtype)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
-            plgpu.transpose_ref(stage, (1, 0))[...] = y
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(stage, out_gmem.at[m_sl, pl.ds((first_tile + t) * tn, tn)])
-
-          _cluster_sync()  # no peer rewrites its accumulator's memory or exits while read
-          return carry
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
         out_smem.at[wg][...] = acc_ref[...]
         acc_ref[...] = zeros()
@@ -1152,24 +1109,13 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
       act,
       plgpu.SMEM((nwg, depth, kt, tn, tk), w.codes.dtype, transforms=_CODES_TRANSFORMS),
       plgpu.SMEM((nwg, depth, kt, tk // g, tn), w.scales_t.dtype),
-      _out_smem(tn, tm) if cl else _out_smem(nwg, tn, tm),  # peers read cl's whole ref
+      _out_smem(nwg, tn, tm),
       plgpu.SMEM((nwg, tn, tm) if interpret else (1,), jnp.float32),
       plgpu.Barrier(num_arrivals=k_steps, num_barriers=1),
       plgpu.Barrier(num_arrivals=2, num_barriers=nwg * depth),
   ]
   wg_kw = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
   params = plgpu.CompilerParams(unsafe_no_auto_barriers=_NO_AUTO_BARRIERS)
-  if cl:
-    scratch += [plgpu.SMEM((tm, tn), out_dtype, transforms=_swz(128)),
-                plgpu.SMEM((tiles, 2, tn), jnp.float32),
-                plgpu.Barrier(num_arrivals=tiles)]
-    # Rows past m are dropped by the TMA stores where m is a multiple of 8 (a ragged 8 would
-    # be misplaced by the copies' 8-row tiling, as in the streaming kernel): else padded.
-    call = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((m if m % 8 == 0 else mp, n), out_dtype),
-        grid=(n // tn // tiles, mp // tm), grid_names=("n", "m"), cluster=(splits,),
-        cluster_names=("s",), scratch_types=scratch, compiler_params=params)
-    return call(x, w.codes, w.scales_t, sb)
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
       grid=(n // tn // tiles, mp // tm, splits), grid_names=("n", "m", "s"),
@@ -1622,12 +1568,10 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
     raise ValueError(f"alias_out=True needs stream=True and one round of output tiles: "
                      f"tiles_per_cta={config.tiles_per_cta} must equal warpgroups * wg_tiles "
                      f"= {config.warpgroups * config.wg_tiles}")
-  if config.cluster_splits and not (
-      2 <= s <= 8 and ((config.stream and config.alias_out and config.wg_tiles == 1 and
-                        tm % (32 * s) == 0) or (not config.stream and config.warpgroups == 1))):
-    raise ValueError(f"cluster_splits=True needs k_splits={s} in [2, 8], and stream=True with "
-                     f"alias_out=True, wg_tiles=1 and tile_m={tm} a multiple of 32 * k_splits, "
-                     f"or the small-M kernel (stream=False) with one warpgroup")
+  if config.cluster_splits and not (config.stream and config.alias_out and
+                                    config.wg_tiles == 1 and 2 <= s <= 8 and tm % (32 * s) == 0):
+    raise ValueError(f"cluster_splits=True needs stream=True, alias_out=True, wg_tiles=1, "
+                     f"k_splits={s} in [2, 8] and tile_m={tm} a multiple of 32 * k_splits")
   if config.act_codes and not (config.stream and tm % 64 == 0 and config.k_tiles == 1 and
                                config.max_concurrent_steps >= 2 and not config.cluster_splits):
     raise ValueError(f"act_codes=True needs stream=True, tile_m={tm} a multiple of 64, "
@@ -1716,9 +1660,8 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       config = dataclasses.replace(config, cluster_splits=False, fixup_splits=False)
     direct = direct and (config.k_splits == 1 or config.cluster_splits or config.fixup_splits)
     _check_config(config, n, k, 2 if direct else 4)
-    if config.cluster_splits and (interpret or not (_REGISTER_CONCAT or config.stream)):
-      raise ValueError("cluster_splits=True needs a GPU and JAX >= 0.11 (the interpreter has "
-                       "no clusters)")
+    if config.cluster_splits and interpret:
+      raise ValueError("cluster_splits=True needs a GPU: the interpreter has no clusters")
     if config.act_codes and not (packed and w.fmt == "nvfp4"):
       raise ValueError(f"act_codes=True needs W4A4 NVFP4: packed uint8 activations and "
                        f"nvfp4 weights, got a {a.dtype} and fmt={w.fmt!r}")
@@ -1755,11 +1698,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
                             jnp.dtype(out_dtype), interpret, gelu=epilogue == "gelu_tanh")[:m]
       partials = _stream_call(xp, w, config, None, None, interpret)
     else:
-      xk = xp if m_major else xp.T
-      if direct and config.cluster_splits:
-        return _kernel_call(xk, w, config, interpret, m_major, _scale_bias(out_scale, bias, n),
-                            jnp.dtype(out_dtype), epilogue == "gelu_tanh", m)[:m]
-      partials = _kernel_call(xk, w, config, interpret, m_major)
+      partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)
     y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 

@@ -145,3 +145,27 @@ def test_sass_loops_finds_the_loops_innermost_first():
   assert (step["start"], step["branch"], step["length"]) == (0x20, 0x90, 8)
   assert step["opcodes"] == {"SHF": 2, "BRA": 2, "SYNCS": 1, "LDSM": 1, "HGMMA": 1,
                              "ISETP": 1}
+
+
+def test_diag_copy_ring_reads_its_share_and_lowers():
+  """``diag_copy.ring_call`` under the GPU interpreter: every CTA's last copy lands with the
+  bytes of its share's last row (a CTA reading the wrong rows, or a slot refilled before
+  its copy landed, returns other bytes), at ring depths below, equal to and above its
+  copies; the kernel lowers for CUDA; a misshapen weight is refused, naming the shape."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import diag_copy as dc  # noqa: PLC0415
+  from tests import interpret  # noqa: PLC0415
+  w = np.random.default_rng(0).integers(0, 256, (3 * 4 * 16, dc.ROW_BYTES), np.uint8)
+  with interpret.gpu_interpreter():
+    for ctas, rows, depth in [(3, 16, 2), (3, 16, 4), (4, 8, 8), (1, 16, 3)]:
+      got = np.asarray(dc.ring_call(jnp.asarray(w), ctas, rows, depth))
+      np.testing.assert_array_equal(got, dc.last_rows(w, ctas), err_msg=f"{ctas} {rows} {depth}")
+  text = jax.jit(lambda w: dc.ring_call(w, 4, 16, 2)).trace(jnp.asarray(w)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  with pytest.raises(ValueError, match=r"multiple of ctas \* rows = 80"):
+    dc.ring_call(jnp.asarray(w), 5, 16, 2)
+  assert all(r * dc.ROW_BYTES * d * c <= dc.SMEM_BYTES
+             for r, d, c in dc.ring_configs([16, 64, 128], [2, 4, 8], [1, 2], 132))

@@ -151,7 +151,8 @@ def test_diag_copy_ring_reads_its_share_and_lowers():
   """``diag_copy.ring_call`` under the GPU interpreter: every CTA's last copy lands with the
   bytes of its share's last row (a CTA reading the wrong rows, or a slot refilled before
   its copy landed, returns other bytes), at ring depths below, equal to and above its
-  copies; the kernel lowers for CUDA; a misshapen weight is refused, naming the shape."""
+  copies, over all of ``w`` or a prefix; the kernel lowers for CUDA; a misshapen weight is
+  refused, naming the shape."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -159,13 +160,14 @@ def test_diag_copy_ring_reads_its_share_and_lowers():
   from tests import interpret  # noqa: PLC0415
   w = np.random.default_rng(0).integers(0, 256, (3 * 4 * 16, dc.ROW_BYTES), np.uint8)
   with interpret.gpu_interpreter():
-    for ctas, rows, depth in [(3, 16, 2), (3, 16, 4), (4, 8, 8), (1, 16, 3)]:
-      got = np.asarray(dc.ring_call(jnp.asarray(w), ctas, rows, depth))
-      np.testing.assert_array_equal(got, dc.last_rows(w, ctas), err_msg=f"{ctas} {rows} {depth}")
+    for ctas, rows, depth, n in [(3, 16, 2, None), (3, 16, 4, None), (4, 8, 8, None),
+                                 (1, 16, 3, None), (3, 16, 2, 96)]:  # 96: a prefix of w
+      got = np.asarray(dc.ring_call(jnp.asarray(w), ctas, rows, depth, n))
+      np.testing.assert_array_equal(got, dc.last_rows(w, ctas, n), err_msg=f"{ctas} {rows} {n}")
   text = jax.jit(lambda w: dc.ring_call(w, 4, 16, 2)).trace(jnp.asarray(w)).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
-  with pytest.raises(ValueError, match=r"multiple of ctas \* rows = 80"):
+  with pytest.raises(ValueError, match=r"n_rows = 192 <= R a multiple of ctas \* rows = 80"):
     dc.ring_call(jnp.asarray(w), 5, 16, 2)
   assert all(r * dc.ROW_BYTES * d * c <= dc.SMEM_BYTES
              for r, d, c in dc.ring_configs([16, 64, 128], [2, 4, 8], [1, 2], 132))

@@ -874,3 +874,97 @@ def test_cluster_splits_refused_under_the_interpreter():
   with pytest.raises(ValueError, match="cluster_splits=True needs a GPU"):
     fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
                   a_tensor_scale=qa.tensor_scale, config=cfg, method="kernel", interpret=True)
+
+
+@pytest.mark.parametrize("n,k,splits,k_tiles,ctas,wgs", [
+    (256, 512, 1, 1, 3, 1), (12288, 3072, 1, 2, 132, 2), (3072, 12288, 4, 2, 132, 3),
+    (3072, 3072, 2, 1, 264, 1)])
+def test_stream_k_plan_covers_each_tile_once(n, k, splits, k_tiles, ctas, wgs):
+  """``_stream_k_plan``'s closed forms against the runs cut by hand: every unit in exactly one
+  run, each tile's workers consecutive, their count and the valid slots as the plan says."""
+  cfg = fm.MatmulConfig(k_splits=splits, k_tiles=k_tiles, persistent_ctas=ctas,
+                        warpgroups=wgs)
+  plan = fm._stream_k_plan(n, k, cfg)  # noqa: SLF001
+  owner = np.concatenate([np.full((j + 1) * plan.units // plan.workers
+                                  - j * plan.units // plan.workers, j)
+                          for j in range(plan.workers)])
+  assert owner.shape == (plan.units,)
+  np.testing.assert_array_equal(
+      fm._worker_of(np.arange(plan.units), plan.units, plan.workers), owner)  # noqa: SLF001
+  per_tile = owner.reshape(n // fm.TILE_N, plan.tile_steps)
+  counts = np.array([len(np.unique(r)) for r in per_tile])
+  np.testing.assert_array_equal(counts, plan.counts)
+  assert plan.slots == counts.max()
+  valid = plan.valid(splits)
+  assert valid.shape == (splits * plan.slots, n)
+  assert valid.sum() == splits * fm.TILE_N * counts.sum()
+
+
+# (m, k, splits, k_tiles, ctas, warpgroups, overlap): N = 256 (4 weight tiles); runs start and
+# end inside weight tiles, two warpgroups per CTA, split K, two steps per copy with odd runs
+# (3 and 4 steps) past the loop unrolled by two, and two row blocks (M = 17).
+PERSISTENT_CASES = [(5, 512, 1, 1, 3, 1, True), (9, 512, 2, 1, 6, 2, False),
+                    (17, 1024, 1, 2, 5, 1, True), (12, 1024, 2, 1, 4, 1, True)]
+
+
+def _check_persistent(m, n, k, cfg, seed):
+  a, qt = _case(seed, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
+  jax.block_until_ready(jnp.full((8, n, 64), jnp.nan, jnp.float32))  # poison freed memory
+  out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
+                      method="kernel", interpret=not interpret.has_gpu(), **kw)
+  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
+  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+  err = np.abs(np.asarray(out) - np.asarray(ref))
+  assert np.isfinite(np.asarray(out)).all()
+  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+@pytest.mark.parametrize("m,k,splits,k_tiles,ctas,wgs,ovl", PERSISTENT_CASES)
+def test_persistent_interpreter(m, k, splits, k_tiles, ctas, wgs, ovl):
+  """The persistent small-M grid (``persistent_ctas``) under the GPU interpreter: W4A4 NVFP4
+  within the module's summation bound (each tile summed over its runs' partial slots)."""
+  cfg = fm.MatmulConfig(tile_m=16, k_splits=splits, k_tiles=k_tiles, warpgroups=wgs,
+                        persistent_ctas=ctas, overlap_wgmma=ovl)
+  with interpret.gpu_interpreter():
+    _check_persistent(m, 256, k, cfg, 20 + m)
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,k,n,splits,k_tiles,ctas,wgs", [
+    (16, 3072, 12288, 1, 2, 132, 2), (16, 3072, 12288, 1, 2, 132, 3),
+    (1, 3072, 12288, 2, 1, 396, 1), (16, 12288, 3072, 4, 2, 132, 2),
+    (64, 3072, 12288, 4, 1, 264, 1), (16, 3072, 3072, 1, 1, 132, 2)])
+def test_persistent_dit_shapes_gpu(m, k, n, splits, k_tiles, ctas, wgs):
+  """The persistent grid at DiT shapes on the GPU (output memory poisoned first)."""
+  cfg = fm.MatmulConfig(tile_m=16 if m <= 16 else 64, k_splits=splits, k_tiles=k_tiles,
+                        warpgroups=wgs, persistent_ctas=ctas, m_major=True,
+                        max_concurrent_steps=3 if wgs == 3 else 4)
+  _check_persistent(m, n, k, cfg, 30 + m)
+
+
+@pytest.mark.parametrize("m_major,wgs", [(True, 1), (True, 3), (False, 2)])
+def test_persistent_lowers_for_cuda(m_major, wgs):
+  """The persistent grid's GPU path (traced run bounds, the odd step under ``pl.when``) lowers
+  to Mosaic GPU."""
+  a, qt = _case(5, 20, 256, 1024, "nvfp4")
+  cfg = fm.MatmulConfig(tile_m=16, k_tiles=2, warpgroups=wgs, persistent_ctas=2,
+                        m_major=m_major)
+  f = lambda a, c, s, t: fm.fp4_matmul(a, c, s, t, method="kernel", config=cfg)  # noqa: E731
+  text = jax.jit(f).trace(a, qt.codes, qt.scales, qt.tensor_scale).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(persistent_ctas=3, k_splits=2), "multiple of k_splits"),
+    (dict(persistent_ctas=2, warpgroups=4), "warpgroups=4 in 1-3"),
+    (dict(persistent_ctas=64), "for only 16 pipeline steps")])
+def test_persistent_config_errors(cfg, match):
+  a, qt = _case(5, 4, 256, 512, "nvfp4")
+  with pytest.raises(ValueError, match=match):
+    fm.fp4_matmul(a, qt.codes, qt.scales, qt.tensor_scale, method="kernel",
+                  config=fm.MatmulConfig(tile_m=16, **cfg))

@@ -9,6 +9,7 @@ cut evenly over a grid of 1-3 CTAs per SM, 1-3 warpgroups per CTA, 1-4 K tiles p
 each variant checked against a float32 reference first (relative error <= 2**-8).
 
     python benchmarks/diag_persistent.py --out $OUT [--shapes 16x3072x12288,...]
+        [--grid 3:1:1:4,...] [--variants 384:1:1:4:2,...]
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ GRID = [(1, 2, 2, 4), (1, 3, 2, 3), (1, 3, 1, 4), (1, 2, 4, 2), (1, 2, 1, 4), (2
         (2, 1, 2, 4), (3, 1, 1, 4)]
 
 
-def variants(m: int, n: int, k: int, num_sms: int) -> dict[str, fm.MatmulConfig]:
+def variants(m: int, n: int, k: int, num_sms: int, grid=GRID) -> dict[str, fm.MatmulConfig]:
   """Persistent tilings for one shape: for each ``GRID`` entry, the fewest K splits whose
   CTAs fit shared memory that many per SM."""
   tm = 16 if m <= 16 else 32 if m <= 32 else 64
   out = {}
-  for cps, wgs, kt, depth in GRID:
+  for cps, wgs, kt, depth in grid:
     ctas = num_sms * cps
     for s in range(1, k // fm.TILE_K + 1):
       if ctas % s or (k // fm.TILE_K) % (s * kt):
@@ -55,7 +56,19 @@ def variants(m: int, n: int, k: int, num_sms: int) -> dict[str, fm.MatmulConfig]
   return out
 
 
-def run_shape(m: int, k: int, n: int, timer, num_sms: int) -> dict:
+def parse_variants(spec: str, m: int) -> dict[str, fm.MatmulConfig]:
+  """``--variants``: ``ctas:warpgroups:k_tiles:depth:splits`` entries, comma separated."""
+  out = {}
+  for v in spec.split(","):
+    ctas, wgs, kt, depth, s = (int(x) for x in v.split(":"))
+    out[f"c{ctas}x{wgs}_kt{kt}_d{depth}_s{s}"] = fm.MatmulConfig(
+        tile_m=16 if m <= 16 else 32 if m <= 32 else 64, k_splits=s, k_tiles=kt,
+        warpgroups=wgs, max_concurrent_steps=depth, m_major=True, persistent_ctas=ctas)
+  return out
+
+
+def run_shape(m: int, k: int, n: int, timer, num_sms: int, spec: str = "",
+              grid: list | None = None) -> dict:
   key = jax.random.key(m * 7 + k + n)
   r4 = bk._reps(fm.weight_bytes(n, k))  # noqa: SLF001
   r16 = bk._reps(n * k * 2)  # noqa: SLF001
@@ -71,7 +84,8 @@ def run_shape(m: int, k: int, n: int, timer, num_sms: int) -> dict:
   kern, wall, _ = timer(jax.jit(lambda a, ws: [a @ w for w in ws]), (a16, ws), r16)
   row["xla_bf16"] = dict(us=kern, wall_us=wall)
   print(f"{m} x {k} x {n}: xla_bf16 {kern:.2f} us", flush=True)
-  cands = {"shipped": None} | variants(m, n, k, num_sms)
+  cands = {"shipped": None} | (parse_variants(spec, m) if spec else
+                               variants(m, n, k, num_sms, grid or GRID))
   for name, cfg in cands.items():
     fn = jax.jit(lambda av, avt, pws, cfg=cfg: [
         fm.fp4_matmul(av, p, a_tensor_scale=avt, config=cfg, method="kernel") for p in pws])
@@ -119,6 +133,9 @@ def main() -> None:
   p.add_argument("--out", default=".")
   p.add_argument("--shapes", default="16x3072x12288,16x12288x3072,16x3072x3072,64x3072x12288",
                  help="M x K x N, comma separated")
+  p.add_argument("--variants", default="",
+                 help="ctas:warpgroups:k_tiles:depth:splits,... instead of the grid")
+  p.add_argument("--grid", default="", help="cps:wgs:kt:depth,... (default: GRID)")
   p.add_argument("--plot", default=None, help="only plot this results JSON (PNG beside it)")
   args = p.parse_args()
   if bk.replot(args.plot, plot):
@@ -132,7 +149,9 @@ def main() -> None:
   timer = bk.Timer(False)
   for shape in args.shapes.split(","):
     m, k, n = (int(v) for v in shape.split("x"))
-    result["rows"].append(run_shape(m, k, n, timer, num_sms))
+    grid = [tuple(int(x) for x in g.split(":")) for g in args.grid.split(",")] if args.grid \
+        else None
+    result["rows"].append(run_shape(m, k, n, timer, num_sms, args.variants, grid))
     with open(path, "w") as f:
       json.dump(result, f, indent=1)
   plot(result, os.path.join(args.out, name + ".png"))

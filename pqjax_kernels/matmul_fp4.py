@@ -185,14 +185,6 @@ class MatmulConfig:
       the GPU launching CTAs in order (the split index varies fastest, so split ``s - 1`` of
       a tile is resident or done when split ``s`` waits). H200 (version 17): 4% faster
       than the partials with two splits at 2048 x 12288 x 3072, 7% slower with four.
-    persistent_ctas: small-M kernel only: 0, or the number of CTAs of a persistent grid that
-      splits the weight stream evenly (stream-K) instead of by whole weight tiles. The
-      ``k_splits`` splits each get ``persistent_ctas / k_splits`` CTAs, whose warpgroups
-      ("workers") each stream one contiguous run of ``(weight tile, pipeline step)`` units of
-      the split, tile-major, so a run starts and ends part-way through a weight tile; each
-      worker stores one float32 partial per weight tile it touches, in the slot of its rank
-      among the tile's workers (``_stream_k_plan``), and XLA sums the slots written. Every
-      CTA loads its split's activation slice once. ``tiles_per_cta`` is ignored.
   """
 
   tile_m: int = 16
@@ -210,7 +202,6 @@ class MatmulConfig:
   n_inner: bool = False
   act_codes: bool = False
   fixup_splits: bool = False
-  persistent_ctas: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -641,8 +632,6 @@ def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
   wts = wgs * config.wg_tiles  # weight tiles per pipeline step (per CTA when streaming)
   steps = min(config.max_concurrent_steps,
               config.tiles_per_cta // wts * k_steps // config.k_tiles)
-  if config.persistent_ctas:  # runs depend on N: at most the full depth
-    steps = config.max_concurrent_steps
   if config.stream:  # activation tiles in the pipeline; output tiles; scale, bias
     act = config.tile_m * TILE_K * 2  # one float16 activation tile
     if config.act_codes:  # two decoded tiles; a ring of codes, scales and weight tiles
@@ -1029,76 +1018,15 @@ def _finish_tile(y, sb_smem, tile, lc, gelu: bool, out_dtype):
   return (jax.nn.gelu(y, approximate=True) if gelu else y).astype(out_dtype)
 
 
-def _worker_of(unit, units: int, workers: int):
-  """The worker whose run holds ``unit`` when ``units`` units are cut into ``workers`` runs,
-  run ``j`` being ``[j * units // workers, (j + 1) * units // workers)`` (python or traced
-  integers): the least ``j`` with ``(j + 1) * units // workers > unit``."""
-  return ((unit + 1) * workers + units - 1) // units - 1
-
-
-@dataclasses.dataclass(frozen=True)
-class _StreamKPlan:
-  """A persistent small-M grid's cut of each split's work (``MatmulConfig.persistent_ctas``).
-
-  Attributes:
-    tile_steps: pipeline steps per weight tile and split.
-    units: ``(weight tile, step)`` units per split (tiles x ``tile_steps``).
-    workers: warpgroups per split, each one contiguous run of units.
-    slots: partial slots per split: the most workers that share one weight tile.
-    counts: ``(N / TILE_N,)`` workers sharing each weight tile (the same in every split).
-  """
-
-  tile_steps: int
-  units: int
-  workers: int
-  slots: int
-  counts: np.ndarray
-
-  def valid(self, splits: int) -> np.ndarray:
-    """Bool ``(splits * slots, N)``: which partial slots some worker writes."""
-    ok = np.arange(self.slots)[:, None] < np.repeat(self.counts, TILE_N)[None, :]
-    return np.tile(ok, (splits, 1))
-
-
-def _stream_k_plan(n: int, k: int, config: MatmulConfig) -> _StreamKPlan:
-  tile_steps = k // TILE_K // config.k_splits // config.k_tiles
-  units = n // TILE_N * tile_steps
-  workers = config.persistent_ctas // config.k_splits * config.warpgroups
-  t = np.arange(n // TILE_N)
-  counts = (_worker_of((t + 1) * tile_steps - 1, units, workers)
-            - _worker_of(t * tile_steps, units, workers) + 1)
-  return _StreamKPlan(tile_steps, units, workers, int(counts.max()), counts)
-
-
-def _range_loop(step, i0, kk0, count, overlap: bool) -> None:
-  """``step(i0 + j, kk0 + j)`` for ``j`` in ``[0, count)`` (traced bounds), unrolled by two
-  with ``overlap`` (as ``_k_loop``: a step's decode must not write the registers of the
-  ``wgmma`` still in flight), the odd last step under a ``pl.when`` of its own."""
-  unroll = 2 if overlap else 1
-
-  def body(p, carry):
-    for u in range(unroll):
-      step(i0 + p * unroll + u, kk0 + p * unroll + u)
-    return carry
-
-  lax.fori_loop(0, count // unroll, body, None)
-  if unroll == 2:
-    @pl.when(count % 2 == 1)
-    def _odd():
-      step(i0 + count - 1, kk0 + count - 1)
-
-
 def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m_major: bool):
   """Runs the Mosaic GPU kernel: activations ``(Mp, K)`` if ``m_major`` else ``(K, Mp)``,
-  f16/bf16 -> float32 partials ``(splits, N, Mp)`` (with ``persistent_ctas``, ``(splits *
-  slots, N, Mp)``, of which only ``_StreamKPlan.valid`` slots are written).
+  f16/bf16 -> float32 partials ``(splits, N, Mp)``.
 
   Each CTA loads its ``(tile_m, K/splits)`` activation slice into shared memory once; each of
   its ``warpgroups`` warpgroups then streams ``tiles_per_cta / warpgroups`` weight tiles of
-  ``TILE_N`` rows (or, persistent, its run of units) against that slice through its own TMA
-  pipeline (``k_tiles`` K tiles per step, ``max_concurrent_steps`` deep), storing each tile's
-  accumulator as it completes. The operand type is ``x.dtype`` (float16 only for NVFP4
-  weights)."""
+  ``TILE_N`` rows against that slice through its own TMA pipeline (``k_tiles`` K tiles per
+  step, ``max_concurrent_steps`` deep), storing each tile's accumulator as it completes.
+  The operand type is ``x.dtype`` (float16 only for NVFP4 weights)."""
   mp, k = x.shape if m_major else x.shape[::-1]
   n = w.shape[0]
   g = w.group_size
@@ -1108,14 +1036,8 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   nwg = config.warpgroups
   k_steps = k // tk // splits        # K tiles per CTA
   tile_steps = k_steps // kt         # pipeline steps per weight tile
-  persistent = config.persistent_ctas > 0
-  if persistent:
-    plan = _stream_k_plan(n, k, config)
-    ctas_per_split = config.persistent_ctas // splits
-    max_steps = -(-plan.units // plan.workers)  # the longest run
-  else:
-    max_steps = tiles // nwg * tile_steps  # pipeline steps per warpgroup
-  depth = min(config.max_concurrent_steps, max_steps)
+  n_steps = tiles // nwg * tile_steps  # pipeline steps per warpgroup
+  depth = min(config.max_concurrent_steps, n_steps)
   # With overlap, a slot is refilled one step after it was read (its wgmma group completes
   # then), so the pipeline needs two slots to overlap anything.
   overlap = config.overlap_wgmma and depth > 1
@@ -1123,19 +1045,10 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
 
   def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, act_smem, wq_smem, ws_smem, out_smem,
              acc_smem, act_barrier, w_barrier):
-    mi = lax.axis_index("m")
+    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     wg = lax.axis_index("wg") if nwg > 1 else 0
     m_sl = pl.ds(mi * tm, tm)
-    if persistent:  # this warpgroup's run of units [start, start + n_steps) of split si
-      ci = lax.axis_index("n")
-      si = ci // ctas_per_split
-      worker = ci % ctas_per_split * nwg + wg
-      start = worker * plan.units // plan.workers
-      n_steps = (worker + 1) * plan.units // plan.workers - start
-    else:
-      si = lax.axis_index("s")
-      start = (lax.axis_index("n") * tiles + wg * (tiles // nwg)) * tile_steps
-      n_steps = max_steps
+    first_tile = ni * tiles + wg * (tiles // nwg)
 
     @pl.when(wg == 0)
     def _load_activations():  # one TMA copy per K tile, all on one barrier
@@ -1145,18 +1058,14 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
                                 act_smem.at[j], act_barrier.at[0])
 
     def fetch(step, slot):
-      unit = start + step
-      tile, kk = unit // tile_steps, unit % tile_steps
+      tile, kk = first_tile + step // tile_steps, step % tile_steps
       k_sl = pl.ds(si * k_steps + kk * kt, kt)
       bar = w_barrier.at[wg * depth + slot]
       plgpu.copy_gmem_to_smem(wq_gmem.at[tile, k_sl], wq_smem.at[wg, slot], bar)
       plgpu.copy_gmem_to_smem(ws_gmem.at[tile, k_sl], ws_smem.at[wg, slot], bar)
 
     for s in range(depth):
-      if persistent:  # every run has at least one step (_check_config), maybe fewer than depth
-        pl.when(s < n_steps)(lambda s=s: fetch(s, s))
-      else:
-        fetch(s, s)
+      fetch(s, s)
     plgpu.barrier_wait(act_barrier.at[0])  # after the first weight loads are in flight
     zeros = lambda: lc(jnp.zeros((tn, tm), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
@@ -1181,8 +1090,8 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         def _refill():
           fetch(done + depth, lax.rem(done, depth))
 
-      def store(tile, slot):
-        """The accumulator of ``tile`` (complete, or this run's part of it) to ``slot``."""
+      def weight_tile(t, carry):
+        _k_loop(step, t, tile_steps, overlap)
         if overlap and not interpret:
           plgpu.wgmma_wait(0)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
@@ -1190,27 +1099,10 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         acc_ref[...] = zeros()
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                out_gmem.at[slot, pl.ds(tile * tn, tn), m_sl])
-
-      def weight_tile(t, carry):
-        _k_loop(step, t, tile_steps, overlap)
-        store(start // tile_steps + t, si)
+                                out_gmem.at[si, pl.ds((first_tile + t) * tn, tn), m_sl])
         return carry
 
-      def run_tile(tile, carry):
-        """The units of ``tile`` in this run (all of its steps but at the run's ends)."""
-        lo = jnp.maximum(start, tile * tile_steps)
-        hi = jnp.minimum(start + n_steps, (tile + 1) * tile_steps)
-        _range_loop(step, lo - start, lo - tile * tile_steps, hi - lo, overlap)
-        rank = worker - _worker_of(tile * tile_steps, plan.units, plan.workers)
-        store(tile, si * plan.slots + rank)
-        return carry
-
-      if persistent:
-        lax.fori_loop(start // tile_steps, (start + n_steps - 1) // tile_steps + 1, run_tile,
-                      None)
-      else:
-        lax.fori_loop(0, tiles // nwg, weight_tile, None)
+      lax.fori_loop(0, tiles // nwg, weight_tile, None)
 
     # The interpreter accumulates in shared memory (it cannot store to a wgmma accumulator).
     if interpret:
@@ -1232,13 +1124,10 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   ]
   wg_kw = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
   params = plgpu.CompilerParams(unsafe_no_auto_barriers=_NO_AUTO_BARRIERS)
-  if persistent:
-    out_rows, grid, names = splits * plan.slots, (config.persistent_ctas, mp // tm), ("n", "m")
-  else:
-    out_rows, grid, names = splits, (n // tn // tiles, mp // tm, splits), ("n", "m", "s")
   call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((out_rows, n, mp), jnp.float32),
-      grid=grid, grid_names=names, scratch_types=scratch, **wg_kw, compiler_params=params)
+      kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
+      grid=(n // tn // tiles, mp // tm, splits), grid_names=("n", "m", "s"),
+      scratch_types=scratch, **wg_kw, compiler_params=params)
   return call(x, w.codes, w.scales_t)
 
 
@@ -1675,9 +1564,11 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
   if config.k_tiles < 1 or (k // TILE_K // s) % config.k_tiles:
     raise ValueError(f"k_tiles={config.k_tiles} must divide the {k // TILE_K // s} K tiles "
                      f"of a split")
-  tiles = 0 if config.persistent_ctas else config.tiles_per_cta  # ignored when persistent
+  if config.warpgroups not in (1, 2) or config.tiles_per_cta % config.warpgroups:
+    raise ValueError(f"warpgroups={config.warpgroups} must be 1 or 2 and divide "
+                     f"tiles_per_cta={config.tiles_per_cta}")
   if config.wg_tiles not in (1, 2) or (config.wg_tiles > 1 and not config.stream) or \
-      tiles % (config.warpgroups * config.wg_tiles):
+      config.tiles_per_cta % (config.warpgroups * config.wg_tiles):
     raise ValueError(f"wg_tiles={config.wg_tiles} must be 1, or 2 with stream=True, and "
                      f"warpgroups * wg_tiles must divide tiles_per_cta={config.tiles_per_cta}")
   if config.alias_out and not (
@@ -1700,18 +1591,7 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
     raise ValueError(f"fixup_splits=True needs stream=True, k_splits={s} > 1, tile_m={tm} a "
                      f"multiple of {_FIX_CHUNK}, cluster_splits=False and one round of output "
                      f"tiles (tiles_per_cta={config.tiles_per_cta} equal to warpgroups * wg_tiles)")
-  if config.persistent_ctas:
-    if config.stream or config.persistent_ctas % s or config.warpgroups not in (1, 2, 3):
-      raise ValueError(f"persistent_ctas={config.persistent_ctas} needs stream=False, a "
-                       f"multiple of k_splits={s} and warpgroups={config.warpgroups} in 1-3")
-    plan = _stream_k_plan(n, k, config)
-    if plan.units < plan.workers:
-      raise ValueError(f"persistent_ctas={config.persistent_ctas}: {plan.workers} warpgroups "
-                       f"per split for only {plan.units} pipeline steps of N={n}, K={k}")
-  elif config.warpgroups not in (1, 2) or config.tiles_per_cta % config.warpgroups:
-    raise ValueError(f"warpgroups={config.warpgroups} must be 1 or 2 and divide "
-                     f"tiles_per_cta={config.tiles_per_cta}")
-  if not config.persistent_ctas and (tiles < 1 or (n // TILE_N) % tiles):
+  if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")
   if (need := smem_bytes(config, k, out_itemsize)) > SMEM_BYTES:
@@ -1827,9 +1707,6 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       partials = _stream_call(xp, w, config, None, None, interpret)
     else:
       partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)
-      if config.persistent_ctas:  # slots no worker wrote hold whatever the memory held
-        valid = _stream_k_plan(n, k, config).valid(config.k_splits)
-        partials = jnp.where(valid[:, :, None], partials, 0.0)
     y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 

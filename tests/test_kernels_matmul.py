@@ -874,3 +874,77 @@ def test_cluster_splits_refused_under_the_interpreter():
   with pytest.raises(ValueError, match="cluster_splits=True needs a GPU"):
     fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
                   a_tensor_scale=qa.tensor_scale, config=cfg, method="kernel", interpret=True)
+
+
+# (m, k, splits, tiles, wgs): two and three splits; two weight tiles per CTA (each tile's
+# semaphore / read-back in turn); two warpgroups; two row blocks (M = 20).
+REDUCE_CASES = [(5, 512, 2, 1, 1), (20, 768, 3, 2, 1), (9, 1024, 4, 2, 2)]
+
+
+def _check_reduce(m, k, splits, tiles, wgs, interpret_):
+  n = 128 * tiles
+  a, qt = _case(40 + m, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
+  cfg = fm.MatmulConfig(tile_m=16, k_splits=splits, tiles_per_cta=tiles, warpgroups=wgs,
+                        reduce_splits=True, m_major=not interpret_)
+  jax.block_until_ready(jnp.full((splits, n, 64), jnp.nan, jnp.float32))  # poison freed memory
+  out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
+                      method="kernel", interpret=interpret_, **kw)
+  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
+  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+  err = np.abs(np.asarray(out) - np.asarray(ref))
+  assert np.isfinite(np.asarray(out)).all()
+  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+@pytest.mark.parametrize("m,k,splits,tiles,wgs", REDUCE_CASES)
+def test_reduce_splits_interpreter(m, k, splits, tiles, wgs):
+  """``reduce_splits`` under the GPU interpreter (each later split reads the tile back and
+  adds): the splits' sum within the module's summation bound."""
+  with interpret.gpu_interpreter():
+    _check_reduce(m, k, splits, tiles, wgs, True)
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,k,splits,tiles,wgs", REDUCE_CASES)
+def test_reduce_splits_gpu(m, k, splits, tiles, wgs):
+  """``reduce_splits`` on the GPU: split 0's store, the semaphore, the reducing stores."""
+  _check_reduce(m, k, splits, tiles, wgs, False)
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,k,n", [(16, 3072, 12288), (64, 3072, 12288), (16, 12288, 3072),
+                                   (64, 12288, 3072), (1, 3072, 3072)])
+def test_reduce_splits_dit_shapes_gpu(m, k, n):
+  """``default_config``'s tiling with ``reduce_splits`` at DiT shapes (2-8 splits, many CTAs
+  waiting on their tiles' semaphores at once), W4A4, output memory poisoned first."""
+  a, qt = _case(50 + m, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
+  cfg = dataclasses.replace(fm.default_config(m, n, k), reduce_splits=True)
+  jax.block_until_ready(jnp.full((8, n, 64), jnp.nan, jnp.float32))  # poison freed memory
+  out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
+                      method="kernel", **kw)
+  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
+  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+  err = np.abs(np.asarray(out) - np.asarray(ref))
+  assert np.isfinite(np.asarray(out)).all()
+  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+
+
+@pytest.mark.parametrize("m_major,wgs,tiles", [(True, 1, 1), (False, 2, 2)])
+def test_reduce_splits_lower_for_cuda(m_major, wgs, tiles):
+  """The GPU path of ``reduce_splits`` (global semaphores, reducing TMA stores) lowers."""
+  a, qt = _case(5, 20, 256, 1024, "nvfp4")
+  cfg = fm.MatmulConfig(tile_m=16, k_splits=4, tiles_per_cta=tiles, warpgroups=wgs,
+                        m_major=m_major, reduce_splits=True)
+  f = lambda a, c, s, t: fm.fp4_matmul(a, c, s, t, method="kernel", config=cfg)  # noqa: E731
+  text = jax.jit(f).trace(a, qt.codes, qt.scales, qt.tensor_scale).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  with pytest.raises(ValueError, match="reduce_splits=True is for the small-M kernel"):
+    fm.fp4_matmul(a, qt.codes, qt.scales, qt.tensor_scale, method="kernel",
+                  config=fm.MatmulConfig(tile_m=64, stream=True, reduce_splits=True))

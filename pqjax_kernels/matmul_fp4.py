@@ -1202,11 +1202,13 @@ def _cluster_sync() -> None:
 def _fence_async_global() -> None:
   """``fence.proxy.async.global``: orders this thread's global-memory accesses through the
   generic proxy (the semaphore) with those through the async proxy (TMA copies)."""
-  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415 (only while lowering)
+  from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
+  from jax._src.lib.mlir.dialects import llvm  # noqa: PLC0415
 
   @plgpu.inline_mgpu()
-  def fence(_):
-    mgpu.utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
+  def fence(_):  # llvm.inline_asm directly: JAX 0.10.2 has no mgpu.utils.inline_ptx
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async.global;", "",
+                    has_side_effects=True)
 
   fence()
 

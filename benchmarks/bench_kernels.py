@@ -308,12 +308,6 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret, only=""
         cands["ours_w4a4_values"] = (values_fn, (vals.values, vals.tensor_scale, pws), r4)
         cands["ours_w4a4_values_e4m3"] = (values_fn, (vals.values, vals.tensor_scale, pws8),
                                           r4)
-        if m <= 64:  # the small-M kernel's splits added in L2 instead of summed by XLA
-          red = dataclasses.replace(fm.default_config(m, n, k), reduce_splits=True)
-          cands["ours_w4a4_values_red"] = (jax.jit(lambda av, avt, pws: [
-              fm.fp4_matmul(av, p, a_tensor_scale=avt, config=red) for p in pws]),
-              (vals.values, vals.tensor_scale, pws), r4)
-          row["ours_w4a4_values_red_config"] = dataclasses.asdict(red)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
         cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
         if cfg is not None:

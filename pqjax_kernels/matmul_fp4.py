@@ -185,12 +185,6 @@ class MatmulConfig:
       the GPU launching CTAs in order (the split index varies fastest, so split ``s - 1`` of
       a tile is resident or done when split ``s`` waits). H200 (version 17): 4% faster
       than the partials with two splits at 2048 x 12288 x 3072, 7% slower with four.
-    reduce_splits: small-M kernel with ``k_splits`` > 1: the splits add their float32
-      accumulators into one ``(N, M)`` output in the L2 cache (TMA reducing stores, after
-      split 0's plain store, ordered by a global semaphore per output tile) instead of
-      writing ``k_splits`` partials that XLA reads back to sum (at M = 64 and 8 splits, 25 MB
-      at 3072 x 12288). Relies on the GPU launching CTAs in order (the split fastest), like
-      ``fixup_splits``. With three or more splits the later splits' adds come in any order.
   """
 
   tile_m: int = 16
@@ -208,7 +202,6 @@ class MatmulConfig:
   n_inner: bool = False
   act_codes: bool = False
   fixup_splits: bool = False
-  reduce_splits: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1025,46 +1018,9 @@ def _finish_tile(y, sb_smem, tile, lc, gelu: bool, out_dtype):
   return (jax.nn.gelu(y, approximate=True) if gelu else y).astype(out_dtype)
 
 
-def _reduce_store(src, dst, si, sem) -> None:
-  """``reduce_splits`` on the GPU: split 0 stores ``src`` to ``dst`` and, once the store has
-  landed, signals ``sem``; a later split waits for that signal and adds ``src`` to ``dst``
-  in the L2 cache (the order of the later splits' adds is not fixed: with three or more
-  splits the float32 sum may differ in its last bits from run to run)."""
-  @pl.when(si == 0)
-  def _first():
-    plgpu.copy_smem_to_gmem(src, dst)
-    plgpu.wait_smem_to_gmem(0)  # written, not only read
-    _fence_async_global()
-    plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-
-  @pl.when(si > 0)
-  def _later():
-    plgpu.semaphore_wait(sem, 1, decrement=False, memory_scope="gpu")
-    _fence_async_global()  # the reduce below lands after split 0's store
-    plgpu.copy_smem_to_gmem(src, dst, reduction_op="add")
-
-
-def _add_to_gmem(src, dst, add, back, barrier) -> None:
-  """``reduce_splits`` under the interpreter: ``dst = src`` (split 0) or ``dst += src``,
-  through the shared-memory tile ``back``."""
-  @pl.when(add)
-  def _read_back():
-    plgpu.copy_gmem_to_smem(dst, back, barrier)
-    plgpu.barrier_wait(barrier)
-    src[...] = src[...] + back[...]
-    plgpu.commit_smem()
-
-  plgpu.copy_smem_to_gmem(src, dst)
-
-
 def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m_major: bool):
   """Runs the Mosaic GPU kernel: activations ``(Mp, K)`` if ``m_major`` else ``(K, Mp)``,
-  f16/bf16 -> float32 partials ``(splits, N, Mp)``, or with ``reduce_splits`` their sum
-  ``(1, N, Mp)``: split 0 of each output tile stores it and signals a global semaphore (one
-  per tile, zeroed at every launch) once the store has landed; the other splits wait for it
-  and add theirs in the L2 cache (TMA ``cp.reduce.async.bulk`` ``.add.f32``). The
-  interpreter has no reducing copy: there each later split reads the tile back, adds and
-  stores (it runs the grid in order, the split fastest).
+  f16/bf16 -> float32 partials ``(splits, N, Mp)``.
 
   Each CTA loads its ``(tile_m, K/splits)`` activation slice into shared memory once; each of
   its ``warpgroups`` warpgroups then streams ``tiles_per_cta / warpgroups`` weight tiles of
@@ -1078,7 +1034,6 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   tn, tk = TILE_N, TILE_K
   tm, splits, tiles, kt = config.tile_m, config.k_splits, config.tiles_per_cta, config.k_tiles
   nwg = config.warpgroups
-  red = config.reduce_splits and splits > 1
   k_steps = k // tk // splits        # K tiles per CTA
   tile_steps = k_steps // kt         # pipeline steps per weight tile
   n_steps = tiles // nwg * tile_steps  # pipeline steps per warpgroup
@@ -1089,10 +1044,8 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
   lc = _layout_cast(interpret)
 
   def kernel(at_gmem, wq_gmem, ws_gmem, out_gmem, act_smem, wq_smem, ws_smem, out_smem,
-             acc_smem, act_barrier, w_barrier, *back):
+             acc_smem, act_barrier, w_barrier):
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
-    if red and not interpret:  # one per output tile, zeroed at every launch
-      sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n // tn * (mp // tm),)))
     wg = lax.axis_index("wg") if nwg > 1 else 0
     m_sl = pl.ds(mi * tm, tm)
     first_tile = ni * tiles + wg * (tiles // nwg)
@@ -1145,14 +1098,8 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
         out_smem.at[wg][...] = acc_ref[...]
         acc_ref[...] = zeros()
         plgpu.commit_smem()
-        tile = first_tile + t
-        dst = out_gmem.at[0 if red else si, pl.ds(tile * tn, tn), m_sl]
-        if not red:
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], dst)
-        elif interpret:
-          _add_to_gmem(out_smem.at[wg], dst, si > 0, *(b.at[wg] for b in back))
-        else:
-          _reduce_store(out_smem.at[wg], dst, si, sems.at[tile * (mp // tm) + mi])
+        plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                out_gmem.at[si, pl.ds((first_tile + t) * tn, tn), m_sl])
         return carry
 
       lax.fori_loop(0, tiles // nwg, weight_tile, None)
@@ -1175,12 +1122,10 @@ def _kernel_call(x, w: PreparedWeights, config: MatmulConfig, interpret: bool, m
       plgpu.Barrier(num_arrivals=k_steps, num_barriers=1),
       plgpu.Barrier(num_arrivals=2, num_barriers=nwg * depth),
   ]
-  if red and interpret:  # the tile read back, and its barrier
-    scratch += [plgpu.SMEM((nwg, tn, tm), jnp.float32), plgpu.Barrier(num_barriers=nwg)]
   wg_kw = dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}
   params = plgpu.CompilerParams(unsafe_no_auto_barriers=_NO_AUTO_BARRIERS)
   call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((1 if red else splits, n, mp), jnp.float32),
+      kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
       grid=(n // tn // tiles, mp // tm, splits), grid_names=("n", "m", "s"),
       scratch_types=scratch, **wg_kw, compiler_params=params)
   return call(x, w.codes, w.scales_t)
@@ -1202,13 +1147,11 @@ def _cluster_sync() -> None:
 def _fence_async_global() -> None:
   """``fence.proxy.async.global``: orders this thread's global-memory accesses through the
   generic proxy (the semaphore) with those through the async proxy (TMA copies)."""
-  from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
-  from jax._src.lib.mlir.dialects import llvm  # noqa: PLC0415
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415 (only while lowering)
 
   @plgpu.inline_mgpu()
-  def fence(_):  # llvm.inline_asm directly: JAX 0.10.2 has no mgpu.utils.inline_ptx
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async.global;", "",
-                    has_side_effects=True)
+  def fence(_):
+    mgpu.utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
 
   fence()
 
@@ -1648,9 +1591,6 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
     raise ValueError(f"fixup_splits=True needs stream=True, k_splits={s} > 1, tile_m={tm} a "
                      f"multiple of {_FIX_CHUNK}, cluster_splits=False and one round of output "
                      f"tiles (tiles_per_cta={config.tiles_per_cta} equal to warpgroups * wg_tiles)")
-  if config.reduce_splits and config.stream:
-    raise ValueError("reduce_splits=True is for the small-M kernel (stream=False); the "
-                     "streaming kernel sums its splits with fixup_splits")
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")
@@ -1767,8 +1707,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       partials = _stream_call(xp, w, config, None, None, interpret)
     else:
       partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)
-    y = (partials[0] if config.reduce_splits else jnp.sum(partials, axis=0))[:, :m].T
-    y = y * out_scale
+    y = jnp.sum(partials, axis=0)[:, :m].T * out_scale
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 
 

@@ -28,8 +28,8 @@ thread loads its elements from the shared-memory row block at the column indices
 ``perm`` (also in shared memory), in inline Mosaic GPU (``_gather_registers``): Pallas has no
 lane gather. Under the interpreter the same step is a ``jnp.take``. A two-byte output
 (bf16, float16 values) of a two-byte x is staged in place over x, except with a gather;
-``perm`` is staged as byte offsets into a row, uint16 where they fit (at D = 12288 a gathered
-4-row block with float16 values out then fits, 216 KiB).
+``perm`` is staged as uint16 byte offsets into a row (at D = 12288 a gathered 4-row block
+with float16 values out then fits, 216 KiB).
 
 Arithmetic: every elementwise operation is the reference's, in the same order and precision
 (float32; the E4M3 block scale and E2M1 codes by ``norm``'s own comparisons with rounded
@@ -102,17 +102,11 @@ def default_chunk(d: int, rows: int = min(ROW_CHOICES)) -> int:
   return max(fits, default=CHUNK)
 
 
-def _perm_dtype(d: int, itemsize: int):
-  """The staged ``perm``'s dtype: its entries are byte offsets into a row of ``d`` elements
-  of ``itemsize`` bytes, uint16 where they fit (half the shared memory of int32)."""
-  return jnp.uint16 if d * itemsize <= 2**16 else jnp.int32
-
-
 def _smem_bytes(x, perm, out: str, n_vec: int, rows: int) -> float:
   d = x.shape[-1]
   in_place = _in_place(x.dtype, out, perm)
   out_bytes = 0 if in_place else 2 if out in _TWO_BYTE_OUTS else 9 / 16
-  perm_bytes = 0 if perm is None else d * jnp.dtype(_perm_dtype(d, x.dtype.itemsize)).itemsize
+  perm_bytes = 0 if perm is None else d * 2  # uint16 byte offsets (_kernel_call)
   return rows * d * (x.dtype.itemsize + out_bytes) + n_vec * d * 4 + perm_bytes
 
 
@@ -398,13 +392,13 @@ def _hadamard_chunk(y, interpret: bool):
 
 
 def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
-  """Mosaic GPU: ``x_ref[:, perm]`` (SMEM ``(ROWS, D)``; ``perm_ref`` SMEM ``(gc * 16,)``,
-  the chunk's column indices as byte offsets into a row, uint16 or int32) as a ``(ROWS, gc,
-  8, 2)`` ``FragmentedArray`` in ``_LAYOUT``. Per register (a pair of columns), one 32-bit
-  shared-memory load of both byte offsets (two uint16; one 64-bit load of two int32), shared
-  by a thread's rows, then one load of each value at the row's 32-bit shared address plus
-  its offset. Inline PTX: ``memref.load`` addressed shared memory through 64-bit index
-  arithmetic, several instructions per element (NOTES_kernels.md version 18)."""
+  """Mosaic GPU: ``x_ref[:, perm]`` (SMEM ``(ROWS, D)``; ``perm_ref`` SMEM ``(gc * 16,)``
+  uint16, the chunk's column indices as byte offsets into a row) as a ``(ROWS, gc, 8, 2)``
+  ``FragmentedArray`` in ``_LAYOUT``. Per register (a pair of columns), one 32-bit
+  shared-memory load of both byte offsets, shared by a thread's rows, then one load of each
+  value at the row's 32-bit shared address plus its offset. Inline PTX: ``memref.load``
+  addressed shared memory through 64-bit index arithmetic, several instructions per element
+  (NOTES_kernels.md version 18)."""
   from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
   from jax._src.lib.mlir.dialects import arith, llvm, vector  # noqa: PLC0415
   from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
@@ -414,17 +408,13 @@ def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
   x_ty = ir.MemRefType(x_ref.type)
   elem_ty, d = x_ty.element_type, x_ty.shape[-1]
   item = mgpu.utils.bitwidth(elem_ty) // 8
-  wide_perm = mgpu.utils.bitwidth(ir.MemRefType(perm_ref.type).element_type) == 32
   vec_ty = ir.VectorType.get((2,), elem_ty)
   c32 = lambda v: arith.constant(i32, v)  # noqa: E731
-  addr = lambda ref: llvm.ptrtoint(i32, mgpu.utils.memref_ptr(ref))  # noqa: E731 (shared: 32 bits)
+  addr = lambda ref: llvm.ptrtoint(i32, mgpu.utils.memref_ptr(ref))  # noqa: E731 (32 bits)
   x_base, p_base = addr(x_ref), addr(perm_ref)
 
-  def asm(results, text, constraints, *args):
-    ty = results[0] if len(results) == 1 else llvm.StructType.get_literal(results)
-    res = llvm.inline_asm(ty, list(args), text, constraints, has_side_effects=True)
-    return [res] if len(results) == 1 else [llvm.extractvalue(r, res, [i])
-                                            for i, r in enumerate(results)]
+  def asm(result, text, constraints, address):  # ordered among the kernel's side effects
+    return llvm.inline_asm(result, [address], text, constraints, has_side_effects=True)
 
   regs = np.empty(layout.registers_shape(shape), dtype=object)
   cols: dict = {}
@@ -433,20 +423,15 @@ def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
     if key not in cols:  # entries 16 g + 2 p and the next, adjacent and aligned
       first = arith.addi(arith.muli(arith.index_cast(i32, g), c32(16)),
                          arith.muli(arith.index_cast(i32, p), c32(2)))
-      at = arith.addi(p_base, arith.muli(first, c32(4 if wide_perm else 2)))
-      if wide_perm:
-        cols[key] = asm([i32, i32], "ld.shared.v2.b32 {$0, $1}, [$2];", "=r,=r,r", at)
-      else:
-        (both,) = asm([i32], "ld.shared.b32 $0, [$1];", "=r,r", at)
-        cols[key] = [arith.andi(both, c32(0xFFFF)), arith.shrui(both, c32(16))]
+      both = asm(i32, "ld.shared.b32 $0, [$1];", "=r,r",
+                 arith.addi(p_base, arith.muli(first, c32(2))))
+      cols[key] = [arith.andi(both, c32(0xFFFF)), arith.shrui(both, c32(16))]
     row_at = arith.addi(x_base, arith.muli(arith.index_cast(i32, row), c32(d * item)))
     vals = []
     for col in cols[key]:
       at = arith.addi(row_at, col)
-      if item == 2:
-        (v,) = asm([i16], "ld.shared.b16 $0, [$1];", "=h,r", at)
-      else:
-        (v,) = asm([i32], "ld.shared.b32 $0, [$1];", "=r,r", at)
+      v = (asm(i16, "ld.shared.b16 $0, [$1];", "=h,r", at) if item == 2 else
+           asm(i32, "ld.shared.b32 $0, [$1];", "=r,r", at))
       vals.append(arith.bitcast(elem_ty, v))
     regs[reg_idx] = vector.from_elements(vec_ty, vals)
   return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
@@ -717,8 +702,9 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
     args.append(stats)
     scratch.append(plgpu.SMEM(stats.shape[1:], jnp.float32))
   if perm is not None:
-    item = x2.dtype.itemsize  # staged as byte offsets into a row (_gather_registers)
-    args.append((perm.astype(jnp.int32) * item).astype(_perm_dtype(d, item)))
+    # staged as byte offsets into a row (_gather_registers); uint16 always fits: a block of
+    # the fewest rows (4) fits shared memory only where a row has fewer than 2**16 bytes
+    args.append((perm.astype(jnp.int32) * x2.dtype.itemsize).astype(jnp.uint16))
     scratch.append(plgpu.SMEM(perm.shape, args[-1].dtype))
   if not in_place:
     scratch += [plgpu.SMEM(shape, dtype) for shape, dtype in outs]

@@ -28,8 +28,7 @@ thread loads its elements from the shared-memory row block at the column indices
 ``perm`` (also in shared memory), in inline Mosaic GPU (``_gather_registers``): Pallas has no
 lane gather. Under the interpreter the same step is a ``jnp.take``. A two-byte output
 (bf16, float16 values) of a two-byte x is staged in place over x, except with a gather;
-``perm`` is staged as uint16 byte offsets into a row (at D = 12288 a gathered 4-row block
-with float16 values out then fits, 216 KiB).
+``perm`` is staged as int16 where D allows.
 
 Arithmetic: every elementwise operation is the reference's, in the same order and precision
 (float32; the E4M3 block scale and E2M1 codes by ``norm``'s own comparisons with rounded
@@ -68,6 +67,9 @@ CHUNK_CHOICES = (64, 128, 256, 512)  # wider chunks: more independent registers 
 # store of a 512-column chunk with more than 4 rows.
 _CHUNK_512_MAX_ROWS = 4
 SMEM_BYTES = 220 * 1024  # shared memory the kernel may use (H100/H200: 227 KiB per CTA)
+# perm is staged as int16 where D allows it (half the shared memory of int32: at D = 12288
+# a gathered 4-row block with float16 values out fits, 216 KiB)
+_PERM16_MAX_D = 2**15
 
 # (rows, groups, 8, 2) = (row, 16-wide group, pair, element): warp w holds rows w, w + 4, ...;
 # lane 8g + p holds pair p of group g (of every 4 consecutive groups); a pair is one
@@ -102,11 +104,15 @@ def default_chunk(d: int, rows: int = min(ROW_CHOICES)) -> int:
   return max(fits, default=CHUNK)
 
 
+def _perm_dtype(d: int):
+  return jnp.int16 if d <= _PERM16_MAX_D else jnp.int32
+
+
 def _smem_bytes(x, perm, out: str, n_vec: int, rows: int) -> float:
   d = x.shape[-1]
   in_place = _in_place(x.dtype, out, perm)
   out_bytes = 0 if in_place else 2 if out in _TWO_BYTE_OUTS else 9 / 16
-  perm_bytes = 0 if perm is None else d * 2  # uint16 byte offsets (_kernel_call)
+  perm_bytes = 0 if perm is None else d * jnp.dtype(_perm_dtype(d)).itemsize
   return rows * d * (x.dtype.itemsize + out_bytes) + n_vec * d * 4 + perm_bytes
 
 
@@ -392,48 +398,28 @@ def _hadamard_chunk(y, interpret: bool):
 
 
 def _gather_registers(x_ref, perm_ref, rows: int, gc: int):
-  """Mosaic GPU: ``x_ref[:, perm]`` (SMEM ``(ROWS, D)``; ``perm_ref`` SMEM ``(gc * 16,)``
-  uint16, the chunk's column indices as byte offsets into a row) as a ``(ROWS, gc, 8, 2)``
-  ``FragmentedArray`` in ``_LAYOUT``. Per register (a pair of columns), one 32-bit
-  shared-memory load of both byte offsets, shared by a thread's rows, then one load of each
-  value at the row's 32-bit shared address plus its offset. Inline PTX: ``memref.load``
-  addressed shared memory through 64-bit index arithmetic, several instructions per element
-  (NOTES_kernels.md version 18)."""
+  """Mosaic GPU: ``x_ref[:, perm_ref]`` (SMEM ``(ROWS, D)`` and ``(gc * 16,)`` int16 or
+  int32) as a ``(ROWS, gc, 8, 2)`` ``FragmentedArray`` in ``_LAYOUT``: per element one
+  shared-memory load of its column index (shared by a thread's rows) and one of the
+  value."""
   from jax._src.lib.mlir import ir  # noqa: PLC0415 (MLIR only exists while lowering)
-  from jax._src.lib.mlir.dialects import arith, llvm, vector  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
   from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
-  i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+  index = ir.IndexType.get()
   layout = _LAYOUT.to_mgpu()
   shape = (rows, gc, 8, 2)
-  x_ty = ir.MemRefType(x_ref.type)
-  elem_ty, d = x_ty.element_type, x_ty.shape[-1]
-  item = mgpu.utils.bitwidth(elem_ty) // 8
+  elem_ty = ir.MemRefType(x_ref.type).element_type
   vec_ty = ir.VectorType.get((2,), elem_ty)
-  c32 = lambda v: arith.constant(i32, v)  # noqa: E731
-  addr = lambda ref: llvm.ptrtoint(i32, mgpu.utils.memref_ptr(ref))  # noqa: E731 (32 bits)
-  x_base, p_base = addr(x_ref), addr(perm_ref)
-
-  def asm(result, text, constraints, address):  # ordered among the kernel's side effects
-    return llvm.inline_asm(result, [address], text, constraints, has_side_effects=True)
-
   regs = np.empty(layout.registers_shape(shape), dtype=object)
   cols: dict = {}
   for reg_idx, (row, g, p, _) in zip(np.ndindex(regs.shape), layout.thread_idxs(shape)):
-    key = reg_idx[1:]  # register dim 0 walks the rows: the column offsets repeat
-    if key not in cols:  # entries 16 g + 2 p and the next, adjacent and aligned
-      first = arith.addi(arith.muli(arith.index_cast(i32, g), c32(16)),
-                         arith.muli(arith.index_cast(i32, p), c32(2)))
-      both = asm(i32, "ld.shared.b32 $0, [$1];", "=r,r",
-                 arith.addi(p_base, arith.muli(first, c32(2))))
-      cols[key] = [arith.andi(both, c32(0xFFFF)), arith.shrui(both, c32(16))]
-    row_at = arith.addi(x_base, arith.muli(arith.index_cast(i32, row), c32(d * item)))
-    vals = []
-    for col in cols[key]:
-      at = arith.addi(row_at, col)
-      v = (asm(i16, "ld.shared.b16 $0, [$1];", "=h,r", at) if item == 2 else
-           asm(i32, "ld.shared.b32 $0, [$1];", "=r,r", at))
-      vals.append(arith.bitcast(elem_ty, v))
-    regs[reg_idx] = vector.from_elements(vec_ty, vals)
+    key = reg_idx[1:]  # register dim 0 walks the rows: the column indices repeat
+    if key not in cols:
+      first = arith.addi(arith.muli(g, mgpu.c(16, index)), arith.muli(p, mgpu.c(2, index)))
+      cols[key] = [arith.index_cast(index, memref.load(
+          perm_ref, [arith.addi(first, mgpu.c(k, index))])) for k in range(2)]
+    regs[reg_idx] = vector.from_elements(
+        vec_ty, [memref.load(x_ref, [row, col]) for col in cols[key]])
   return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
 
@@ -602,8 +588,7 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
       permutation-invariant)."""
       perm_chunk = perm_smem.at[pl.ds(c * chunk, chunk)]
       if interpret:  # the interpreter runs jnp: gather the whole row block
-        cols = perm_chunk[...].astype(jnp.int32) // x2.dtype.itemsize  # byte offsets
-        v = jnp.take(x_smem[...].reshape(rows, d), cols, axis=1)
+        v = jnp.take(x_smem[...].reshape(rows, d), perm_chunk[...], axis=1)
         return v.reshape(rows_shape).astype(jnp.float32)
       gather = plgpu.inline_mgpu(
           arg_types=(plgpu.RefType(), plgpu.RefType()),
@@ -702,9 +687,7 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
     args.append(stats)
     scratch.append(plgpu.SMEM(stats.shape[1:], jnp.float32))
   if perm is not None:
-    # staged as byte offsets into a row (_gather_registers); uint16 always fits: a block of
-    # the fewest rows (4) fits shared memory only where a row has fewer than 2**16 bytes
-    args.append((perm.astype(jnp.int32) * x2.dtype.itemsize).astype(jnp.uint16))
+    args.append(perm.astype(_perm_dtype(d)))
     scratch.append(plgpu.SMEM(perm.shape, args[-1].dtype))
   if not in_place:
     scratch += [plgpu.SMEM(shape, dtype) for shape, dtype in outs]

@@ -199,6 +199,10 @@ def _candidates(m, n, k, interpret):
         c["ours_w4a4_kernel" + ("" if wgs == 1 else f"_wg{wgs}")
           + ("" if occ is None else f"_occ{occ}") + ("" if kt == 1 else f"_kt{kt}")] = (
               "kernel", cfg)
+    if m <= 8:  # an 8-row activation tile (wgmma N = 8): half the activation traffic and
+      # products of tile_m 16 (m_major only: GPU, JAX >= 0.11)
+      c["ours_w4a4_kernel_tm8"] = (
+          "kernel", dataclasses.replace(fm.default_config(m, n, k), tile_m=8, m_major=True))
     c["ours_w4a4_kernel_serial"] = (
         "kernel", dataclasses.replace(fm.default_config(m, n, k), overlap_wgmma=False))
     if n // fm.TILE_N >= 132:  # the streaming kernel, unsplit, only where N fills the SMs

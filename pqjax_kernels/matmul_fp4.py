@@ -1698,6 +1698,9 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     else:
       xp = pad(a if w4a4_nvfp4 else a.astype(jnp.bfloat16))
     m_major = config.m_major and _REGISTER_CONCAT and not interpret
+    if not (config.stream or m_major) and config.tile_m % 16:  # (K, M) tiles: 16-wide rows
+      raise ValueError(f"tile_m={config.tile_m} needs m_major=True on a GPU with JAX >= 0.11; "
+                       f"activations laid out (K, M) take multiples of 16")
     if config.stream:
       if not (_REGISTER_CONCAT or interpret):
         raise ValueError("stream=True needs JAX >= 0.11 on the GPU (register concatenate)")

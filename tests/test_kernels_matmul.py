@@ -589,6 +589,7 @@ def test_w4a4_reference_matches_oracle():
     (dict(epilogue="relu"), "epilogue"),
     (dict(method="cuda"), "method"),
     (dict(method="kernel", config=fm.MatmulConfig(tile_m=12)), "tile_m"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_m=8)), "tile_m=8 needs m_major=True"),
     (dict(method="kernel", config=fm.MatmulConfig(k_splits=3)), "k_splits"),
     (dict(method="kernel", config=fm.MatmulConfig(tiles_per_cta=3)), "tiles_per_cta"),
     (dict(method="kernel", config=fm.MatmulConfig(k_tiles=3)), "k_tiles"),
@@ -874,3 +875,39 @@ def test_cluster_splits_refused_under_the_interpreter():
   with pytest.raises(ValueError, match="cluster_splits=True needs a GPU"):
     fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
                   a_tensor_scale=qa.tensor_scale, config=cfg, method="kernel", interpret=True)
+
+
+def _tm8_config(m, n, k):
+  return dataclasses.replace(fm.default_config(m, n, k), tile_m=8, m_major=True)
+
+
+def test_tile_m_8_lowers_for_cuda():
+  """An 8-row activation tile (wgmma N = 8) lowers for CUDA with the activations kept (M, K)
+  (JAX >= 0.11); before, the (K, M) layout cannot hold it: a clear error."""
+  a, qt = _case(5, 3, 256, 1024, "nvfp4")
+  f = lambda a, c, s, t: fm.fp4_matmul(a, c, s, t, method="kernel",  # noqa: E731
+                                       config=_tm8_config(3, 256, 1024))
+  lower = lambda: jax.jit(f).trace(a, qt.codes, qt.scales, qt.tensor_scale).lower(  # noqa: E731
+      lowering_platforms=("cuda",)).as_text()
+  if fm._REGISTER_CONCAT:  # noqa: SLF001
+    assert "mosaic_gpu" in lower()
+  else:
+    with pytest.raises(ValueError, match="tile_m=8 needs m_major=True"):
+      lower()
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,k,n", [(1, 3072, 12288), (5, 12288, 3072), (8, 3072, 3072)])
+def test_tile_m_8_gpu(m, k, n):
+  """The 8-row tile at DiT shapes on the GPU, W4A4, output memory poisoned first."""
+  a, qt = _case(60 + m, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
+  jax.block_until_ready(jnp.full((8, n, 16), jnp.nan, jnp.float32))  # poison freed memory
+  out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, method="kernel",
+                      config=_tm8_config(m, n, k), **kw)
+  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
+  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+  err = np.abs(np.asarray(out) - np.asarray(ref))
+  assert np.isfinite(np.asarray(out)).all()
+  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()

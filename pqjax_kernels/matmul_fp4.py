@@ -217,9 +217,8 @@ class PreparedWeights:
     codes: int4 ``(N/TILE_N, K/TILE_K, TILE_N, TILE_K)``, the uint8 codes' nibbles tiled,
       the bytes of each tile row in register order (``_swap_byte_blocks``).
     scales_t: ``(N/TILE_N, K/TILE_K, TILE_K/G, TILE_N)`` block scales, tiled alike: float16
-      for nvfp4 (exact: E4M3 is a subset) or, opt-in, the E4M3 bytes themselves (half the
-      scale bytes; the kernels convert them, ``cvt.rn.f16x2.e4m3x2``), bf16 otherwise
-      (exact for mxfp4's powers of two, rounded for int4).
+      for nvfp4 (exact: E4M3 is a subset), bf16 otherwise (exact for mxfp4's powers of two,
+      rounded for int4).
     tensor_scale: float32 scalar.
     fmt: format name.
     group_size: elements per block scale along K.
@@ -293,7 +292,7 @@ def _scales_to_f32(scales, fmt: str):
 
 
 def prepare_weights(w_codes: jax.Array, w_scales: jax.Array, w_tensor_scale, *,
-                    fmt: Fmt = "nvfp4", e4m3_scales: bool = False) -> PreparedWeights:
+                    fmt: Fmt = "nvfp4") -> PreparedWeights:
   """One-time re-layout of ``QTensor``-style weights for the kernel.
 
   Args:
@@ -301,9 +300,6 @@ def prepare_weights(w_codes: jax.Array, w_scales: jax.Array, w_tensor_scale, *,
     w_scales: ``(N, K/G)`` block scales in the format's dtype.
     w_tensor_scale: float32 scalar (1.0 for formats without one).
     fmt: ``"nvfp4"``, ``"mxfp4"`` or ``"int4"``.
-    e4m3_scales: nvfp4 only: keep the E4M3 scales (1 byte) instead of float16 (2): 10% fewer
-      weight bytes for the kernels to read (5 -> 4.5 bits per weight), a conversion per two
-      scales in their decode. Same products (float16 holds every E4M3 value).
 
   Returns:
     ``PreparedWeights``.
@@ -311,12 +307,10 @@ def prepare_weights(w_codes: jax.Array, w_scales: jax.Array, w_tensor_scale, *,
   n, k, g = _check_weights(w_codes, w_scales, fmt)
   if n % TILE_N or k % TILE_K or TILE_K % g:
     raise ValueError(f"weights (N={n}, K={k}, group {g}) must tile by ({TILE_N}, {TILE_K})")
-  if e4m3_scales and fmt != "nvfp4":
-    raise ValueError(f"e4m3_scales=True needs fmt='nvfp4', got fmt={fmt!r}")
   nt, kt = n // TILE_N, k // TILE_K
   codes = lax.bitcast_convert_type(_swap_byte_blocks(w_codes), jnp.int4).reshape(
       nt, TILE_N, kt, TILE_K)
-  scales = w_scales if e4m3_scales else _scales_to_f32(w_scales, fmt).astype(
+  scales = _scales_to_f32(w_scales, fmt).astype(
       jnp.float16 if fmt == "nvfp4" else jnp.bfloat16)
   scales = scales.reshape(nt, TILE_N, kt, TILE_K // g)
   return PreparedWeights(codes.transpose(0, 2, 1, 3), scales.transpose(0, 2, 3, 1),
@@ -950,8 +944,6 @@ def _scaled_slices(vals, scales_ref, g: int, dtype, interpret: bool):
   slices = []
   for j in range(TILE_K // 16):
     s = lc(scales_ref[(16 * j) // g], plgpu.Layout.WGMMA.reduce(1))
-    if s.dtype == jnp.float8_e4m3fn:  # Hopper converts E4M3 pairs to float16 only
-      s = s.astype(jnp.float16)
     if s.dtype != dtype:
       s = s.astype(dtype)
     slices.append(vals[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (TILE_N, 16), (0,)))
@@ -1714,10 +1706,10 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   return _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype)
 
 
-def weight_bytes(n: int, k: int, fmt: str = "nvfp4", e4m3_scales: bool = False) -> int:
-  """Bytes the kernel reads for the weights: 4-bit codes plus 16-bit (or E4M3) scales."""
+def weight_bytes(n: int, k: int, fmt: str = "nvfp4") -> int:
+  """Bytes the kernel reads for the weights: 4-bit codes plus bf16 scales."""
   g = GROUP_SIZES.get(fmt, 64)
-  return n * k // 2 + (1 if e4m3_scales else 2) * n * k // g
+  return n * k // 2 + 2 * n * k // g
 
 
 __all__ = ["METHODS", "MatmulConfig", "PreparedWeights", "auto_config", "decode_weights_bf16",

@@ -122,26 +122,6 @@ class KernelCases:
         jnp.abs(gate).max()) * 1.13 + 1e-6
     assert (np.abs(np.asarray(out) - np.asarray(ref)) <= bound).all()
 
-  @pytest.mark.parametrize("m,act", [(9, "w4a16"), (21, "w4a4")])
-  def test_e4m3_scales_give_the_same_products(self, m, act):
-    """Weights prepared with their E4M3 block scales (``e4m3_scales``: 1 byte each) multiply
-    exactly as with float16 scales: float16 holds every E4M3 value and the kernels convert
-    before the same products, so bit for bit, W4A16 (bf16 products: E4M3 -> float16 ->
-    bf16, exact) and W4A4."""
-    a, qt = _case(31 + m, m, 128, 512, "nvfp4")
-    qa = gn.quantize_nvfp4(a)
-    args, kw = ((a,), {}) if act == "w4a16" else (
-        (qa.codes,), dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale))
-    cfg = self.config(1, 2, 1, 1, True)
-
-    def run(e4m3):
-      pw = fm.prepare_weights(qt.codes, qt.scales, qt.tensor_scale, e4m3_scales=e4m3)
-      assert pw.scales_t.dtype == (jnp.float8_e4m3fn if e4m3 else jnp.float16)
-      return np.asarray(self.run(lambda: fm.fp4_matmul(
-          *args, pw, config=cfg, method=self.method, out_dtype=jnp.float32,
-          interpret=self.interpret, **kw)))
-    np.testing.assert_array_equal(run(True), run(False))
-
   # The streaming kernel with bf16 activations (W4A16) and each weight format; "auto" does not
   # pick it for W4A16 (not yet measured), but it is the same kernel as for W4A4 NVFP4.
   @pytest.mark.parametrize("fmt,out", [("nvfp4", "bf16"), ("mxfp4", "f32"), ("int4", "bf16")])
@@ -678,28 +658,6 @@ def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl, ac, fx):
   else:
     with pytest.raises(ValueError, match="stream=True needs JAX >= 0.11"):
       lower()
-
-
-@pytest.mark.parametrize("m,stream", [(16, False), (200, True)])
-def test_e4m3_scales_lower_for_cuda(m, stream):
-  """Both kernels lower for CUDA with E4M3 weight scales in shared memory (512 bytes per
-  step instead of 1 KiB; converted by ``cvt.rn.f16x2.e4m3x2``), W4A4; the streaming kernel
-  on JAX >= 0.11 only."""
-  a, qt = _case(6, m, 512, 1024, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
-  pw = fm.prepare_weights(qt.codes, qt.scales, qt.tensor_scale, e4m3_scales=True)
-  if stream and not fm._REGISTER_CONCAT:  # noqa: SLF001
-    pytest.skip("the streaming kernel needs JAX >= 0.11")
-  cfg = fm.stream_config(m, 512, 1024) if stream else fm.default_config(m, 512, 1024)
-  f = lambda c, s, t: fm.fp4_matmul(c, pw, a_scales=s, a_tensor_scale=t,  # noqa: E731
-                                    config=cfg, method="kernel", epilogue="gelu_tanh")
-  text = jax.jit(f).trace(qa.codes, qa.scales, qa.tensor_scale).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
-  assert fm.weight_bytes(512, 1024, e4m3_scales=True) == 512 * 1024 * 9 // 16
-  with pytest.raises(ValueError, match="e4m3_scales=True needs fmt='nvfp4'"):
-    _, q4 = _case(6, 1, 128, 256, "int4")
-    fm.prepare_weights(q4.codes, q4.scales, q4.tensor_scale, fmt="int4", e4m3_scales=True)
 
 
 def test_stream_config_for_bf16_refuses_float32_output():

@@ -651,12 +651,18 @@ def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl, ac, fx):
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
                                     a_scales=s, a_tensor_scale=t, config=cfg,
                                     method="kernel", out_dtype=out, epilogue="gelu_tanh")
-  lower = lambda: jax.jit(f).trace(qa.codes, qa.scales, qa.tensor_scale).lower(  # noqa: E731
+  _lowers_on_jax011(f, (qa.codes, qa.scales, qa.tensor_scale), "stream=True needs JAX >= 0.11")
+
+
+def _lowers_on_jax011(f, args, match: str) -> None:
+  """``jax.jit(f)`` on ``args`` lowers to Mosaic GPU for CUDA on JAX >= 0.11 (register
+  concatenate); before, ``fp4_matmul`` raises a ``ValueError`` matching ``match``."""
+  lower = lambda: jax.jit(f).trace(*args).lower(  # noqa: E731
       lowering_platforms=("cuda",)).as_text()
   if fm._REGISTER_CONCAT:  # noqa: SLF001
     assert "mosaic_gpu" in lower()
   else:
-    with pytest.raises(ValueError, match="stream=True needs JAX >= 0.11"):
+    with pytest.raises(ValueError, match=match):
       lower()
 
 
@@ -845,13 +851,7 @@ def test_tile_m_8_lowers_for_cuda():
   a, qt = _case(5, 3, 256, 1024, "nvfp4")
   f = lambda a, c, s, t: fm.fp4_matmul(a, c, s, t, method="kernel",  # noqa: E731
                                        config=_tm8_config(3, 256, 1024))
-  lower = lambda: jax.jit(f).trace(a, qt.codes, qt.scales, qt.tensor_scale).lower(  # noqa: E731
-      lowering_platforms=("cuda",)).as_text()
-  if fm._REGISTER_CONCAT:  # noqa: SLF001
-    assert "mosaic_gpu" in lower()
-  else:
-    with pytest.raises(ValueError, match="tile_m=8 needs m_major=True"):
-      lower()
+  _lowers_on_jax011(f, (a, qt.codes, qt.scales, qt.tensor_scale), "tile_m=8 needs m_major=True")
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")

@@ -1662,6 +1662,10 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     _check_config(config, n, k, 2 if direct else 4)
     if config.cluster_splits and interpret:
       raise ValueError("cluster_splits=True needs a GPU: the interpreter has no clusters")
+    m_major = config.m_major and _REGISTER_CONCAT and not interpret
+    if not (config.stream or m_major) and config.tile_m % 16:  # (K, M): 16-element tile rows
+      raise ValueError(f"tile_m={config.tile_m} needs m_major=True on a GPU with JAX >= 0.11; "
+                       f"activations laid out (K, M) take multiples of 16")
     if config.act_codes and not (packed and w.fmt == "nvfp4"):
       raise ValueError(f"act_codes=True needs W4A4 NVFP4: packed uint8 activations and "
                        f"nvfp4 weights, got a {a.dtype} and fmt={w.fmt!r}")
@@ -1689,10 +1693,6 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
           jnp.float16 if w.fmt == "nvfp4" else jnp.bfloat16))
     else:
       xp = pad(a if w4a4_nvfp4 else a.astype(jnp.bfloat16))
-    m_major = config.m_major and _REGISTER_CONCAT and not interpret
-    if not (config.stream or m_major) and config.tile_m % 16:  # (K, M) tiles: 16-wide rows
-      raise ValueError(f"tile_m={config.tile_m} needs m_major=True on a GPU with JAX >= 0.11; "
-                       f"activations laid out (K, M) take multiples of 16")
     if config.stream:
       if not (_REGISTER_CONCAT or interpret):
         raise ValueError("stream=True needs JAX >= 0.11 on the GPU (register concatenate)")
@@ -1707,7 +1707,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
 
 
 def weight_bytes(n: int, k: int, fmt: str = "nvfp4") -> int:
-  """Bytes the kernel reads for the weights: 4-bit codes plus bf16 scales."""
+  """Bytes the kernel reads for the weights: 4-bit codes plus 16-bit scales."""
   g = GROUP_SIZES.get(fmt, 64)
   return n * k // 2 + 2 * n * k // g
 

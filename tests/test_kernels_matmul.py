@@ -274,10 +274,16 @@ def test_w4a4_dit_shapes_gpu(m, k, n, k_tiles, ovl):
   concurrently with the others (the small cases above run a handful): a register race, such
   as a decode overwriting the A operand of a wgmma still in flight, shows here. Output
   memory is poisoned first; bound as in the module docstring."""
-  a, qt = _case(11 + m + k_tiles, m, n, k, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
   cfg = dataclasses.replace(fm.default_config(m, n, k, k_tiles=k_tiles), overlap_wgmma=ovl)
-  jax.block_until_ready(jnp.full((m, n), jnp.nan, jnp.float32))  # poison freed memory
+  _check_small_m_gpu(11 + m + k_tiles, m, k, n, cfg, (m, n))
+
+
+def _check_small_m_gpu(seed, m, k, n, cfg, poison_shape):
+  """One small-M kernel W4A4 NVFP4 call with ``cfg``, run after a float32 NaN array of
+  ``poison_shape`` was freed, within the module docstring's bound."""
+  a, qt = _case(seed, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  jax.block_until_ready(jnp.full(poison_shape, jnp.nan, jnp.float32))  # poison freed memory
   out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
                       a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32, config=cfg,
                       method="kernel")
@@ -858,14 +864,4 @@ def test_tile_m_8_lowers_for_cuda():
 @pytest.mark.parametrize("m,k,n", [(1, 3072, 12288), (5, 12288, 3072), (8, 3072, 3072)])
 def test_tile_m_8_gpu(m, k, n):
   """The 8-row tile at DiT shapes on the GPU, W4A4, output memory poisoned first."""
-  a, qt = _case(60 + m, m, n, k, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
-  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
-  jax.block_until_ready(jnp.full((8, n, 16), jnp.nan, jnp.float32))  # poison freed memory
-  out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, method="kernel",
-                      config=_tm8_config(m, n, k), **kw)
-  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
-  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
-  err = np.abs(np.asarray(out) - np.asarray(ref))
-  assert np.isfinite(np.asarray(out)).all()
-  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+  _check_small_m_gpu(60 + m, m, k, n, _tm8_config(m, n, k), (8, n, 16))

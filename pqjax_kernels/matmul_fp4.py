@@ -640,7 +640,9 @@ def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
     if config.fixup_splits:  # the running sum's float32 tiles beside the finished ones
       out = wts * TILE_N * config.tile_m * (4 + out_itemsize)
     buffers = max(pipeline, out) if config.alias_out else pipeline + out
-    return buffers + ring + config.tiles_per_cta * 2 * TILE_N * 4 + 1024
+    # + scale and bias; + 1 KiB of alignment and the barriers (two per slot, a few more)
+    barriers = 8 * (2 * steps + 4)
+    return buffers + ring + config.tiles_per_cta * 2 * TILE_N * 4 + 1024 + barriers
   act = k_steps * config.tile_m * TILE_K * 2
   return act + wgs * (steps * config.k_tiles * _STEP_BYTES + TILE_N * config.tile_m * 4) + 1024
 

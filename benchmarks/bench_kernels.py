@@ -186,13 +186,14 @@ def _stream_only(pw, at, config):
 
 def _wt2_config(m, n, k):
   """The streaming kernel with two weight tiles per consumer (CTAs 256 columns wide) on
-  ``fitted_tile_m``'s tile for that width (down to 64 rows), in ``auto_config``'s CTA order;
+  ``fitted_tile_m``'s tile for that width (64-128 rows: two accumulators of 64 x tile_m
+  float32 in registers), in ``auto_config``'s CTA order;
   None below ``STREAM_MIN_M`` rows or where N is not a multiple of 256. At 1024 x 12288 x 3072
   that is one full wave of 132 CTAs (tile_m 96), where ``auto_config``'s 120 leave 12 SMs
   idle."""
   if m < fm.STREAM_MIN_M or n % (4 * fm.TILE_N):
     return None
-  t = fm.fitted_tile_m(m, n, tiles_per_cta=4, lo=64)
+  t = fm.fitted_tile_m(m, n, tiles_per_cta=4, lo=64, hi=128)
   cfg = fm.stream_config(m, n, k, tile_m=t, warpgroups=2, wg_tiles=2)
   return dataclasses.replace(cfg, n_inner=m * k * 2 > fm.N_INNER_BYTES)
 

@@ -444,8 +444,8 @@ FIT_TILE_ROWS = 112  # a CTA's fixed cost in rows of tile_m (fitted to H200 timi
 
 
 def fitted_tile_m(m: int, n: int, tiles_per_cta: int = 2, k_splits: int = 1,
-                  num_sms: int = 132, lo: int = 128) -> int:
-  """The ``tile_m`` in ``[lo, 256]`` (a multiple of 8) that gives the busiest SM the least
+                  num_sms: int = 132, lo: int = 128, hi: int = 256) -> int:
+  """The ``tile_m`` in ``[lo, hi]`` (a multiple of 8) that gives the busiest SM the least
   work: ``waves x (tile_m + FIT_TILE_ROWS)`` smallest (one CTA per SM; each CTA also pays
   for decoding its weight tiles, whatever its rows), ties to the wider tile. Where 256 leaves
   its last wave part-empty this trims the tile to fill whole waves. ``FIT_TILE_ROWS`` fits
@@ -455,7 +455,7 @@ def fitted_tile_m(m: int, n: int, tiles_per_cta: int = 2, k_splits: int = 1,
   meets all six within 0.6%)."""
   def cost(t):
     return -(-_ctas(m, n, t, tiles_per_cta, k_splits) // num_sms) * (t + FIT_TILE_ROWS)
-  return min(range(256, lo - 1, -8), key=cost)
+  return min(range(hi, lo - 1, -8), key=cost)
 
 
 def stream_splits(m: int, n: int, k: int, num_sms: int = 132) -> int:

@@ -184,20 +184,6 @@ def _stream_only(pw, at, config):
   return call(at, pw.codes, pw.scales_t)
 
 
-def _wt2_config(m, n, k):
-  """The streaming kernel with two weight tiles per consumer (CTAs 256 columns wide) on
-  ``fitted_tile_m``'s tile for that width (64-128 rows: two accumulators of 64 x tile_m
-  float32 in registers), in ``auto_config``'s CTA order;
-  None below ``STREAM_MIN_M`` rows or where N is not a multiple of 256. At 1024 x 12288 x 3072
-  that is one full wave of 132 CTAs (tile_m 96), where ``auto_config``'s 120 leave 12 SMs
-  idle."""
-  if m < fm.STREAM_MIN_M or n % (4 * fm.TILE_N):
-    return None
-  t = fm.fitted_tile_m(m, n, tiles_per_cta=4, lo=64, hi=128)
-  cfg = fm.stream_config(m, n, k, tile_m=t, warpgroups=2, wg_tiles=2)
-  return dataclasses.replace(cfg, n_inner=m * k * 2 > fm.N_INNER_BYTES)
-
-
 def _candidates(m, n, k, interpret):
   """Our W4A4 candidates for this M: name -> (method, config)."""
   c = {"ours_w4a4_xla": ("xla", None)}
@@ -213,10 +199,9 @@ def _candidates(m, n, k, interpret):
         c["ours_w4a4_kernel" + ("" if wgs == 1 else f"_wg{wgs}")
           + ("" if occ is None else f"_occ{occ}") + ("" if kt == 1 else f"_kt{kt}")] = (
               "kernel", cfg)
-    if m <= 8:  # an 8-row activation tile (wgmma N = 8): half the activation traffic and
-      # products of tile_m 16 (m_major only: GPU, JAX >= 0.11)
-      c["ours_w4a4_kernel_tm8"] = (
-          "kernel", dataclasses.replace(fm.default_config(m, n, k), tile_m=8, m_major=True))
+    if m <= 8:  # beside default_config's 8-row activation tile, the 16-row one (version 28)
+      c["ours_w4a4_kernel_tm16"] = (
+          "kernel", dataclasses.replace(fm.default_config(m, n, k), tile_m=16))
     c["ours_w4a4_kernel_serial"] = (
         "kernel", dataclasses.replace(fm.default_config(m, n, k), overlap_wgmma=False))
     if n // fm.TILE_N >= 132:  # the streaming kernel, unsplit, only where N fills the SMs
@@ -248,9 +233,6 @@ def _candidates(m, n, k, interpret):
       if (k // fm.TILE_K) % s == 0 and (s == 1 or t % fm._FIX_CHUNK == 0):
         cands.append((f"_tm{t}" + ("" if s == 1 else f"_fx{s}"), fm.stream_config(
             m, n, k, tile_m=t, warpgroups=2, k_splits=s, fixup_splits=s > 1)))
-    wt2 = _wt2_config(m, n, k)
-    if wt2 is not None:
-      cands.append((f"_tm{wt2.tile_m}_wt2", dataclasses.replace(wt2, n_inner=False)))
     # each with the CTAs sweeping N for each block of rows (version 15), where the
     # activations outgrow the L2 cache
     if m * k * 2 > 2**24:
@@ -325,11 +307,6 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret, only=""
         cands["ours_w4a4_values"] = (jax.jit(lambda av, avt, pws: [
             fm.fp4_matmul(av, p, a_tensor_scale=avt) for p in pws]),
             (vals.values, vals.tensor_scale, pws), r4)
-        wt2 = _wt2_config(m, n, k)
-        if wt2 is not None:  # the same on _wt2_config's tiling
-          cands[f"ours_w4a4_values_tm{wt2.tile_m}_wt2"] = (jax.jit(lambda av, avt, pws: [
-              fm.fp4_matmul(av, p, a_tensor_scale=avt, method="kernel", config=wt2)
-              for p in pws]), (vals.values, vals.tensor_scale, pws), r4)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
         cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
         if cfg is not None:

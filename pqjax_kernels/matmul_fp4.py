@@ -444,8 +444,8 @@ FIT_TILE_ROWS = 112  # a CTA's fixed cost in rows of tile_m (fitted to H200 timi
 
 
 def fitted_tile_m(m: int, n: int, tiles_per_cta: int = 2, k_splits: int = 1,
-                  num_sms: int = 132, lo: int = 128, hi: int = 256) -> int:
-  """The ``tile_m`` in ``[lo, hi]`` (a multiple of 8) that gives the busiest SM the least
+                  num_sms: int = 132, lo: int = 128) -> int:
+  """The ``tile_m`` in ``[lo, 256]`` (a multiple of 8) that gives the busiest SM the least
   work: ``waves x (tile_m + FIT_TILE_ROWS)`` smallest (one CTA per SM; each CTA also pays
   for decoding its weight tiles, whatever its rows), ties to the wider tile. Where 256 leaves
   its last wave part-empty this trims the tile to fill whole waves. ``FIT_TILE_ROWS`` fits
@@ -455,7 +455,7 @@ def fitted_tile_m(m: int, n: int, tiles_per_cta: int = 2, k_splits: int = 1,
   meets all six within 0.6%)."""
   def cost(t):
     return -(-_ctas(m, n, t, tiles_per_cta, k_splits) // num_sms) * (t + FIT_TILE_ROWS)
-  return min(range(hi, lo - 1, -8), key=cost)
+  return min(range(256, lo - 1, -8), key=cost)
 
 
 def stream_splits(m: int, n: int, k: int, num_sms: int = 132) -> int:
@@ -688,6 +688,11 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132,
         best, best_cost = cfg, cost
   if best is None:
     raise ValueError(f"no kernel tiling fits shared memory for M={m}, K={k}, N={n}")
+  if m <= 8 and _REGISTER_CONCAT:
+    # An 8-row activation tile (wgmma N = 8; activations kept (M, K), so JAX >= 0.11 on the
+    # GPU, which fp4_matmul falls back from): half the activation traffic and products of
+    # 16 rows, 0.5-0.7 us of ~13.8 at M = 1 on the FLUX MLP shapes (H200, version 28).
+    best = dataclasses.replace(best, tile_m=8)
   return best
 
 
@@ -1657,7 +1662,10 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   # Split K sums float32 partials in XLA first.
   direct = jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None
   if method != "xla":
-    config = config or auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4)
+    if config is None:
+      config = auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4)
+      if config.tile_m == 8 and interpret:  # the interpreter lays activations out (K, M)
+        config = dataclasses.replace(config, tile_m=16)
     if not direct:  # float32 or gated outputs: float32 partials for XLA
       config = dataclasses.replace(config, cluster_splits=False, fixup_splits=False)
     direct = direct and (config.k_splits == 1 or config.cluster_splits or config.fixup_splits)

@@ -851,6 +851,17 @@ def _tm8_config(m, n, k):
   return dataclasses.replace(fm.default_config(m, n, k), tile_m=8, m_major=True)
 
 
+@pytest.mark.parametrize("m", [1, 8, 9])
+def test_default_config_tile_m_8(m):
+  """``default_config`` takes the 8-row activation tile up to M = 8 where the activations
+  can stay (M, K) (JAX >= 0.11), the same splits and tiles as 16 rows; 16 otherwise."""
+  cfg = fm.default_config(m, 12288, 3072)
+  tm8 = m <= 8 and fm._REGISTER_CONCAT  # noqa: SLF001
+  assert cfg.tile_m == (8 if tm8 else 16) and cfg.m_major
+  if tm8:
+    assert dataclasses.replace(cfg, tile_m=16) == fm.default_config(16, 12288, 3072)
+
+
 def test_tile_m_8_lowers_for_cuda():
   """An 8-row activation tile (wgmma N = 8) lowers for CUDA with the activations kept (M, K)
   (JAX >= 0.11); before, the (K, M) layout cannot hold it: a clear error."""
@@ -860,8 +871,42 @@ def test_tile_m_8_lowers_for_cuda():
   _lowers_on_jax011(f, (a, qt.codes, qt.scales, qt.tensor_scale), "tile_m=8 needs m_major=True")
 
 
+def test_default_tiling_at_m_8_runs_in_the_interpreter():
+  """With no config given, the interpreter (activations (K, M)) runs the 16-row tile where
+  ``default_config`` picks 8: the product of the reference within its bound."""
+  m, n, k = 3, 256, 1024
+  a, qt = _case(9, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
+  with interpret.gpu_interpreter():
+    out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, method="kernel",
+                        interpret=True, **kw)
+  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
+  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
+  err = np.abs(np.asarray(out) - np.asarray(ref))
+  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+
+
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m,k,n", [(1, 3072, 12288), (5, 12288, 3072), (8, 3072, 3072)])
 def test_tile_m_8_gpu(m, k, n):
-  """The 8-row tile at DiT shapes on the GPU, W4A4, output memory poisoned first."""
+  """The 8-row tile (``default_config``'s up to M = 8) at DiT shapes on the GPU, W4A4,
+  output memory poisoned first."""
   _check_small_m_gpu(60 + m, m, k, n, _tm8_config(m, n, k), (8, n, 16))
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt,m", [("nvfp4", 1), ("int4", 2), ("mxfp4", 8)])
+def test_tile_m_8_w4a16_gpu(fmt, m):
+  """The 8-row tile with bf16 activations (W4A16, each weight format) at 3072 x 3072 on
+  the GPU, output memory poisoned first."""
+  k = n = 3072
+  a, qt = _case(70 + m, m, n, k, fmt)
+  jax.block_until_ready(jnp.full((8, n, 16), jnp.nan, jnp.float32))  # poison freed memory
+  out = fm.fp4_matmul(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32,
+                      config=_tm8_config(m, n, k), method="kernel")
+  ref = fm.reference(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32)
+  err = np.abs(np.asarray(out) - np.asarray(ref))
+  assert np.isfinite(np.asarray(out)).all()
+  extra = 2.0**-9 if fmt == "int4" else 0.0
+  assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt, extra)).all()

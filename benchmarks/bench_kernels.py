@@ -184,17 +184,6 @@ def _stream_only(pw, at, config):
   return call(at, pw.codes, pw.scales_t)
 
 
-def _stream_k_config(m, n, k, num_sms: int = 132):
-  """``auto_config``'s streaming tiling on a stream-K grid of one CTA per SM
-  (``MatmulConfig.stream_k``), where its output tiles leave SMs idle in their last wave;
-  else None."""
-  base = fm.auto_config(m, n, k)
-  if not base.stream or base.k_splits > 1 or fm.wave_fill(base, m, n, num_sms) == 1:
-    return None
-  return fm.stream_config(m, n, k, tile_m=base.tile_m, warpgroups=base.warpgroups,
-                          stream_k=num_sms)
-
-
 def _candidates(m, n, k, interpret):
   """Our W4A4 candidates for this M: name -> (method, config)."""
   c = {"ours_w4a4_xla": ("xla", None)}
@@ -244,9 +233,6 @@ def _candidates(m, n, k, interpret):
       if (k // fm.TILE_K) % s == 0 and (s == 1 or t % fm._FIX_CHUNK == 0):
         cands.append((f"_tm{t}" + ("" if s == 1 else f"_fx{s}"), fm.stream_config(
             m, n, k, tile_m=t, warpgroups=2, k_splits=s, fixup_splits=s > 1)))
-    sk = _stream_k_config(m, n, k)
-    if sk is not None:
-      cands.append((f"_tm{sk.tile_m}_sk", sk))
     # each with the CTAs sweeping N for each block of rows (version 15), where the
     # activations outgrow the L2 cache
     if m * k * 2 > 2**24:
@@ -321,11 +307,6 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret, only=""
         cands["ours_w4a4_values"] = (jax.jit(lambda av, avt, pws: [
             fm.fp4_matmul(av, p, a_tensor_scale=avt) for p in pws]),
             (vals.values, vals.tensor_scale, pws), r4)
-        sk = _stream_k_config(m, n, k)
-        if sk is not None:  # the same on a stream-K grid
-          cands["ours_w4a4_values_sk"] = (jax.jit(lambda av, avt, pws: [
-              fm.fp4_matmul(av, p, a_tensor_scale=avt, method="kernel", config=sk)
-              for p in pws]), (vals.values, vals.tensor_scale, pws), r4)
       for name, (method, cfg) in _candidates(m, n, k, interpret).items():
         cands[name] = (_ours(method, cfg, interpret), (ac, asc, ats, pws), r4)
         if cfg is not None:

@@ -68,7 +68,6 @@ into contiguous tiles); call it once at quantize time and pass the result as ``w
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Literal
 
 import jax
@@ -115,7 +114,6 @@ _REGISTER_CONCAT = tuple(int(v) for v in jax.__version_info__[:2]) >= (0, 11)
 _NO_AUTO_BARRIERS = True
 _SWIZZLE = 32  # bytes: 16 bf16 per swizzle row, so each 16-wide column slice is tile aligned
 _FIX_CHUNK = 64  # fixup_splits: output-tile columns (rows of M) handed on at a time
-_SK_CHUNK = 32  # stream_k: output-tile columns stored, added and finished at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,11 +185,6 @@ class MatmulConfig:
       the GPU launching CTAs in order (the split index varies fastest, so split ``s - 1`` of
       a tile is resident or done when split ``s`` waits). H200 (version 17): 4% faster
       than the partials with two splits at 2048 x 12288 x 3072, 7% slower with four.
-    stream_k: streaming kernel only, with one round of output tiles, ``k_tiles`` 1 and no
-      split, cluster, fix-up, ``act_codes`` or ``alias_out``: the number of CTAs (one per
-      SM) among which the ``(output tile, K step)`` units are shared evenly (stream-K), so
-      that no SM idles where the output tiles do not fill whole waves (120 tiles on 132 SMs
-      at 1024 x 12288 x 3072); 0: one CTA per output tile (``_stream_k_call``).
   """
 
   tile_m: int = 16
@@ -209,7 +202,6 @@ class MatmulConfig:
   n_inner: bool = False
   act_codes: bool = False
   fixup_splits: bool = False
-  stream_k: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -647,8 +639,6 @@ def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
       out = wts * TILE_N * (config.tile_m * 4 + config.tile_m // config.k_splits * out_itemsize)
     if config.fixup_splits:  # the running sum's float32 tiles beside the finished ones
       out = wts * TILE_N * config.tile_m * (4 + out_itemsize)
-    if config.stream_k:  # one column chunk of partial and of finished tile per consumer
-      out = wts * TILE_N * _SK_CHUNK * (4 + out_itemsize)
     buffers = max(pipeline, out) if config.alias_out else pipeline + out
     # + scale and bias; + 1 KiB of alignment and the barriers (two per slot, a few more)
     barriers = 8 * (2 * steps + 4)
@@ -711,8 +701,7 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
                   out_itemsize: int = 2, num_sms: int = 132,
                   wg_tiles: int = 1, alias_out: bool | None = None,
                   k_splits: int = 1, cluster_splits: bool = False,
-                  act_codes: bool = False, fixup_splits: bool = False,
-                  stream_k: int = 0) -> MatmulConfig:
+                  act_codes: bool = False, fixup_splits: bool = False) -> MatmulConfig:
   """A tiling of the streaming kernel (``MatmulConfig.stream``) for M rows.
 
   Defaults measured on an H200 (NOTES_kernels.md version 13): ``tile_m`` 256 with two
@@ -741,8 +730,6 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
     fixup_splits: the splits sum in order through a float32 workspace and the last finishes
       the output (``MatmulConfig.fixup_splits``; one round of output tiles, 2-byte outputs):
       output tiles of ``4 + out_itemsize`` bytes.
-    stream_k: CTAs of a stream-K grid (``MatmulConfig.stream_k``; 0: none): the output tiles
-      get their own memory and ``overlap_wgmma`` is off.
 
   Returns:
     The tiling at the deepest pipeline (<= 4) that fits shared memory.
@@ -767,8 +754,6 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
   wide = warpgroups == 2 and (wg_tiles > 1 or tile_m > 128)
   if cluster_splits:
     aliases = (True,)
-  elif stream_k:
-    aliases = (False,)
   elif alias_out is None:
     aliases = (True, False) if tiles_per_wg == 1 else (False,)
   else:
@@ -778,10 +763,10 @@ def stream_config(m: int, n: int, k: int, tile_m: int | None = None,
     for depth in (4, 3, 2):
       cfg = MatmulConfig(tile_m=tile_m, tiles_per_cta=warpgroups * wg_tiles * tiles_per_wg,
                          warpgroups=warpgroups, max_concurrent_steps=depth, m_major=True,
-                         overlap_wgmma=not (wide or stream_k), stream=True,
-                         wg_tiles=wg_tiles, alias_out=alias, k_splits=k_splits,
+                         overlap_wgmma=not wide, stream=True, wg_tiles=wg_tiles,
+                         alias_out=alias, k_splits=k_splits,
                          cluster_splits=cluster_splits, act_codes=act_codes,
-                         fixup_splits=fixup_splits, stream_k=stream_k)
+                         fixup_splits=fixup_splits)
       if smem_bytes(cfg, k, out_itemsize) <= SMEM_BYTES:
         fits.append(cfg)
         break
@@ -1567,198 +1552,6 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   return out[0] if fx else out
 
 
-def _stream_k_plan(m: int, n: int, k: int, config: MatmulConfig):
-  """Static bounds of a stream-K grid (``MatmulConfig.stream_k``): column blocks, row
-  blocks, K steps, units (output tiles x K steps), CTAs, the most segments (output tiles)
-  one CTA touches and the most partial pieces an output tile gets (its pieces but the
-  finishing one)."""
-  n_blocks, m_blocks = n // (TILE_N * config.warpgroups), -(-m // config.tile_m)
-  steps = k // TILE_K
-  units = n_blocks * m_blocks * steps
-  ctas = min(config.stream_k, units)
-  lo = np.arange(ctas + 1) * units // ctas
-  segs = int(((lo[1:] - 1) // steps - lo[:-1] // steps).max()) + 1
-  tiles = np.arange(n_blocks * m_blocks) * steps
-  cta_of = lambda u: ((u + 1) * ctas - 1) // units  # noqa: E731 (the CTA holding unit u)
-  parts = int((cta_of(tiles + steps - 1) - cta_of(tiles)).max())
-  return n_blocks, m_blocks, steps, units, ctas, segs, parts
-
-
-def _stream_k_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
-                   interpret: bool, gelu: bool = False):
-  """The streaming kernel on a stream-K grid (``MatmulConfig.stream_k``): activations
-  ``x (Mp, K)`` (float16 or bf16) times the weights, finished (``sb``'s per-column scale and
-  bias, tanh-GELU if ``gelu``) -> ``(Mp, N)`` ``out_dtype``.
-
-  The ``U`` units (output tile, K step) are numbered tile-major (tiles in ``n_inner`` order,
-  so that neighbouring CTAs share activation rows); CTA ``c`` of ``C`` takes units
-  ``[c U / C, (c + 1) U / C)`` and runs them from the last down, through the streaming
-  kernel's pipeline (a producer warpgroup, ``warpgroups`` consumers with a weight tile each,
-  one activation tile per step). Its run falls into segments, one per output tile. A segment
-  without its tile's last K step stores its float32 sum as a partial (in the slot of its
-  CTA's rank among the tile's) and signals the tile's global semaphore; the segment with it,
-  which is its CTA's last (the units run downwards), waits until the tile's other pieces
-  have signalled, adds their partials and finishes the tile. A CTA only ever waits for
-  lower-numbered ones, which the GPU launched before it, so the waits end; the interpreter
-  runs the CTAs in order and skips them.
-  """
-  m, k = x.shape
-  n = w.shape[0]
-  g = w.group_size
-  dtype = x.dtype
-  tn, tk, tm, nwg = TILE_N, TILE_K, config.tile_m, config.warpgroups
-  n_blocks, m_blocks, steps, units, ctas, max_segs, max_parts = _stream_k_plan(m, n, k, config)
-  depth = config.max_concurrent_steps
-  ch = _SK_CHUNK
-  lc = _layout_cast(interpret)
-  zeros = lambda: lc(jnp.zeros((tn, tm), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
-  regs = nwg == 2 and tm > 128 and not interpret  # as _stream_call: 40 and 232
-  i32 = jnp.int32
-
-  def kernel(x_gmem, wq_gmem, ws_gmem, sb_gmem, out_gmem, part_gmem, act_smem, wq_smem,
-             ws_smem, acc_smem, sb_smem, o32, o16, full, consumed, sb_bar, part_bar):
-    c, wg = lax.axis_index("c"), lax.axis_index("wg")
-    lo, hi = c * units // ctas, (c + 1) * units // ctas
-    count = hi - lo
-    cta_of = lambda u: ((u + 1) * ctas - 1) // units  # noqa: E731
-    coords = lambda tile: (tile // n_blocks, tile % n_blocks)  # noqa: E731 (row, column block)
-    if not interpret:  # one per output tile and consumer, zeroed at every launch
-      sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_blocks * m_blocks * nwg,)))
-
-    def fetch(i, slot):  # the CTA's unit i (counted from its last) into pipeline slot `slot`
-      u = hi - 1 - i
-      mi, ni = coords(u // steps)
-      kk = u % steps
-      bar = full.at[slot]
-      plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(mi * tm, tm), pl.ds(kk * tk, tk)],
-                              act_smem.at[slot, 0], bar)
-      for v in range(nwg):
-        plgpu.copy_gmem_to_smem(wq_gmem.at[ni * nwg + v, pl.ds(kk, 1)], wq_smem.at[v, slot], bar)
-        plgpu.copy_gmem_to_smem(ws_gmem.at[ni * nwg + v, pl.ds(kk, 1)], ws_smem.at[v, slot], bar)
-
-    @pl.when(wg == nwg)
-    def _producer():
-      if regs:
-        plgpu.set_max_registers(40, action="decrease")
-      for st in range(depth):
-        pl.when(st < count)(functools.partial(fetch, st, st))
-
-      def refill(st, carry):  # once every consumer is done with the slot's previous step
-        slot = lax.rem(st, depth)
-        plgpu.barrier_wait(consumed.at[slot])
-        fetch(st, slot)
-        return carry
-
-      lax.fori_loop(i32(depth), count, refill, None)
-
-    def flush(acc, tile, is_fin):
-      """A segment's sum: a partial for the tile's finishing CTA, or the tile finished."""
-      mi, ni = coords(tile)
-      first = cta_of(tile * steps)
-      n_parts = cta_of(tile * steps + steps - 1) - first  # the pieces before the finisher
-      parts = lambda q, j: part_gmem.at[(tile * max_parts + q) * nwg + wg, j]  # noqa: E731
-      y = acc[...]
-
-      @pl.when(jnp.logical_not(is_fin))
-      def _partial():
-        for j in range(tm // ch):
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the chunk before is copied out
-          o32.at[wg][...] = y[:, j * ch:(j + 1) * ch]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(o32.at[wg], parts(c - first, j))
-        plgpu.wait_smem_to_gmem(0)  # written, not only read: then tell the finisher
-        if not interpret:
-          _fence_async_global()
-          plgpu.semaphore_signal(sems.at[tile * nwg + wg], 1, memory_scope="gpu")
-
-      @pl.when(is_fin)
-      def _finish():
-        plgpu.barrier_wait(sb_bar.at[wg])
-        if not interpret:
-          plgpu.semaphore_wait(sems.at[tile * nwg + wg], n_parts, decrement=False,
-                               memory_scope="gpu")
-          _fence_async_global()  # the TMA reads below see the peers' TMA stores
-        for j in range(tm // ch):
-          yj = y[:, j * ch:(j + 1) * ch]
-          for q in range(max_parts):
-            plgpu.copy_gmem_to_smem(parts(q, j), o32.at[wg], part_bar.at[wg])
-            plgpu.barrier_wait(part_bar.at[wg])
-            # A slot no piece wrote holds anything (NaN too): masked by bits, not multiplied.
-            keep = jnp.where(q < n_parts, i32(-1), i32(0))
-            bits = lax.bitcast_convert_type(lc(o32.at[wg][...], plgpu.Layout.WGMMA), i32)
-            yj = yj + lax.bitcast_convert_type(bits & keep, jnp.float32)
-          fin = _finish_tile(yj, sb_smem, wg, lc, gelu, out_dtype)
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the chunk before is copied out
-          if interpret:  # the interpreter has no transposed refs
-            o16.at[wg][...] = fin.T
-          else:
-            plgpu.transpose_ref(o16.at[wg], (1, 0))[...] = fin
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(o16.at[wg], out_gmem.at[pl.ds(mi * tm + j * ch, ch),
-                                                          pl.ds((ni * nwg + wg) * tn, tn)])
-
-    def segments(acc):
-      top = hi
-      for _ in range(max_segs):  # segment: units [bot, top) of one output tile, downwards
-        tile = (top - 1) // steps
-        bot = jnp.maximum(lo, tile * steps)
-        n_seg = jnp.maximum(top - bot, 0)
-        is_fin = top == (tile + 1) * steps  # it holds the tile's last K step
-
-        @pl.when((n_seg > 0) & is_fin)
-        def _scale_bias():  # this consumer's columns, for the finish
-          col = (coords(tile)[1] * nwg + wg) * tn
-          plgpu.copy_gmem_to_smem(sb_gmem.at[:, pl.ds(col, tn)], sb_smem.at[wg], sb_bar.at[wg])
-
-        def step(l, carry, first=hi - top):
-          i = first + l
-          slot = lax.rem(i, depth)
-          plgpu.barrier_wait(full.at[slot])
-          _step_products(acc, wq_smem.at[wg, slot], ws_smem.at[wg, slot],
-                         lambda j: act_smem.at[slot, j], w, dtype, True, True, interpret)
-
-          @pl.when(i + depth < count)  # only where the producer refills the slot
-          def _release():
-            plgpu.barrier_arrive(consumed.at[slot])
-          return carry
-
-        lax.fori_loop(i32(0), n_seg, step, None)
-        pl.when(n_seg > 0)(functools.partial(flush, acc, tile, is_fin))
-        acc[...] = zeros()
-        top = bot
-
-    @pl.when(wg < nwg)
-    def _consumer():
-      if regs:
-        plgpu.set_max_registers(232, action="increase")
-      if interpret:
-        acc_smem.at[wg][...] = zeros()
-        segments(acc_smem.at[wg])
-      else:
-        pl.run_scoped(segments, plgpu.ACC((tn, tm), jnp.float32))
-      plgpu.wait_smem_to_gmem(0)
-
-  out_type = (jax.ShapeDtypeStruct((m, n), out_dtype),
-              # the partials in column chunks: a TMA copy needs each one dense
-              jax.ShapeDtypeStruct((n_blocks * m_blocks * max(max_parts, 1) * nwg, tm // ch,
-                                    tn, ch), jnp.float32))
-  scratch = [
-      plgpu.SMEM((depth, 1, tm, tk), dtype, transforms=_swz(128)),
-      plgpu.SMEM((nwg, depth, 1, tn, tk), w.codes.dtype, transforms=_CODES_TRANSFORMS),
-      plgpu.SMEM((nwg, depth, 1, tk // g, tn), w.scales_t.dtype),
-      plgpu.SMEM((nwg, tn, tm) if interpret else (1,), jnp.float32),
-      plgpu.SMEM((nwg, 2, tn), jnp.float32),
-      _out_smem(nwg, tn, ch),
-      plgpu.SMEM((nwg, ch, tn), out_dtype, transforms=_swz(128)),
-      plgpu.Barrier(num_arrivals=1 + 2 * nwg, num_barriers=depth),  # "full"
-      plgpu.Barrier(num_arrivals=nwg, num_barriers=depth),  # "consumed"
-      plgpu.Barrier(num_arrivals=1, num_barriers=nwg),  # scale and bias
-      plgpu.Barrier(num_arrivals=1, num_barriers=nwg)]  # partials
-  call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(ctas,),
-                      grid_names=("c",), num_threads=nwg + 1, thread_name="wg")
-  return call(x, w.codes, w.scales_t, sb)[0]
-
-
 def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -> None:
   tm, s = config.tile_m, config.k_splits
   if tm % 8 or not 8 <= tm <= 256:
@@ -1797,15 +1590,6 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
     raise ValueError(f"fixup_splits=True needs stream=True, k_splits={s} > 1, tile_m={tm} a "
                      f"multiple of {_FIX_CHUNK}, cluster_splits=False and one round of output "
                      f"tiles (tiles_per_cta={config.tiles_per_cta} equal to warpgroups * wg_tiles)")
-  if config.stream_k and not (
-      config.stream and s == 1 and config.k_tiles == 1 and config.wg_tiles == 1 and
-      config.tiles_per_cta == config.warpgroups and not config.overlap_wgmma and
-      not (config.alias_out or config.cluster_splits or config.fixup_splits or
-           config.act_codes)):
-    raise ValueError(f"stream_k={config.stream_k} needs stream=True, one round of output "
-                     f"tiles (tiles_per_cta={config.tiles_per_cta} equal to warpgroups), "
-                     f"wg_tiles 1, k_tiles 1, k_splits 1, overlap_wgmma=False and no "
-                     f"alias_out, cluster_splits, fixup_splits or act_codes")
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")
@@ -1922,14 +1706,9 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     if config.stream:
       if not (_REGISTER_CONCAT or interpret):
         raise ValueError("stream=True needs JAX >= 0.11 on the GPU (register concatenate)")
-      if config.stream_k and not direct:
-        raise ValueError(f"stream_k={config.stream_k} writes finished 2-byte outputs: "
-                         f"out_dtype={jnp.dtype(out_dtype).name}, a residual or a gate need "
-                         f"stream_k=0")
       if direct:
-        run = _stream_k_call if config.stream_k else _stream_call
-        return run(xp, w, config, _scale_bias(out_scale, bias, n), jnp.dtype(out_dtype),
-                   interpret, gelu=epilogue == "gelu_tanh")[:m]
+        return _stream_call(xp, w, config, _scale_bias(out_scale, bias, n),
+                            jnp.dtype(out_dtype), interpret, gelu=epilogue == "gelu_tanh")[:m]
       partials = _stream_call(xp, w, config, None, None, interpret)
     else:
       partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)

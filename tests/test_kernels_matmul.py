@@ -185,24 +185,6 @@ class KernelCases:
                           alias_out=alias, k_splits=splits, n_inner=ni, act_codes=ac)
     self._check_stream(13, 2, m, k, cfg, jnp.bfloat16 if out == "bf16" else jnp.float32, gelu)
 
-  # stream_k: the (output tile, K step) units shared evenly by a grid of CTAs: with one
-  # consumer 16 output tiles of 8 K steps (N = 256; ragged M = 200 in 64-row blocks) over 5
-  # CTAs (a CTA crosses 3-4 tiles, a tile has 2 pieces) and 40 (3-4 pieces: partials added
-  # in turn); M = 70 over 7. Two consumers only on the GPU:
-  # the interpreter blocks a callback thread per waiting warpgroup, and a producer beside
-  # two waiting consumers found none free on a 2-CPU machine (hung).
-  @pytest.mark.parametrize("wgs", [1, 2])
-  @pytest.mark.parametrize("m,ctas,out,gelu", [
-      (200, 5, jnp.bfloat16, True), (200, 40, jnp.float16, False),
-      (70, 7, jnp.bfloat16, True)])
-  def test_stream_k(self, m, ctas, out, gelu, wgs):
-    if self.interpret and wgs > 1:
-      pytest.skip("two consumers: GPU only (see above)")
-    k = 1024
-    cfg = fm.stream_config(m, 256, k, tile_m=64, warpgroups=wgs, stream_k=ctas)
-    assert cfg.stream_k == ctas and not cfg.overlap_wgmma and not cfg.alias_out
-    self._check_stream(29, 4, m, k, cfg, out, gelu)
-
   def _check_stream(self, seed, bias_seed, m, k, cfg, out_dtype, gelu):
     """One W4A4 NVFP4 streaming-kernel call, N = 256 with a bias, within
     ``_stream_reference``'s bound (a 2-byte output's rounding included)."""
@@ -311,18 +293,6 @@ def _check_small_m_gpu(seed, m, k, n, cfg, poison_shape):
   err = np.abs(np.asarray(out) - np.asarray(ref))
   assert np.isfinite(np.asarray(out)).all()
   assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
-
-
-@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m,k,n,gelu", [(1024, 12288, 3072, False), (1024, 3072, 3072, True),
-                                        (760, 3072, 12288, True)])
-def test_stream_k_dit_shapes_gpu(m, k, n, gelu):
-  """``auto_config``'s streaming tiling on a stream-K grid of 132 CTAs at DiT shapes (two
-  consumers; 120 output tiles at M = 1024, the K steps of each shared by two CTAs), output
-  memory poisoned first."""
-  base = fm.auto_config(m, n, k)
-  cfg = fm.stream_config(m, n, k, tile_m=base.tile_m, warpgroups=2, stream_k=132)
-  _check_stream_gpu(40 + m, m, k, n, cfg, jax.ShapeDtypeStruct((m, n), jnp.bfloat16), gelu)
 
 
 def _check_stream_gpu(seed, m, k, n, cfg, poison, gelu=True, out_dtype=jnp.bfloat16):

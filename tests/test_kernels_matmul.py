@@ -32,6 +32,15 @@ def _bound(a, w_codes, w_scales, ts, fmt, extra=0.0):
   return mag * ((k + 2) * 2.0**-24 + extra) + 1e-30
 
 
+def _assert_within_bound(out, ref, a, qt, fmt, extra=0.0):
+  """``out`` finite and within ``_bound`` of ``ref`` for activations ``a`` (values) and the
+  quantized weights ``qt``."""
+  out = np.asarray(out)
+  assert np.isfinite(out).all()
+  err = np.abs(out - np.asarray(ref))
+  assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt, extra)).all()
+
+
 def _stream_reference(qa, qt, kw, gelu: bool, bf16: bool, extra: float = 0.0):
   """The float32 reference of a streaming-kernel W4A4 call (bias in ``kw``) and the bound on
   the kernel's distance from it: the summation bound (plus ``extra`` relative rounding of the
@@ -93,10 +102,7 @@ class KernelCases:
                                          out_dtype=jnp.float32, config=cfg,
                                          method=self.method, interpret=self.interpret))
     ref = fm.reference(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32)
-    extra = (2.0**-9 if fmt == "int4" else 0.0) + self.extra
-    err = np.abs(np.asarray(out) - np.asarray(ref))
-    assert np.isfinite(np.asarray(out)).all()
-    assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt, extra)).all()
+    _assert_within_bound(out, ref, a, qt, fmt, (2.0**-9 if fmt == "int4" else 0.0) + self.extra)
 
   @pytest.mark.parametrize("m,k,splits,tiles,k_tiles,wgs,ovl", [
       (9, 256, 1, 2, 1, 1, False), (42, 512, 1, 2, 2, 1, False), (21, 512, 2, 2, 1, 2, False),
@@ -289,10 +295,8 @@ def _check_small_m_gpu(seed, m, k, n, cfg, poison_shape):
                       method="kernel")
   ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
                      a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
-  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
-  err = np.abs(np.asarray(out) - np.asarray(ref))
-  assert np.isfinite(np.asarray(out)).all()
-  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+  _assert_within_bound(out, ref, fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4"),
+                       qt, "nvfp4")
 
 
 def _check_stream_gpu(seed, m, k, n, cfg, poison, gelu=True, out_dtype=jnp.bfloat16):
@@ -550,8 +554,7 @@ def test_reference_matches_pqjax_oracle(fmt):
   a, qt = _case(3, 6, 128, 256, fmt)
   ref = fm.reference(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32)
   oracle = qmatmul.reference_matmul(a, qt, out_dtype=jnp.float32)
-  err = np.abs(np.asarray(ref) - np.asarray(oracle))
-  assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt)).all()
+  _assert_within_bound(ref, oracle, a, qt, fmt)
 
 
 def test_w4a4_reference_matches_oracle():
@@ -560,9 +563,8 @@ def test_w4a4_reference_matches_oracle():
   ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
                      a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
   oracle = qmatmul.reference_matmul(a, qt, act_format="nvfp4", out_dtype=jnp.float32)
-  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
-  err = np.abs(np.asarray(ref) - np.asarray(oracle))
-  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+  _assert_within_bound(ref, oracle, fm.dequantize(qa.codes, qa.scales, qa.tensor_scale,
+                                                  "nvfp4"), qt, "nvfp4")
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -882,9 +884,8 @@ def test_default_tiling_at_m_8_runs_in_the_interpreter():
     out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, method="kernel",
                         interpret=True, **kw)
   ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
-  ad = fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4")
-  err = np.abs(np.asarray(out) - np.asarray(ref))
-  assert (err <= _bound(ad, qt.codes, qt.scales, qt.tensor_scale, "nvfp4")).all()
+  _assert_within_bound(out, ref, fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4"),
+                       qt, "nvfp4")
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
@@ -906,7 +907,4 @@ def test_tile_m_8_w4a16_gpu(fmt, m):
   out = fm.fp4_matmul(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32,
                       config=_tm8_config(m, n, k), method="kernel")
   ref = fm.reference(a, qt.codes, qt.scales, qt.tensor_scale, fmt=fmt, out_dtype=jnp.float32)
-  err = np.abs(np.asarray(out) - np.asarray(ref))
-  assert np.isfinite(np.asarray(out)).all()
-  extra = 2.0**-9 if fmt == "int4" else 0.0
-  assert (err <= _bound(a, qt.codes, qt.scales, qt.tensor_scale, fmt, extra)).all()
+  _assert_within_bound(out, ref, a, qt, fmt, 2.0**-9 if fmt == "int4" else 0.0)

@@ -9,6 +9,7 @@ For int4 the kernel rounds the float32 scales to bf16 (relative 2**-9 per weight
 bf16 rounding each (relative <= 2**-8), adding 2**-8 * sum_k |a_k w_k|.
 """
 
+import contextlib
 import dataclasses
 import functools
 
@@ -281,20 +282,22 @@ def test_w4a4_dit_shapes_gpu(m, k, n, k_tiles, ovl):
   as a decode overwriting the A operand of a wgmma still in flight, shows here. Output
   memory is poisoned first; bound as in the module docstring."""
   cfg = dataclasses.replace(fm.default_config(m, n, k, k_tiles=k_tiles), overlap_wgmma=ovl)
-  _check_small_m_gpu(11 + m + k_tiles, m, k, n, cfg, (m, n))
+  _check_small_m(11 + m + k_tiles, m, k, n, cfg, (m, n))
 
 
-def _check_small_m_gpu(seed, m, k, n, cfg, poison_shape):
-  """One small-M kernel W4A4 NVFP4 call with ``cfg``, run after a float32 NaN array of
-  ``poison_shape`` was freed, within the module docstring's bound."""
+def _check_small_m(seed, m, k, n, cfg, poison_shape=None, interpret_=False):
+  """One small-M kernel W4A4 NVFP4 call with ``cfg`` (None: ``fp4_matmul``'s own), within
+  the module docstring's bound: on the GPU after a float32 NaN array of ``poison_shape`` was
+  freed, or under the GPU interpreter."""
   a, qt = _case(seed, m, n, k, "nvfp4")
   qa = gn.quantize_nvfp4(a)
-  jax.block_until_ready(jnp.full(poison_shape, jnp.nan, jnp.float32))  # poison freed memory
-  out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
-                      a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32, config=cfg,
-                      method="kernel")
-  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, a_scales=qa.scales,
-                     a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
+  if poison_shape is not None:
+    jax.block_until_ready(jnp.full(poison_shape, jnp.nan, jnp.float32))  # poison freed memory
+  with interpret.gpu_interpreter() if interpret_ else contextlib.nullcontext():
+    out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg,
+                        method="kernel", interpret=interpret_, **kw)
+  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
   _assert_within_bound(out, ref, fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4"),
                        qt, "nvfp4")
 
@@ -876,16 +879,7 @@ def test_tile_m_8_lowers_for_cuda():
 def test_default_tiling_at_m_8_runs_in_the_interpreter():
   """With no config given, the interpreter (activations (K, M)) runs the 16-row tile where
   ``default_config`` picks 8: the product of the reference within its bound."""
-  m, n, k = 3, 256, 1024
-  a, qt = _case(9, m, n, k, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
-  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, out_dtype=jnp.float32)
-  with interpret.gpu_interpreter():
-    out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, method="kernel",
-                        interpret=True, **kw)
-  ref = fm.reference(qa.codes, qt.codes, qt.scales, qt.tensor_scale, **kw)
-  _assert_within_bound(out, ref, fm.dequantize(qa.codes, qa.scales, qa.tensor_scale, "nvfp4"),
-                       qt, "nvfp4")
+  _check_small_m(9, 3, 1024, 256, None, interpret_=True)
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
@@ -893,7 +887,7 @@ def test_default_tiling_at_m_8_runs_in_the_interpreter():
 def test_tile_m_8_gpu(m, k, n):
   """The 8-row tile (``default_config``'s up to M = 8) at DiT shapes on the GPU, W4A4,
   output memory poisoned first."""
-  _check_small_m_gpu(60 + m, m, k, n, _tm8_config(m, n, k), (8, n, 16))
+  _check_small_m(60 + m, m, k, n, _tm8_config(m, n, k), (8, n, 16))
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")

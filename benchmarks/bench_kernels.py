@@ -110,13 +110,18 @@ def _poison(nbytes: int = 512 << 20) -> None:
 
 
 class Timer:
-  """Kernel time from CUPTI on a GPU; wall time only (kernel = NaN) under ``--tiny``."""
+  """Kernel time from CUPTI on a GPU; wall time only (kernel = NaN) under ``--tiny``. With
+  ``breakdown``, ``kernels`` holds the last call's median time per kernel (us per op, by
+  name: an XLA fusion's share of the whole is otherwise invisible)."""
 
-  def __init__(self, tiny: bool):
+  def __init__(self, tiny: bool, breakdown: bool = False):
     self.tiny = tiny
+    self.breakdown = breakdown and not tiny
+    self.kernels = {}
 
   def __call__(self, fn, args, reps):
     """(median kernel us per op, median wall us per op, first output)."""
+    self.kernels = {}
     if not self.tiny:
       _poison()
     out = jax.block_until_ready(fn(*args))
@@ -125,6 +130,11 @@ class Timer:
       from jax.experimental.mosaic.gpu import profiler
       _, kt = profiler.measure(fn, iterations=20)(*args)
       kern = statistics.median(kt) * 1e3 / reps if kt else float("nan")
+      if self.breakdown:
+        _, its = profiler.measure(fn, aggregate=False, iterations=10)(*args)
+        self.kernels = {name: statistics.median(
+            sum(t for nm, t in it if nm == name) for it in its) * 1e3 / reps
+            for name in dict.fromkeys(nm for nm, _ in its[0])}
     walls = []
     for _ in range(1 if self.tiny else 3):
       t0 = time.perf_counter()
@@ -249,6 +259,14 @@ def _candidates(m, n, k, interpret):
           continue
         cands.append((name + "_ac", ac))
         break
+    # auto_config's tiling with extra CTAs decoding the activation codes (version 29): as
+    # many as the SMs its CTAs leave idle, else 8
+    auto = fm.auto_config(m, n, k)
+    if auto.tile_m >= fm._DEC_ROWS:
+      idle = 132 - fm._ctas(m, n, auto.tile_m, auto.tiles_per_cta, auto.k_splits)
+      for d in sorted({idle if idle > 0 else 8, 8}):
+        name = next(nm for nm, cfg in cands if cfg == auto)
+        cands.append((f"{name}_dec{d}", dataclasses.replace(auto, decode_ctas=d)))
     for name, cfg in cands:
       if n % (fm.TILE_N * cfg.tiles_per_cta) == 0 and ("kernel", cfg) not in c.values():
         c["ours_w4a4_stream" + name] = ("kernel", cfg)
@@ -339,6 +357,10 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret, only=""
           log(f"  {name} M={m} K={k} N={n} raised {type(e).__name__}: {str(e)[:300]}")
         row[name + "_kernel_us"] = kern
         row[name + "_wall_us"] = wall
+        if timer.breakdown and timer.kernels:
+          row[name + "_kernels_us"] = timer.kernels
+          log(f"  {name}: " + ", ".join(f"{nm[:40]} {t:.1f}"
+                                        for nm, t in timer.kernels.items()))
       results["matmul"].append(row)
       save()
       log(f"M={m:5d} K={k:5d} N={n:5d} " + " ".join(
@@ -483,6 +505,8 @@ def main():
   p.add_argument("--norm-sweep", action="store_true", help="also time rows / chunk choices")
   p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
   p.add_argument("--shapes", default=None, help="comma-separated KxN, e.g. 3072x12288")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also log and save each candidate's median time per kernel")
   p.add_argument("--only", default="", help="regex: time only the candidates it matches "
                  "(and XLA bf16)")
   args = p.parse_args()
@@ -510,7 +534,7 @@ def main():
       prev = {(r["m"], r["k"], r["n"]) for r in json.load(f)["matmul"]
               if r.get("scaled_matmul_nvfp4_kernel_us") == r.get("scaled_matmul_nvfp4_kernel_us")}
   log(f"device {dev.device_kind} jax {jax.__version__}")
-  timer = Timer(args.tiny)
+  timer = Timer(args.tiny, args.breakdown)
   if args.tiny:  # the interpreter runs each kernel call in seconds: one buffer per call
     global MAX_REPS
     MAX_REPS = 1

@@ -68,6 +68,7 @@ into contiguous tiles); call it once at quantize time and pass the result as ``w
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -114,6 +115,10 @@ _REGISTER_CONCAT = tuple(int(v) for v in jax.__version_info__[:2]) >= (0, 11)
 _NO_AUTO_BARRIERS = True
 _SWIZZLE = 32  # bytes: 16 bf16 per swizzle row, so each 16-wide column slice is tile aligned
 _FIX_CHUNK = 64  # fixup_splits: output-tile columns (rows of M) handed on at a time
+# decode_ctas: rows a decoding warpgroup decodes at a time (the register layouts' height),
+# its slots, and their bytes (codes, float16 scales, the float16 tile stored from)
+_DEC_ROWS, _DEC_SLOTS = 64, 2
+_DEC_BYTES = _DEC_SLOTS * _DEC_ROWS * (TILE_K // 2 + TILE_K // 16 * 2 + TILE_K * 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +190,12 @@ class MatmulConfig:
       the GPU launching CTAs in order (the split index varies fastest, so split ``s - 1`` of
       a tile is resident or done when split ``s`` waits). H200 (version 17): 4% faster
       than the partials with two splits at 2048 x 12288 x 3072, 7% slower with four.
+    decode_ctas: streaming kernel, W4A4 NVFP4 codes only (no ``act_codes`` or
+      ``cluster_splits``, ``tile_m`` >= 64): this many extra CTAs, launched first, decode the
+      activation codes into a float16 workspace (a second output, dropped) while the others
+      multiply; each K step's activation tile is copied once a global semaphore says every
+      row of it is decoded. Meant for SMs the output tiles leave idle (120 CTAs on 132 SMs at
+      1024 x 12288 x 3072): the decode then costs no pass of its own before the kernel.
   """
 
   tile_m: int = 16
@@ -202,6 +213,7 @@ class MatmulConfig:
   n_inner: bool = False
   act_codes: bool = False
   fixup_splits: bool = False
+  decode_ctas: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -640,6 +652,8 @@ def smem_bytes(config: MatmulConfig, k: int, out_itemsize: int = 4) -> int:
     if config.fixup_splits:  # the running sum's float32 tiles beside the finished ones
       out = wts * TILE_N * config.tile_m * (4 + out_itemsize)
     buffers = max(pipeline, out) if config.alias_out else pipeline + out
+    if config.decode_ctas:  # the decoding CTAs' buffers share the memory
+      buffers = max(buffers, _DEC_BYTES * (config.warpgroups + 1))
     # + scale and bias; + 1 KiB of alignment and the barriers (two per slot, a few more)
     barriers = 8 * (2 * steps + 4)
     return buffers + ring + config.tiles_per_cta * 2 * TILE_N * 4 + 1024 + barriers
@@ -1155,6 +1169,105 @@ def _fence_async_global() -> None:
   fence()
 
 
+def _dec_head_tiles(config: MatmulConfig, k: int) -> int:
+  """``decode_ctas``: K tiles at the start of each split that XLA decodes, the streaming
+  kernel's prologue (its first ``max_concurrent_steps`` steps, copied at launch, before a
+  decoding CTA could have stored any)."""
+  steps = k // TILE_K // config.k_tiles // config.k_splits
+  return min(config.max_concurrent_steps, steps) * config.k_tiles
+
+
+def _decoder_smem(warpgroups: int):
+  """``decode_ctas``: each decoding warpgroup's ``_DEC_SLOTS`` slots of codes, float16 scales
+  and the float16 tile stored from (swizzled like the activation tiles the TMA copies)."""
+  rows, tk = _DEC_ROWS, TILE_K
+  return (plgpu.SMEM((warpgroups, _DEC_SLOTS, rows, tk // 2), jnp.uint8,
+                     transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64))),
+          plgpu.SMEM((warpgroups, _DEC_SLOTS, rows, tk // 16), jnp.float16),
+          plgpu.SMEM((warpgroups, _DEC_SLOTS, rows, tk), jnp.float16, transforms=_swz(128)))
+
+
+def _decoder(codes_gmem, xs_gmem, ws_gmem, bufs, full, sems, c, wg, config: MatmulConfig,
+             head: int) -> None:
+  """A decoding CTA of the streaming kernel (``MatmulConfig.decode_ctas``), every warpgroup.
+
+  The units, 64 activation rows of one K tile, cover the K tiles of every split but its
+  first ``head`` (which XLA decodes: they are needed before a decoder could have stored
+  them), in the order the splits consume them (a split's first such tile, in split order,
+  then the second...; the rows inside), and are dealt round robin to the decoding
+  warpgroups. Each brings a unit's
+  codes ``(64, TILE_K/2)`` and float16 block scales into one of its two slots (the next
+  unit's copy in flight while it decodes), decodes it (``_decode_act_tile``) into the slot's
+  float16 tile and stores that into ``ws_gmem (M, K)``; once a unit's store has landed it
+  signals its K step's global semaphore ``sems`` (None under the interpreter, which runs the
+  decoding CTAs first), which the multiplying CTAs' producers wait on until every piece of
+  the step has signalled.
+  """
+  rows, tk, slots = _DEC_ROWS, TILE_K, _DEC_SLOTS
+  m, k = ws_gmem.shape
+  pieces = -(-m // rows)
+  interpret = sems is None
+  splits = config.k_splits
+  split_tiles = k // tk // splits  # K tiles per split, the first `head` decoded by XLA
+  n_wg = config.decode_ctas * (config.warpgroups + 1)
+  me = c * (config.warpgroups + 1) + wg
+  units = (split_tiles - head) * splits * pieces
+  mine = lax.div(units - me + n_wg - 1, n_wg)  # units of this warpgroup
+  codes, scales, tiles = bufs
+
+  def unit(j):  # this warpgroup's j-th unit: (K tile, rows)
+    u = me + j * n_wg
+    t = lax.div(u, pieces * splits)
+    kk = lax.rem(lax.div(u, pieces), splits) * split_tiles + head + t
+    return kk, pl.ds(lax.rem(u, pieces) * rows, rows)
+
+  def load(j, slot):
+    kk, r = unit(j)
+    bar = full.at[wg * slots + slot]
+    plgpu.copy_gmem_to_smem(codes_gmem.at[r, pl.ds(kk * (tk // 2), tk // 2)],
+                            codes.at[wg, slot], bar)
+    plgpu.copy_gmem_to_smem(xs_gmem.at[r, pl.ds(kk * (tk // 16), tk // 16)],
+                            scales.at[wg, slot], bar)
+
+  def signal(j):  # unit j's store has landed (written, not only read)
+    if not interpret:
+      _fence_async_global()
+      plgpu.semaphore_signal(sems.at[unit(j)[0]], 1, memory_scope="gpu")
+
+  for j in range(slots):
+    pl.when(j < mine)(functools.partial(load, j, j))
+
+  def body(j, carry):
+    slot = lax.rem(j, slots)
+    plgpu.barrier_wait(full.at[wg * slots + slot])
+    # the slot's tile was last stored from by unit j - 2, whose store iteration j - 1 (or, for
+    # unit 0, iteration 0) waited for
+    _decode_act_tile(codes.at[wg, slot], scales.at[wg, slot], tiles.at[wg, slot], rows,
+                     interpret)
+    plgpu.commit_smem()  # the tile's stores, visible to the TMA store; the codes read
+    pl.when(j + slots < mine)(functools.partial(load, j + slots, slot))
+    kk, r = unit(j)
+    plgpu.copy_smem_to_gmem(tiles.at[wg, slot], ws_gmem.at[r, pl.ds(kk * tk, tk)])
+
+    @pl.when(j == 0)
+    def _first():  # at once: the multiplying CTAs start on the first K steps
+      plgpu.wait_smem_to_gmem(0)
+      signal(0)
+
+    @pl.when(j > 1)
+    def _previous():  # the one before, while this unit's store is in flight
+      plgpu.wait_smem_to_gmem(1)
+      signal(j - 1)
+    return carry
+
+  lax.fori_loop(0, mine, body, None)
+
+  @pl.when(mine > 1)
+  def _last():
+    plgpu.wait_smem_to_gmem(0)
+    signal(mine - 1)
+
+
 def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
                  interpret: bool, gelu: bool = False):
   """Runs the streaming kernel (``MatmulConfig.stream``) on activations ``x (M, K)``
@@ -1195,13 +1308,21 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   (two, alternating; ``_decode_act_tile``), arrives on its "decoded" barrier, which the
   consumers wait for besides the weights', and refills the codes' slot at once; the
   consumers' "consumed" arrivals free both the float16 tile and the weights' slot.
+
+  With ``decode_ctas`` ``x`` is the same pair and a third member, the float16 values of
+  each split's first ``_dec_head_tiles`` K tiles (the pipeline's prologue; decoded by XLA),
+  and the grid is one-dimensional: its first ``decode_ctas`` CTAs decode the other K tiles
+  (``_decoder``), the rest multiply as above, their producer waiting on a K tile's global
+  semaphore before copying its activation tile from the decoded workspace (a second output,
+  dropped).
   """
   ac = config.act_codes
-  x, xs = x if ac else (x, None)
-  m, k = x.shape[0], x.shape[1] * (2 if ac else 1)
+  dec = config.decode_ctas
+  x, xs, xh = x if dec else (*x, None) if ac else (x, None, None)
+  m, k = x.shape[0], x.shape[1] * (2 if ac or dec else 1)
   n = w.shape[0]
   g = w.group_size
-  dtype = jnp.float16 if ac else x.dtype
+  dtype = jnp.float16 if ac or dec else x.dtype
   tn, tk = TILE_N, TILE_K
   tm, tiles, kt, nwg = config.tile_m, config.tiles_per_cta, config.k_tiles, config.warpgroups
   splits = config.k_splits
@@ -1211,6 +1332,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   groups = tiles // step_tiles   # rounds of output tiles, in turn
   n_steps = groups * tile_steps
   depth = min(config.max_concurrent_steps, n_steps)
+  head = _dec_head_tiles(config, k) // kt  # decode_ctas: steps of each split XLA decodes
   overlap = config.overlap_wgmma and depth > 1
   # the activation tiles the consumers read: the pipeline's slots, or two decoded ones
   act_slots = min(2, n_steps) if ac else depth
@@ -1237,23 +1359,53 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   zeros = lambda: lc(jnp.zeros((tn, tm), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
   def kernel(*refs):
+    x_gmem, *refs = refs
+    if ac or dec:
+      xs_gmem, *refs = refs
+    if dec:
+      xh_gmem, *refs = refs
     if ac:
-      x_gmem, xs_gmem, *refs = refs
       *refs, codes_smem, xs_smem, codes_full, decoded = refs
-    else:
-      x_gmem, *refs = refs
+    if dec:
+      codes_gmem, (*refs, dec_full) = x_gmem, refs
     wq_gmem, ws_gmem, *rest = refs
+    if direct:
+      sb_gmem, *rest = rest
+    out_gmem, *rest = rest
     if fx:
-      sb_gmem, out_gmem, part_gmem, bufs, wq_smem, ws_smem, acc_smem, sb_smem, full, \
-          consumed, drained, sb_bar, fix_bar = rest
-    elif direct:
-      sb_gmem, out_gmem, bufs, wq_smem, ws_smem, acc_smem, sb_smem, full, consumed, drained, \
-          sb_bar = rest
-    else:
-      out_gmem, bufs, wq_smem, ws_smem, acc_smem, full, consumed, drained = rest
+      part_gmem, *rest = rest
+    if dec:  # the decoded workspace: the activations the producer copies
+      x_gmem, *rest = rest
+    bufs, wq_smem, ws_smem, acc_smem, *rest = rest
+    if direct:
+      sb_smem, *rest = rest
+    full, consumed, drained, *rest = rest
+    if direct:
+      sb_bar, *rest = rest
+    if fx:
+      fix_bar, = rest
+    if dec:  # RefUnion members (or, JAX 0.10.2's interpreter, a tuple)
+      *bufs, dec_bufs = bufs
+      bufs = bufs if union else bufs[0]
     act_smem, out_smem = bufs  # a RefUnion (alias_out) or a tuple
-    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     wg = lax.axis_index("wg")
+    if dec:  # a one-dimensional grid: the decoding CTAs, then (n, m, s) as below
+      # one semaphore per K step, counting its decoded pieces (zeroed at every launch)
+      dec_sems = None if interpret else pl.get_global(
+          plgpu.SemaphoreType.REGULAR((k // tk,)))
+      c = lax.axis_index("c")
+      is_mm = c >= dec
+      lin = jnp.maximum(c - dec, 0)
+      rest_, si = lax.div(lin, splits), lax.rem(lin, splits)
+      inner = n_blocks if config.n_inner else m_blocks  # the block index varying faster
+      outer, fast = lax.div(rest_, inner), lax.rem(rest_, inner)
+      mi, ni = (outer, fast) if config.n_inner else (fast, outer)
+      pl.when(jnp.logical_not(is_mm))(functools.partial(
+          _decoder, codes_gmem, xs_gmem, x_gmem, dec_bufs, dec_full, dec_sems, c, wg, config,
+          head * kt))
+    else:
+      ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+      is_mm = True
     m_sl = pl.ds(mi * tm, tm)
     if fx and not interpret:  # one per output tile and consumer, zeroed at every launch
       sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_blocks * m_blocks * nwg,)))
@@ -1266,19 +1418,52 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       plgpu.copy_gmem_to_smem(xs_gmem.at[m_sl, pl.ds(kk * tk // 16, tk // 16)],
                               xs_smem.at[slot], bar)
 
-    def fetch(step, slot):
+    def decoded(step):  # decode_ctas: wait until the step's activation tiles are decoded
+      if interpret:  # the interpreter runs the decoding CTAs first
+        return
+      t = step % tile_steps
+      kk = si * tile_steps + t
+
+      @pl.when(t >= head)  # the head is XLA's
+      def _wait():
+        for j in range(kt):
+          plgpu.semaphore_wait(dec_sems.at[kk * kt + j], -(-m // _DEC_ROWS), decrement=False,
+                               memory_scope="gpu")
+        _fence_async_global()  # the TMA reads of the workspace see the decoders' TMA stores
+
+    def fetch(step, slot, wait_decoded=True):
       grp, kk = step // tile_steps, si * tile_steps + step % tile_steps
       bar = full.at[slot]
-      for j in range(0 if ac else kt):
-        plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds((kk * kt + j) * tk, tk)],
-                                act_smem.at[slot, j], bar)
+
+      def acts():
+        for j in range(0 if ac else kt):
+          plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds((kk * kt + j) * tk, tk)],
+                                  act_smem.at[slot, j], bar)
+
+      def head_acts():  # decode_ctas: the split's first K steps, decoded by XLA
+        t = step % tile_steps
+        for j in range(kt):
+          plgpu.copy_gmem_to_smem(xh_gmem.at[m_sl, pl.ds(((si * head + t) * kt + j) * tk, tk)],
+                                  act_smem.at[slot, j], bar)
+
+      if not dec:
+        acts()
       for v in range(step_tiles):
         tile = ni * tiles + grp * step_tiles + v
         k_sl = pl.ds(kk * kt, kt)
         plgpu.copy_gmem_to_smem(wq_gmem.at[tile, k_sl], wq_smem.at[v, slot], bar)
         plgpu.copy_gmem_to_smem(ws_gmem.at[tile, k_sl], ws_smem.at[v, slot], bar)
+      if dec:  # the weights in flight while waiting for the decoders
+        in_head = step % tile_steps < head
+        pl.when(in_head)(head_acts)
 
-    @pl.when(wg == nwg)
+        @pl.when(jnp.logical_not(in_head))
+        def _decoded_acts():
+          if wait_decoded:
+            decoded(step)
+          acts()
+
+    @pl.when((wg == nwg) & is_mm)
     def _producer():
       if regs:
         plgpu.set_max_registers(producer_regs, action="decrease")
@@ -1293,8 +1478,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
 
       def refill(st, carry):  # once every consumer is done with the slot's previous step
         slot = lax.rem(st, depth)
+        if dec:  # polled before the slot frees (its latency hidden behind the products)
+          decoded(st)
         plgpu.barrier_wait(consumed.at[slot])
-        fetch(st, slot)
+        fetch(st, slot, wait_decoded=False)
         return carry
 
       def decode(st, carry):  # act_codes: step st's float16 tile, and the refills
@@ -1487,7 +1674,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
 
       lax.fori_loop(0, groups, output_tiles, None)
 
-    @pl.when(wg < nwg)
+    @pl.when((wg < nwg) & is_mm)
     def _consumer():
       if regs:
         plgpu.set_max_registers(consumer_regs, action="increase")
@@ -1516,8 +1703,11 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     out_type = jax.ShapeDtypeStruct((splits, n, mp), jnp.float32)
     out_smem = _out_smem(step_tiles, tn, tm)
   act_smem = plgpu.SMEM((act_slots, kt, tm, tk), dtype, transforms=_swz(128))
+  bufs = (act_smem, out_smem)
+  if dec:
+    bufs = (*bufs, _decoder_smem(nwg + 1)) if union else (bufs, _decoder_smem(nwg + 1))
   scratch = [
-      plgpu.RefUnion(act_smem, out_smem) if union else (act_smem, out_smem),
+      plgpu.RefUnion(*bufs) if union or (dec and _REGISTER_CONCAT) else bufs,
       plgpu.SMEM((step_tiles, depth, kt, tn, tk), w.codes.dtype, transforms=_CODES_TRANSFORMS),
       plgpu.SMEM((step_tiles, depth, kt, tk // g, tn), w.scales_t.dtype),
       plgpu.SMEM((step_tiles, tn, tm) if interpret else (1,), jnp.float32),
@@ -1539,17 +1729,23 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
                 plgpu.SMEM((depth, tm, tk // 16), jnp.float16),
                 plgpu.Barrier(num_arrivals=2, num_barriers=depth),
                 plgpu.Barrier(num_arrivals=1, num_barriers=act_slots)]
+  if dec:  # each decoding warpgroup's slots: codes and scales arrived
+    scratch.append(plgpu.Barrier(num_arrivals=2, num_barriers=(nwg + 1) * _DEC_SLOTS))
+    out_type = (*(out_type if fx else (out_type,)), jax.ShapeDtypeStruct((m, k), jnp.float16))
   wg_kw = dict(num_threads=nwg + 1, thread_name="wg")  # + the producer
   blocks = {"n": n_blocks, "m": m_blocks}
   names = ("m", "n") if config.n_inner else ("n", "m")  # the last varies fastest
   grid_kw = dict(grid=tuple(blocks[a] for a in names), grid_names=names)
   if cl:  # the splits of an output tile: one cluster
     grid_kw.update(cluster=(splits,), cluster_names=("s",))
+  elif dec:
+    grid_kw = dict(grid=(dec + n_blocks * m_blocks * splits,), grid_names=("c",))
   else:
     grid_kw.update(grid=(*grid_kw["grid"], splits), grid_names=(*names, "s"))
   call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, **grid_kw, **wg_kw)
-  out = call(*([x, xs] if ac else [x]), w.codes, w.scales_t, *([sb] if direct else []))
-  return out[0] if fx else out
+  acts = [x, xs, xh] if dec else [x, xs] if ac else [x]
+  out = call(*acts, w.codes, w.scales_t, *([sb] if direct else []))
+  return out[0] if fx or dec else out
 
 
 def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -> None:
@@ -1590,6 +1786,11 @@ def _check_config(config: MatmulConfig, n: int, k: int, out_itemsize: int = 4) -
     raise ValueError(f"fixup_splits=True needs stream=True, k_splits={s} > 1, tile_m={tm} a "
                      f"multiple of {_FIX_CHUNK}, cluster_splits=False and one round of output "
                      f"tiles (tiles_per_cta={config.tiles_per_cta} equal to warpgroups * wg_tiles)")
+  if config.decode_ctas < 0 or config.decode_ctas and not (
+      config.stream and tm >= _DEC_ROWS and not (config.act_codes or config.cluster_splits)):
+    raise ValueError(f"decode_ctas={config.decode_ctas} must be >= 0, and > 0 needs "
+                     f"stream=True, tile_m={tm} >= {_DEC_ROWS} and neither act_codes nor "
+                     f"cluster_splits")
   if config.tiles_per_cta < 1 or (n // TILE_N) % config.tiles_per_cta:
     raise ValueError(f"tiles_per_cta={config.tiles_per_cta} must divide the {n // TILE_N} "
                      f"weight tiles of {TILE_N} rows")
@@ -1676,9 +1877,10 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     if not (config.stream or m_major) and config.tile_m % 16:  # (K, M): 16-element tile rows
       raise ValueError(f"tile_m={config.tile_m} needs m_major=True on a GPU with JAX >= 0.11; "
                        f"activations laid out (K, M) take multiples of 16")
-    if config.act_codes and not (packed and w.fmt == "nvfp4"):
-      raise ValueError(f"act_codes=True needs W4A4 NVFP4: packed uint8 activations and "
-                       f"nvfp4 weights, got a {a.dtype} and fmt={w.fmt!r}")
+    for name in ("act_codes", "decode_ctas"):
+      if getattr(config, name) and not (packed and w.fmt == "nvfp4"):
+        raise ValueError(f"{name}={getattr(config, name)} needs W4A4 NVFP4: packed uint8 "
+                         f"activations and nvfp4 weights, got a {a.dtype} and fmt={w.fmt!r}")
   out_scale = w.tensor_scale
   if a_tensor_scale is not None:
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)
@@ -1694,8 +1896,15 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
     # kernel's address whole tiles.
     pad_rows = interpret or not config.stream or m % 8 != 0
     pad = (lambda v: jnp.pad(v, ((0, mp - m), (0, 0)))) if pad_rows else (lambda v: v)
-    if config.act_codes:  # decoded in the kernel (the scales widened here: a 16th the size)
+    if config.act_codes or config.decode_ctas:  # decoded in the kernel (the scales widened
+      # here: a 16th the size)
       xp = (pad(a), pad(a_scales.astype(jnp.float16)))
+      if config.decode_ctas:  # and each split's first K tiles decoded here
+        h, per = _dec_head_tiles(config, k), k // TILE_K // config.k_splits
+        xp += (pad(jnp.concatenate([
+            dequantize(a[:, lo * TILE_K // 2:(lo + h) * TILE_K // 2],
+                       a_scales[:, lo * TILE_K // 16:(lo + h) * TILE_K // 16], 1.0, "nvfp4")
+            for lo in range(0, k // TILE_K, per)], axis=1).astype(jnp.float16)),)
     elif packed:
       # q * s_b is exact in f16 (|v| <= 2688, >= 2**-10) and in bf16; the activation
       # tensor scale goes to the output. NVFP4 x NVFP4 runs in f16 (cheaper decode).

@@ -192,6 +192,23 @@ class KernelCases:
                           alias_out=alias, k_splits=splits, n_inner=ni, act_codes=ac)
     self._check_stream(13, 2, m, k, cfg, jnp.bfloat16 if out == "bf16" else jnp.float32, gelu)
 
+  # decode_ctas: extra CTAs decode the activation codes into a float16 workspace while the
+  # others multiply (tile_m 64), past each split's first `depth` K steps (XLA's). Ragged M
+  # over two row blocks with bf16 written finished; split K with float32 partials, two
+  # rounds of output tiles, six decoding warpgroups for three pieces of one K step per
+  # split; the splits summed in order (fixup_splits, bf16, GELU) behind one decoding CTA.
+  # One consumer only, as for act_codes above.
+  @pytest.mark.parametrize("m,k,tiles,depth,alias,splits,ni,fx,dec", [
+      (70, 640, 1, 3, True, 1, False, False, 2),
+      (130, 768, 2, 2, False, 2, True, False, 3),
+      (200, 1024, 1, 2, False, 2, False, True, 1)])
+  def test_stream_decode_ctas(self, m, k, tiles, depth, alias, splits, ni, fx, dec):
+    cfg = fm.MatmulConfig(tile_m=64, tiles_per_cta=tiles, max_concurrent_steps=depth,
+                          m_major=True, stream=True, alias_out=alias, k_splits=splits,
+                          n_inner=ni, fixup_splits=fx, decode_ctas=dec)
+    self._check_stream(17, 3, m, k, cfg, jnp.float32 if splits > 1 and not fx else
+                       jnp.bfloat16, fx)
+
   def _check_stream(self, seed, bias_seed, m, k, cfg, out_dtype, gelu):
     """One W4A4 NVFP4 streaming-kernel call, N = 256 with a bias, within
     ``_stream_reference``'s bound (a 2-byte output's rounding included)."""
@@ -402,6 +419,19 @@ def test_stream_act_codes_gpu(m, k, n, splits, out):
                     out_dtype=out_dtype)
 
 
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,k,n,dec", [
+    (1024, 12288, 3072, 12), (1024, 3072, 3072, 12), (1000, 3072, 3072, 12),
+    (1030, 3072, 3072, 12), (4608, 12288, 3072, 8), (256, 3072, 12288, 4)])
+def test_stream_decode_ctas_gpu(m, k, n, dec):
+  """Extra CTAs decoding the activation codes (``decode_ctas``) beside ``auto_config``'s
+  tiling at DiT shapes: 120 CTAs and the 12 idle SMs decoding, ragged M (a multiple of 8
+  read unpadded, and not), several waves, split K; GELU; output memory poisoned first;
+  bound: ``_stream_reference``."""
+  cfg = dataclasses.replace(fm.auto_config(m, n, k), decode_ctas=dec)
+  _check_stream_gpu(29 + m, m, k, n, cfg, jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
+
+
 @functools.cache
 def _dit_weights(k: int, n: int):
   return _case(100 + k + n, 1, n, k, "nvfp4")[1]
@@ -598,6 +628,10 @@ def test_w4a4_reference_matches_oracle():
      "act_codes=True needs stream=True, tile_m=32 a multiple of 64"),
     (dict(method="kernel", config=fm.MatmulConfig(tile_m=64, stream=True, act_codes=True)),
      "act_codes=True needs W4A4 NVFP4: packed uint8 activations"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_m=32, stream=True, decode_ctas=4)),
+     "decode_ctas=4 must be >= 0, and > 0 needs stream=True, tile_m=32 >= 64"),
+    (dict(method="kernel", config=fm.MatmulConfig(tile_m=64, stream=True, decode_ctas=4)),
+     "decode_ctas=4 needs W4A4 NVFP4: packed uint8 activations"),
     (dict(method="kernel", config=fm.MatmulConfig(tile_m=32, stream=True, k_splits=2,
                                                   fixup_splits=True)),
      "fixup_splits=True needs stream=True, k_splits=2 > 1, tile_m=32 a multiple of 64"),

@@ -97,6 +97,9 @@ SHORT_K_XLA_M = 512  # from here K < STREAM_MIN_K takes the XLA path (1152 x 460
 SPLIT_MIN_M = 512  # split K by default from here (measured at 512, 1024 and 2048 rows) ...
 FIT_MIN_M = 768  # ... up to here; from here one split, fitted_tile_m's tile (768-4608 rows)
 N_INNER_BYTES = 2**24  # f16 activations larger than this: CTAs sweep N (measured from 24 MiB)
+# decode_ctas x N at which the decoding CTAs keep pace with the products (a K tile's products
+# take time in proportion to N): 12 did at N = 3072, 8 fell behind (H200, version 29)
+DEC_CTAS_N = 12 * 3072
 
 GROUP_SIZES = {"nvfp4": 16, "mxfp4": 32}
 TILE_N = 64    # weight rows per CTA: one wgmma M block
@@ -515,7 +518,8 @@ def pick_method(m: int, n: int, k: int, w4a4_nvfp4: bool = True) -> str:
 
 
 def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
-                out_itemsize: int = 2) -> MatmulConfig:
+                out_itemsize: int = 2, codes: bool = False,
+                num_sms: int = 132) -> MatmulConfig:
   """The kernel tiling ``fp4_matmul`` uses when none is given: ``default_config`` below
   ``STREAM_MIN_M`` (and for W4A16 and the other formats), else the streaming kernel for
   outputs of ``out_itemsize`` bytes (2: bf16/f16 written by the kernel): from ``FIT_MIN_M``
@@ -528,11 +532,19 @@ def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
   The fitted tile against the split K it replaces at 12288 x 3072 (H200, NOTES_kernels.md
   version 19): 93.6 / 112.4 / 210.4 / 460.3 us at M = 768 / 1024 / 2048 / 4608 (tile_m
   160 / 208 / 192 / 216) against 122.9 / 129.6 (four splits) / 212.3 (two) / 503.9 (the
-  XLA path; tile_m 256 unsplit 511.0)."""
+  XLA path; tile_m 256 unsplit 511.0).
+
+  With ``codes`` (packed NVFP4 activations), where the fitted tile's CTAs leave at least
+  ``DEC_CTAS_N / N`` SMs idle, those SMs decode the codes (``decode_ctas``) instead of an
+  XLA pass before the kernel: 1024 x 12288 x 3072 107.5 us against 111.6, 1024 x 3072 x
+  3072 33.1 against 33.0 (H200, version 29)."""
   if w4a4_nvfp4 and m >= STREAM_MIN_M:
     if m >= FIT_MIN_M:
       cfg = stream_config(m, n, k, tile_m=fitted_tile_m(m, n), warpgroups=2,
                           out_itemsize=out_itemsize)
+      idle = num_sms - _ctas(m, n, cfg.tile_m, cfg.tiles_per_cta)
+      if codes and idle * n >= DEC_CTAS_N:
+        cfg = dataclasses.replace(cfg, decode_ctas=idle)
     else:
       splits = stream_splits(m, n, k)
       cfg = stream_config(m, n, k, out_itemsize=out_itemsize, k_splits=splits,
@@ -1864,7 +1876,8 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
   direct = jnp.dtype(out_dtype).itemsize == 2 and residual is None and gate is None
   if method != "xla":
     if config is None:
-      config = auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4)
+      config = auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4,
+                           codes=packed and w.fmt == "nvfp4")
       if config.tile_m == 8 and interpret:  # the interpreter lays activations out (K, M)
         config = dataclasses.replace(config, tile_m=16)
     if not direct:  # float32 or gated outputs: float32 partials for XLA

@@ -554,6 +554,12 @@ def test_auto_config(m, k, n, wgs, tm, splits, ni):
                                                                          n, k)
   f32 = fm.auto_config(m, n, k, out_itemsize=4)
   assert fm.smem_bytes(f32, k, 4) <= fm.SMEM_BYTES and not f32.fixup_splits
+  # packed codes: the SMs one wave of CTAs leaves idle decode them, where enough are idle
+  # (12 at N = 3072: 1024 rows on 120 CTAs), and nowhere else
+  codes = fm.auto_config(m, n, k, codes=True)
+  dec = 12 if (m, n) == (1024, 3072) else 0
+  assert codes == dataclasses.replace(cfg, decode_ctas=dec)
+  assert fm.auto_config(m, n, k, codes=True, num_sms=128).decode_ctas == 0
 
 
 @pytest.mark.parametrize("m,n,tm,waves", [(4608, 3072, 216, 4), (4096, 3072, 256, 3),

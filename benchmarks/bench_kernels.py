@@ -264,8 +264,8 @@ def _candidates(m, n, k, interpret):
     auto = fm.auto_config(m, n, k)
     if auto.tile_m >= fm._DEC_ROWS:
       idle = 132 - fm._ctas(m, n, auto.tile_m, auto.tiles_per_cta, auto.k_splits)
+      name = next(nm for nm, cfg in cands if cfg == auto)
       for d in sorted({idle if idle > 0 else 8, 8}):
-        name = next(nm for nm, cfg in cands if cfg == auto)
         cands.append((f"{name}_dec{d}", dataclasses.replace(auto, decode_ctas=d)))
     for name, cfg in cands:
       if n % (fm.TILE_N * cfg.tiles_per_cta) == 0 and ("kernel", cfg) not in c.values():

@@ -424,10 +424,10 @@ def test_stream_act_codes_gpu(m, k, n, splits, out):
     (1024, 12288, 3072, 12), (1024, 3072, 3072, 12), (1000, 3072, 3072, 12),
     (1030, 3072, 3072, 12), (4608, 12288, 3072, 8), (256, 3072, 12288, 4)])
 def test_stream_decode_ctas_gpu(m, k, n, dec):
-  """Extra CTAs decoding the activation codes (``decode_ctas``) beside ``auto_config``'s
-  tiling at DiT shapes: 120 CTAs and the 12 idle SMs decoding, ragged M (a multiple of 8
-  read unpadded, and not), several waves, split K; GELU; output memory poisoned first;
-  bound: ``_stream_reference``."""
+  """Extra CTAs decoding the activation codes (``decode_ctas``) beside the tiling
+  ``auto_config`` would take without them, at DiT shapes: 120 CTAs and the 12 idle SMs
+  decoding, ragged M (a multiple of 8 read unpadded, and not), four waves, one consumer;
+  GELU; output memory poisoned first; bound: ``_stream_reference``."""
   cfg = dataclasses.replace(fm.auto_config(m, n, k), decode_ctas=dec)
   _check_stream_gpu(29 + m, m, k, n, cfg, jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
 

@@ -1431,7 +1431,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       plgpu.copy_gmem_to_smem(xs_gmem.at[m_sl, pl.ds(kk * tk // 16, tk // 16)],
                               xs_smem.at[slot], bar)
 
-    def decoded(step):  # decode_ctas: wait until the step's activation tiles are decoded
+    def await_decoded(step):  # decode_ctas: until the step's activation tiles are decoded
       if interpret:  # the interpreter runs the decoding CTAs first
         return
       t = step % tile_steps
@@ -1473,7 +1473,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         @pl.when(jnp.logical_not(in_head))
         def _decoded_acts():
           if wait_decoded:
-            decoded(step)
+            await_decoded(step)
           acts()
 
     @pl.when((wg == nwg) & is_mm)
@@ -1492,7 +1492,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       def refill(st, carry):  # once every consumer is done with the slot's previous step
         slot = lax.rem(st, depth)
         if dec:  # polled before the slot frees (its latency hidden behind the products)
-          decoded(st)
+          await_decoded(st)
         plgpu.barrier_wait(consumed.at[slot])
         fetch(st, slot, wait_decoded=False)
         return carry

@@ -705,6 +705,24 @@ def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl, ac, fx):
   _lowers_on_jax011(f, (qa.codes, qa.scales, qa.tensor_scale), "stream=True needs JAX >= 0.11")
 
 
+@pytest.mark.parametrize("splits,fx", [(1, False), (2, True)])
+def test_decode_ctas_lowers_for_cuda(splits, fx):
+  """The streaming kernel with decoding CTAs (``decode_ctas``: their buffers in a
+  ``RefUnion`` with the pipeline's, global semaphores, a one-dimensional grid) lowers to
+  Mosaic GPU for CUDA on JAX >= 0.11: unsplit, the output tiles in memory of their own,
+  and split K summed in order (``fixup_splits``), the output tiles in the pipeline's memory
+  (both ways the decoders' buffers join the ``RefUnion``)."""
+  a, qt = _case(7, 256, 512, 1024, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  cfg = dataclasses.replace(
+      fm.stream_config(256, 512, 1024, tile_m=128, warpgroups=2, k_splits=splits,
+                       fixup_splits=fx), decode_ctas=5)
+  f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
+                                    a_scales=s, a_tensor_scale=t, config=cfg,
+                                    method="kernel", epilogue="gelu_tanh")
+  _lowers_on_jax011(f, (qa.codes, qa.scales, qa.tensor_scale), "stream=True needs JAX >= 0.11")
+
+
 def _lowers_on_jax011(f, args, match: str) -> None:
   """``jax.jit(f)`` on ``args`` lowers to Mosaic GPU for CUDA on JAX >= 0.11 (register
   concatenate); before, ``fp4_matmul`` raises a ``ValueError`` matching ``match``."""

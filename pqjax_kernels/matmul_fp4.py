@@ -1448,15 +1448,9 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       grp, kk = step // tile_steps, si * tile_steps + step % tile_steps
       bar = full.at[slot]
 
-      def acts():
+      def acts(src=x_gmem, first=kk * kt):  # the step's activation tiles, from K tile first
         for j in range(0 if ac else kt):
-          plgpu.copy_gmem_to_smem(x_gmem.at[m_sl, pl.ds((kk * kt + j) * tk, tk)],
-                                  act_smem.at[slot, j], bar)
-
-      def head_acts():  # decode_ctas: the split's first K steps, decoded by XLA
-        t = step % tile_steps
-        for j in range(kt):
-          plgpu.copy_gmem_to_smem(xh_gmem.at[m_sl, pl.ds(((si * head + t) * kt + j) * tk, tk)],
+          plgpu.copy_gmem_to_smem(src.at[m_sl, pl.ds((first + j) * tk, tk)],
                                   act_smem.at[slot, j], bar)
 
       if not dec:
@@ -1467,8 +1461,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         plgpu.copy_gmem_to_smem(wq_gmem.at[tile, k_sl], wq_smem.at[v, slot], bar)
         plgpu.copy_gmem_to_smem(ws_gmem.at[tile, k_sl], ws_smem.at[v, slot], bar)
       if dec:  # the weights in flight while waiting for the decoders
-        in_head = step % tile_steps < head
-        pl.when(in_head)(head_acts)
+        in_head = step % tile_steps < head  # the split's first K steps, decoded by XLA
+        pl.when(in_head)(lambda: acts(xh_gmem, (si * head + step % tile_steps) * kt))
 
         @pl.when(jnp.logical_not(in_head))
         def _decoded_acts():

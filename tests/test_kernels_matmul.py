@@ -694,15 +694,10 @@ def test_stream_kernel_lowers_for_cuda(out, tm, wt, alias, splits, cl, ac, fx):
   activation codes (56 registers for it, 224 for each of two wide consumers); ``fx``: the
   splits sum in order through a workspace behind a global semaphore (bf16 out; float32
   falls back to the partials)."""
-  a, qt = _case(5, 200, 512, 1024, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
   cfg = fm.stream_config(200, 512, 1024, tile_m=tm, warpgroups=2, wg_tiles=wt,
                          alias_out=alias, out_itemsize=jnp.dtype(out).itemsize,
                          k_splits=splits, cluster_splits=cl, act_codes=ac, fixup_splits=fx)
-  f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
-                                    a_scales=s, a_tensor_scale=t, config=cfg,
-                                    method="kernel", out_dtype=out, epilogue="gelu_tanh")
-  _lowers_on_jax011(f, (qa.codes, qa.scales, qa.tensor_scale), "stream=True needs JAX >= 0.11")
+  _stream_lowers_on_jax011(5, 200, cfg, out)
 
 
 @pytest.mark.parametrize("splits,fx", [(1, False), (2, True)])
@@ -712,14 +707,20 @@ def test_decode_ctas_lowers_for_cuda(splits, fx):
   Mosaic GPU for CUDA on JAX >= 0.11: unsplit, the output tiles in memory of their own,
   and split K summed in order (``fixup_splits``), the output tiles in the pipeline's memory
   (both ways the decoders' buffers join the ``RefUnion``)."""
-  a, qt = _case(7, 256, 512, 1024, "nvfp4")
-  qa = gn.quantize_nvfp4(a)
   cfg = dataclasses.replace(
       fm.stream_config(256, 512, 1024, tile_m=128, warpgroups=2, k_splits=splits,
                        fixup_splits=fx), decode_ctas=5)
+  _stream_lowers_on_jax011(7, 256, cfg, jnp.bfloat16)
+
+
+def _stream_lowers_on_jax011(seed, m, cfg, out) -> None:
+  """A W4A4 NVFP4 ``fp4_matmul`` from codes, ``(m, 1024) x (1024, 512)``, with ``cfg``'s
+  streaming kernel and tanh-GELU, through ``_lowers_on_jax011``."""
+  a, qt = _case(seed, m, 512, 1024, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
                                     a_scales=s, a_tensor_scale=t, config=cfg,
-                                    method="kernel", epilogue="gelu_tanh")
+                                    method="kernel", out_dtype=out, epilogue="gelu_tanh")
   _lowers_on_jax011(f, (qa.codes, qa.scales, qa.tensor_scale), "stream=True needs JAX >= 0.11")
 
 

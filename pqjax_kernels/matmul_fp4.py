@@ -814,6 +814,8 @@ def _swz(bytes_):
 
 
 _CODES_TRANSFORMS = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))
+# activation codes (uint8, TILE_K / 2 bytes a row) as `_decode_act_tile` loads them
+_ACT_CODES_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64))
 
 
 def _out_smem(*shape: int):
@@ -1196,7 +1198,7 @@ def _decoder_smem(warpgroups: int):
   and the float16 tile stored from (swizzled like the activation tiles the TMA copies)."""
   rows, tk = _DEC_ROWS, TILE_K
   return (plgpu.SMEM((warpgroups, _DEC_SLOTS, rows, tk // 2), jnp.uint8,
-                     transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64))),
+                     transforms=_ACT_CODES_TRANSFORMS),
           plgpu.SMEM((warpgroups, _DEC_SLOTS, rows, tk // 16), jnp.float16),
           plgpu.SMEM((warpgroups, _DEC_SLOTS, rows, tk), jnp.float16, transforms=_swz(128)))
 
@@ -1731,8 +1733,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     scratch.append(plgpu.Barrier(num_arrivals=wt, num_barriers=nwg * (tm // _FIX_CHUNK)))
   if ac:  # the ring of codes and scales, its "full" barriers; "decoded"
     scratch += [plgpu.SMEM((depth, tm, tk // 2), jnp.uint8,
-                           transforms=(plgpu.TilingTransform((8, 64)),
-                                       plgpu.SwizzleTransform(64))),
+                           transforms=_ACT_CODES_TRANSFORMS),
                 plgpu.SMEM((depth, tm, tk // 16), jnp.float16),
                 plgpu.Barrier(num_arrivals=2, num_barriers=depth),
                 plgpu.Barrier(num_arrivals=1, num_barriers=act_slots)]

@@ -305,7 +305,7 @@ def bench_matmul(results, log, save, shapes, ms, prev, timer, interpret, only=""
         am = jnp.pad(fm.dequantize(ac, asc, 1.0, "nvfp4").astype(jnp.float16),
                      ((0, mp - m), (0, 0)))
         cands["diag_stream_kernel_only"] = (jax.jit(lambda am, pws: [
-            fm._stream_call(am, p, cfg0, fm._scale_bias(ats * p.tensor_scale, None, n),
+            fm._stream_call(am, p, cfg0, fm._out_scales(p.tensor_scale, ats),
                             jnp.dtype(jnp.bfloat16), False)
             for p in pws]), (am, pws), r4)
       if m <= 64 and not interpret:  # diagnostic: the Mosaic kernel alone (no XLA pro/epilogue)

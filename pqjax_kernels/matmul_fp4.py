@@ -555,10 +555,11 @@ def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
   return default_config(m, n, k)
 
 
-def _scale_bias(out_scale, bias, n: int) -> jax.Array:
-  """The float32 ``(2, N)`` per-column output scale and bias the streaming kernel applies."""
-  return jnp.stack([jnp.broadcast_to(jnp.asarray(out_scale, jnp.float32), (n,)),
-                    jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32)])
+def _out_scales(w_tensor_scale, a_tensor_scale) -> tuple[jax.Array, ...]:
+  """The output scale's factors as float32 ``(1,)`` arrays (reshapes: no XLA kernel), which
+  the streaming kernel multiplies itself (``fl(s_w * s_a)``, as XLA would)."""
+  return tuple(jnp.asarray(s, jnp.float32).reshape(1)
+               for s in (w_tensor_scale, a_tensor_scale) if s is not None)
 
 
 def _apply_epilogue(y, bias, epilogue, residual, gate, out_dtype):
@@ -1037,13 +1038,14 @@ def _k_loop(step, t, tile_steps: int, overlap: bool) -> None:
     step(t * tile_steps + tile_steps - 1, tile_steps - 1)
 
 
-def _finish_tile(y, sb_smem, tile, lc, gelu: bool, out_dtype):
-  """A ``(TILE_N, rows)`` float32 accumulator tile finished: times the per-column scale, plus
-  the bias (``sb_smem.at[tile]``: the tile's two rows of ``_scale_bias``), tanh-GELU if
-  ``gelu``, cast to ``out_dtype``."""
-  row = lambda r: lax.broadcast_in_dim(  # noqa: E731
-      lc(sb_smem.at[tile, r][...], plgpu.Layout.WGMMA.reduce(1)), y.shape, (0,))
-  y = y * row(0) + row(1)
+def _finish_tile(y, out_scale, bias_smem, tile, lc, gelu: bool, out_dtype):
+  """A ``(TILE_N, rows)`` float32 accumulator tile finished: times the scalar ``out_scale``,
+  plus the bias (None, or ``bias_smem.at[tile]``: its ``TILE_N`` values, widened to float32
+  here), tanh-GELU if ``gelu``, cast to ``out_dtype``."""
+  y = y * out_scale
+  if bias_smem is not None:
+    b = lc(bias_smem.at[tile][...], plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+    y = y + lax.broadcast_in_dim(b, y.shape, (0,))
   return (jax.nn.gelu(y, approximate=True) if gelu else y).astype(out_dtype)
 
 
@@ -1283,14 +1285,16 @@ def _decoder(codes_gmem, xs_gmem, ws_gmem, bufs, full, sems, c, wg, config: Matm
     signal(mine - 1)
 
 
-def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
-                 interpret: bool, gelu: bool = False):
+def _stream_call(x, w: PreparedWeights, config: MatmulConfig, scales, out_dtype,
+                 interpret: bool, gelu: bool = False, bias=None):
   """Runs the streaming kernel (``MatmulConfig.stream``) on activations ``x (M, K)``
   (M a multiple of 8, not necessarily of ``tile_m``: Mp is M rounded up to one).
 
-  ``sb``: None, or float32 ``(2, N)`` per-column output scale and bias, which the kernel
-  applies (then tanh-GELU if ``gelu``) before writing ``out_dtype`` ``(M, N)`` itself
-  ("direct"; ``k_splits`` 1, ``cluster_splits`` or ``fixup_splits``); else it writes the
+  ``scales``: None, or ``_out_scales``' float32 ``(1,)`` factors of the output scale, which
+  the kernel multiplies (each consumer reads them from global memory at its start: no XLA
+  kernel before this one) and applies with the ``bias`` ``(N,)`` if any (its own dtype,
+  widened in the kernel), then tanh-GELU if ``gelu``, before writing ``out_dtype`` ``(M, N)``
+  itself ("direct"; ``k_splits`` 1, ``cluster_splits`` or ``fixup_splits``); else it writes the
   float32 accumulators ``(k_splits, N, Mp)`` like ``_kernel_call`` (left to XLA: the sum
   over the splits, scale, epilogue, transpose). Split ``s`` of a CTA's output tiles reads K
   steps ``s * K/k_splits`` onwards. With ``cluster_splits`` the splits of an output tile form
@@ -1351,7 +1355,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
   overlap = config.overlap_wgmma and depth > 1
   # the activation tiles the consumers read: the pipeline's slots, or two decoded ones
   act_slots = min(2, n_steps) if ac else depth
-  direct = sb is not None
+  direct = scales is not None
+  has_bias = direct and bias is not None
   cl = config.cluster_splits
   fx = config.fixup_splits
   # x may end inside its last row block (M a multiple of 8): TMA reads rows past it as zeros
@@ -1385,18 +1390,21 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       codes_gmem, (*refs, dec_full) = x_gmem, refs
     wq_gmem, ws_gmem, *rest = refs
     if direct:
-      sb_gmem, *rest = rest
+      scale_gmems, rest = rest[:len(scales)], rest[len(scales):]
+    if has_bias:
+      bias_gmem, *rest = rest
     out_gmem, *rest = rest
     if fx:
       part_gmem, *rest = rest
     if dec:  # the decoded workspace: the activations the producer copies
       x_gmem, *rest = rest
     bufs, wq_smem, ws_smem, acc_smem, *rest = rest
-    if direct:
-      sb_smem, *rest = rest
+    bias_smem = None
+    if has_bias:
+      bias_smem, *rest = rest
     full, consumed, drained, *rest = rest
-    if direct:
-      sb_bar, *rest = rest
+    if has_bias:
+      bias_bar, *rest = rest
     if fx:
       fix_bar, = rest
     if dec:  # RefUnion members (or, JAX 0.10.2's interpreter, a tuple)
@@ -1476,10 +1484,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     def _producer():
       if regs:
         plgpu.set_max_registers(producer_regs, action="decrease")
-      if direct:
+      if has_bias:
         for t in range(tiles):
           cols = pl.ds((ni * tiles + t) * tn, tn)
-          plgpu.copy_gmem_to_smem(sb_gmem.at[:, cols], sb_smem.at[t], sb_bar)
+          plgpu.copy_gmem_to_smem(bias_gmem.at[cols], bias_smem.at[t], bias_bar)
       for st in range(depth):
         fetch(st, st)
         if ac:
@@ -1529,6 +1537,10 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       if interpret:
         for acc in accs:
           acc[...] = zeros()
+      if direct:  # read before the K loop: a global load's latency off the tail
+        out_scale = scale_gmems[0][0]
+        for f in scale_gmems[1:]:
+          out_scale = out_scale * f[0]
 
       def step(i, kk):
         slot = lax.rem(i, depth)
@@ -1627,7 +1639,7 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
         local = lambda p: t * step_tiles + wg * wt + p  # noqa: E731 (tile among the CTA's)
 
         def put_finished(o_ref, y, tile):  # y finished into the (rows, TILE_N) tile o_ref
-          y = _finish_tile(y, sb_smem, tile, lc, gelu, out_dtype)
+          y = _finish_tile(y, out_scale, bias_smem, tile, lc, gelu, out_dtype)
           if interpret:  # the interpreter has no transposed refs
             o_ref[...] = y.T
           else:
@@ -1687,8 +1699,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     def _consumer():
       if regs:
         plgpu.set_max_registers(consumer_regs, action="increase")
-      if direct:
-        plgpu.barrier_wait(sb_bar)
+      if has_bias:
+        plgpu.barrier_wait(bias_bar)
       if interpret:
         scoped(*[acc_smem.at[wg * wt + p] for p in range(wt)])
       else:
@@ -1721,13 +1733,13 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
       plgpu.SMEM((step_tiles, depth, kt, tk // g, tn), w.scales_t.dtype),
       plgpu.SMEM((step_tiles, tn, tm) if interpret else (1,), jnp.float32),
   ]
-  if direct:
-    scratch.append(plgpu.SMEM((tiles, 2, tn), jnp.float32))
+  if has_bias:
+    scratch.append(plgpu.SMEM((tiles, tn), bias.dtype))
   scratch += [plgpu.Barrier(num_arrivals=(0 if ac else kt) + 2 * step_tiles,
                             num_barriers=depth),  # "full"
               plgpu.Barrier(num_arrivals=nwg, num_barriers=act_slots),  # "consumed"
               plgpu.Barrier(num_arrivals=nwg)]  # "drained" (alias_out)
-  if direct:
+  if has_bias:
     scratch.append(plgpu.Barrier(num_arrivals=tiles))
   if fx:  # each consumer's copies of the running sum's column chunks
     scratch.append(plgpu.Barrier(num_arrivals=wt, num_barriers=nwg * (tm // _FIX_CHUNK)))
@@ -1752,7 +1764,8 @@ def _stream_call(x, w: PreparedWeights, config: MatmulConfig, sb, out_dtype,
     grid_kw.update(grid=(*grid_kw["grid"], splits), grid_names=(*names, "s"))
   call = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, **grid_kw, **wg_kw)
   acts = [x, xs, xh] if dec else [x, xs] if ac else [x]
-  out = call(*acts, w.codes, w.scales_t, *([sb] if direct else []))
+  out = call(*acts, w.codes, w.scales_t, *(scales if direct else ()),
+             *([bias] if has_bias else []))
   return out[0] if fx or dec else out
 
 
@@ -1890,7 +1903,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       if getattr(config, name) and not (packed and w.fmt == "nvfp4"):
         raise ValueError(f"{name}={getattr(config, name)} needs W4A4 NVFP4: packed uint8 "
                          f"activations and nvfp4 weights, got a {a.dtype} and fmt={w.fmt!r}")
-  out_scale = w.tensor_scale
+  out_scale = w.tensor_scale  # (the streaming kernel's direct path multiplies them itself)
   if a_tensor_scale is not None:
     out_scale = out_scale * jnp.asarray(a_tensor_scale, jnp.float32)
   if method == "xla":
@@ -1925,8 +1938,9 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       if not (_REGISTER_CONCAT or interpret):
         raise ValueError("stream=True needs JAX >= 0.11 on the GPU (register concatenate)")
       if direct:
-        return _stream_call(xp, w, config, _scale_bias(out_scale, bias, n),
-                            jnp.dtype(out_dtype), interpret, gelu=epilogue == "gelu_tanh")[:m]
+        return _stream_call(xp, w, config, _out_scales(w.tensor_scale, a_tensor_scale),
+                            jnp.dtype(out_dtype), interpret, gelu=epilogue == "gelu_tanh",
+                            bias=bias)[:m]
       partials = _stream_call(xp, w, config, None, None, interpret)
     else:
       partials = _kernel_call(xp if m_major else xp.T, w, config, interpret, m_major)

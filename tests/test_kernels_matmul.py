@@ -192,6 +192,14 @@ class KernelCases:
                           alias_out=alias, k_splits=splits, n_inner=ni, act_codes=ac)
     self._check_stream(13, 2, m, k, cfg, jnp.bfloat16 if out == "bf16" else jnp.float32, gelu)
 
+  # The bias in its own dtype (widened in the kernel) or none: the finished output's epilogue
+  # without XLA before the kernel.
+  @pytest.mark.parametrize("bias_dtype", [None, jnp.bfloat16])
+  def test_stream_bias_dtype(self, bias_dtype):
+    cfg = fm.MatmulConfig(tile_m=32, tiles_per_cta=2, max_concurrent_steps=2, m_major=True,
+                          stream=True)
+    self._check_stream(19, 4, 40, 384, cfg, jnp.bfloat16, True, bias_dtype)
+
   # decode_ctas: extra CTAs decode the activation codes into a float16 workspace while the
   # others multiply (tile_m 64), past each split's first `depth` K steps (XLA's). Ragged M
   # over two row blocks with bf16 written finished; split K with float32 partials, two
@@ -209,15 +217,17 @@ class KernelCases:
     self._check_stream(17, 3, m, k, cfg, jnp.float32 if splits > 1 and not fx else
                        jnp.bfloat16, fx)
 
-  def _check_stream(self, seed, bias_seed, m, k, cfg, out_dtype, gelu):
-    """One W4A4 NVFP4 streaming-kernel call, N = 256 with a bias, within
-    ``_stream_reference``'s bound (a 2-byte output's rounding included)."""
+  def _check_stream(self, seed, bias_seed, m, k, cfg, out_dtype, gelu,
+                    bias_dtype=jnp.float32):
+    """One W4A4 NVFP4 streaming-kernel call, N = 256 with a ``bias_dtype`` bias (None: no
+    bias), within ``_stream_reference``'s bound (a 2-byte output's rounding included)."""
     if self.method == "xla":
       pytest.skip("a kernel tiling")
     n = 256
     a, qt = _case(seed, m, n, k, "nvfp4")
     qa = gn.quantize_nvfp4(a)
-    bias = jnp.asarray(np.random.default_rng(bias_seed).standard_normal(n), jnp.float32)
+    bias = None if bias_dtype is None else jnp.asarray(
+        np.random.default_rng(bias_seed).standard_normal(n), bias_dtype)
     kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale, bias=bias)
     got = self.run(lambda: fm.fp4_matmul(
         qa.codes, qt.codes, qt.scales, qt.tensor_scale, config=cfg, method=self.method,
@@ -713,15 +723,24 @@ def test_decode_ctas_lowers_for_cuda(splits, fx):
   _stream_lowers_on_jax011(7, 256, cfg, jnp.bfloat16)
 
 
-def _stream_lowers_on_jax011(seed, m, cfg, out) -> None:
+def _stream_lowers_on_jax011(seed, m, cfg, out, bias_dtype=None) -> None:
   """A W4A4 NVFP4 ``fp4_matmul`` from codes, ``(m, 1024) x (1024, 512)``, with ``cfg``'s
-  streaming kernel and tanh-GELU, through ``_lowers_on_jax011``."""
+  streaming kernel, tanh-GELU and a ``bias_dtype`` bias if any, through
+  ``_lowers_on_jax011``."""
   a, qt = _case(seed, m, 512, 1024, "nvfp4")
   qa = gn.quantize_nvfp4(a)
+  bias = None if bias_dtype is None else jnp.linspace(-1, 1, 512, dtype=bias_dtype)
   f = lambda c, s, t: fm.fp4_matmul(c, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
-                                    a_scales=s, a_tensor_scale=t, config=cfg,
+                                    a_scales=s, a_tensor_scale=t, config=cfg, bias=bias,
                                     method="kernel", out_dtype=out, epilogue="gelu_tanh")
   _lowers_on_jax011(f, (qa.codes, qa.scales, qa.tensor_scale), "stream=True needs JAX >= 0.11")
+
+
+@pytest.mark.parametrize("bias_dtype", [jnp.bfloat16, jnp.float32])
+def test_stream_bias_lowers_for_cuda(bias_dtype):
+  """The bias in its own dtype, copied per output tile and widened in the kernel, and the
+  output scale's factors read from global memory, lower for CUDA."""
+  _stream_lowers_on_jax011(8, 256, fm.auto_config(256, 512, 1024), jnp.bfloat16, bias_dtype)
 
 
 def _lowers_on_jax011(f, args, match: str) -> None:

@@ -216,6 +216,16 @@ def _candidates(m, n, k, interpret):
         "kernel", dataclasses.replace(fm.default_config(m, n, k), overlap_wgmma=False))
     if n // fm.TILE_N >= 132:  # the streaming kernel, unsplit, only where N fills the SMs
       c["ours_w4a4_stream"] = ("kernel", fm.stream_config(m, n, k, warpgroups=1))
+    # the streaming kernel with K split and the splits summed in the kernel (in the cluster,
+    # or in order), where the small-M kernel's float32 partials cost an XLA pass (version 30)
+    for s, kind in itertools.product((2, 4, 8), ("cl", "fx")):
+      try:
+        cfg = fm.stream_config(m, n, k, k_splits=s, cluster_splits=kind == "cl",
+                               fixup_splits=kind == "fx")
+        fm._check_config(cfg, n, k, 2)
+      except ValueError:
+        continue
+      c[f"ours_w4a4_stream_{kind}{s}"] = ("kernel", cfg)
   elif not interpret:  # the streaming kernel (auto_config's from STREAM_MIN_M), beside XLA
     # its default tiling, then tile_m 128 (version 12's default) with the automatic number of
     # consumer warpgroups and with the other one; where the default leaves SMs idle in its

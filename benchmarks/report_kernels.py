@@ -31,11 +31,12 @@ def auto_method(m: int, n: int, k: int, row: dict | None = None) -> str:
   """The candidate ``fp4_matmul(method="auto")`` runs for ``(M, K) x (K, N)`` on the GPU
   machines' JAX (>= 0.11), whatever JAX renders the report: where it streams, the candidate
   of ``row`` timed with ``auto_config``'s tiling, else (a run before that tiling) the run's
-  default, ``ours_w4a4_stream``."""
+  default, ``ours_w4a4_stream`` (``ours_w4a4_stream_cl2`` at ``CLUSTER_M`` rows)."""
   from pqjax_kernels import matmul_fp4 as fm  # noqa: PLC0415 (imports jax)
-  if m < fm.STREAM_MIN_M:
+  small = m < fm.STREAM_MIN_M
+  if small and not fm.auto_config(m, n, k).stream:
     return "ours_w4a4_kernel"
-  if not fm.prefers_stream(m, n, k):
+  if not small and not fm.prefers_stream(m, n, k):
     return "ours_w4a4_xla"
   # from packed codes (decode_ctas where SMs idle); runs before version 29 timed without
   for want in (fm.auto_config(m, n, k, codes=True), fm.auto_config(m, n, k)):
@@ -43,7 +44,7 @@ def auto_method(m: int, n: int, k: int, row: dict | None = None) -> str:
       if key.startswith("ours_w4a4_stream") and key.endswith("_config") and \
           fm.MatmulConfig(**cfg) == want:
         return key[:-len("_config")]
-  return "ours_w4a4_stream"
+  return "ours_w4a4_stream_cl2" if small else "ours_w4a4_stream"
 
 
 def best_ours(row: dict) -> tuple[str, float] | None:

@@ -560,7 +560,7 @@ def test_auto_config(m, k, n, wgs, tm, splits, ni):
   assert cfg.overlap_wgmma == (tm <= 128)
   fm._check_config(cfg, n, k, 2 if splits == 1 else 4)  # noqa: SLF001
   assert fm.auto_config(m, n, k, w4a4_nvfp4=False) == fm.default_config(m, n, k)
-  assert fm.auto_config(fm.STREAM_MIN_M - 1, n, k) == fm.default_config(fm.STREAM_MIN_M - 1,
+  assert fm.auto_config(fm.STREAM_MIN_M - 2, n, k) == fm.default_config(fm.STREAM_MIN_M - 2,
                                                                          n, k)
   f32 = fm.auto_config(m, n, k, out_itemsize=4)
   assert fm.smem_bytes(f32, k, 4) <= fm.SMEM_BYTES and not f32.fixup_splits
@@ -570,6 +570,57 @@ def test_auto_config(m, k, n, wgs, tm, splits, ni):
   dec = 12 if (m, n) == (1024, 3072) else 0
   assert codes == dataclasses.replace(cfg, decode_ctas=dec)
   assert fm.auto_config(m, n, k, codes=True, num_sms=128).decode_ctas == 0
+
+
+@pytest.mark.parametrize("k,n", [(3072, 3072), (12288, 3072), (3072, 12288), (1152, 4608)])
+def test_auto_config_at_cluster_m(k, n):
+  """At CLUSTER_M rows W4A4 NVFP4 with K >= STREAM_MIN_K and a 2-byte output streams with K
+  split in two, summed in the cluster (valid for that output); shorter K, float32 outputs,
+  other formats and other small M take ``default_config``."""
+  cfg = fm.auto_config(fm.CLUSTER_M, n, k)
+  if k >= fm.STREAM_MIN_K:
+    assert cfg.stream and cfg.cluster_splits and cfg.k_splits == 2 and cfg.tile_m == 64
+    fm._check_config(cfg, n, k, 2)  # noqa: SLF001
+  else:
+    assert cfg == fm.default_config(fm.CLUSTER_M, n, k)
+  for other in (fm.auto_config(fm.CLUSTER_M, n, k, out_itemsize=4),
+                fm.auto_config(fm.CLUSTER_M, n, k, w4a4_nvfp4=False)):
+    assert other == fm.default_config(fm.CLUSTER_M, n, k)
+  assert not fm.auto_config(fm.CLUSTER_M - 8, n, k).stream
+
+
+def test_cluster_m_lowers_for_cuda():
+  """On JAX >= 0.11, ``fp4_matmul`` with no config at CLUSTER_M rows lowers for CUDA to a
+  Mosaic GPU kernel with no XLA reduction after it (the cluster writes the output finished;
+  the small-M kernel's split-K partials would be summed by a ``reduce``)."""
+  if not fm._REGISTER_CONCAT:  # noqa: SLF001
+    pytest.skip("the streaming kernel needs JAX >= 0.11")
+  m, k, n = fm.CLUSTER_M, 3072, 512
+  a, qt = _case(6, m, n, k, "nvfp4")
+  vals = gn.nvfp4_values(gn.quantize_nvfp4(a))
+  f = lambda v, t: fm.fp4_matmul(v, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
+                                 a_tensor_scale=t, bias=jnp.ones((n,), jnp.bfloat16))
+  txt = jax.jit(f).trace(vals.values, vals.tensor_scale).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert txt.count("mosaic_gpu") >= 1 and "reduce" not in txt
+
+
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+def test_cluster_m_falls_back_under_the_interpreter():
+  """``fp4_matmul`` with no config at CLUSTER_M rows, where ``auto_config`` picks clusters,
+  runs ``default_config``'s small-M kernel under the interpreter (no clusters there), within
+  ``_stream_reference``'s bound (bf16 output)."""
+  m, k, n = fm.CLUSTER_M, 3072, 256
+  a, qt = _case(5, m, n, k, "nvfp4")
+  qa = gn.quantize_nvfp4(a)
+  assert fm.auto_config(m, n, k).cluster_splits
+  kw = dict(a_scales=qa.scales, a_tensor_scale=qa.tensor_scale)
+  with interpret.gpu_interpreter():
+    out = fm.fp4_matmul(qa.codes, qt.codes, qt.scales, qt.tensor_scale, method="kernel",
+                        interpret=True, **kw)
+  ref, bound = _stream_reference(qa, qt, kw, False, True)
+  assert out.dtype == jnp.bfloat16
+  assert (np.abs(np.asarray(out, np.float32) - ref) <= bound).all()
 
 
 @pytest.mark.parametrize("m,n,tm,waves", [(4608, 3072, 216, 4), (4096, 3072, 256, 3),

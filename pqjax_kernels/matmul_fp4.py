@@ -514,11 +514,11 @@ def prefers_stream(m: int, n: int, k: int) -> bool:
 
 
 def pick_method(m: int, n: int, k: int, w4a4_nvfp4: bool = True) -> str:
-  """The method ``"auto"`` uses for ``(M, K) x (K, N)``: the small-M kernel up to M = 64;
-  then, for W4A4 NVFP4 (``w4a4_nvfp4``: NVFP4 weights, activations as packed codes or
-  float16 values) on JAX >= 0.11, the streaming kernel where
-  ``prefers_stream``; else the XLA path (W4A16 and the other formats, whose streaming
-  kernel is not measured, from ``STREAM_MIN_M``)."""
+  """The method ``"auto"`` uses for ``(M, K) x (K, N)``: the kernels up to M = 64 (the
+  small-M one, or at ``CLUSTER_M`` rows ``auto_config``'s streaming tiling); then, for W4A4
+  NVFP4 (``w4a4_nvfp4``: NVFP4 weights, activations as packed codes or float16 values) on
+  JAX >= 0.11, the streaming kernel where ``prefers_stream``; else the XLA path (W4A16 and
+  the other formats, whose streaming kernel is not measured, from ``STREAM_MIN_M``)."""
   if m < STREAM_MIN_M:
     return "kernel"
   streams = w4a4_nvfp4 and _REGISTER_CONCAT and prefers_stream(m, n, k)

@@ -31,7 +31,7 @@ def auto_method(m: int, n: int, k: int, row: dict | None = None) -> str:
   """The candidate ``fp4_matmul(method="auto")`` runs for ``(M, K) x (K, N)`` on the GPU
   machines' JAX (>= 0.11), whatever JAX renders the report: where it streams, the candidate
   of ``row`` timed with ``auto_config``'s tiling, else (a run before that tiling) the run's
-  default, ``ours_w4a4_stream`` (``ours_w4a4_stream_cl2`` at ``CLUSTER_M`` rows)."""
+  default, ``ours_w4a4_stream`` (``ours_w4a4_stream_cl2`` below ``STREAM_MIN_M`` rows)."""
   from pqjax_kernels import matmul_fp4 as fm  # noqa: PLC0415 (imports jax)
   small = m < fm.STREAM_MIN_M
   if small and not fm.auto_config(m, n, k).stream:

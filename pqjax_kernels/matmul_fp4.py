@@ -57,8 +57,8 @@ bf16 (~4.5 + 16 bits per weight moved), another the activations times both tenso
 (one bf16 rounding each, relative <= 2**-8), then XLA's bf16 GEMM (cuBLAS, float32
 accumulation) writes the output dtype itself: no float32 product and no scaling pass.
 ``"kernel"``: the fused kernels above, tiled by ``auto_config`` unless given: the small-M
-kernel up to M = 64 (at ``CLUSTER_M`` rows, W4A4 NVFP4 with K >= ``STREAM_MIN_K``, the
-streaming kernel with K split in its cluster), the streaming kernel (W4A4 NVFP4) from
+kernel up to M = 64 (from ``CLUSTER_MIN_M`` rows, W4A4 NVFP4 with K >= ``STREAM_MIN_K``,
+the streaming kernel with K split in its cluster), the streaming kernel (W4A4 NVFP4) from
 ``STREAM_MIN_M`` (see ``pick_method`` for the largest M).
 
 ``prepare_weights`` does the one-time re-layout (int4 view of the codes and the scales, cut
@@ -97,11 +97,13 @@ STREAM_MIN_K = 3072  # the measured range: shorter K leaves less to hide a tile'
 SHORT_K_XLA_M = 512  # from here K < STREAM_MIN_K takes the XLA path (1152 x 4608, H200)
 SPLIT_MIN_M = 512  # split K by default from here (measured at 512, 1024 and 2048 rows) ...
 FIT_MIN_M = 768  # ... up to here; from here one split, fitted_tile_m's tile (768-4608 rows)
-# At 64 rows (K >= STREAM_MIN_K, 2-byte outputs) the streaming kernel with K split in two and
-# summed in its cluster beats the small-M kernel, whose float32 partials cost an XLA pass:
-# 9.1 / 22.7 / 21.5 us against 10.1 / 25.3 / 22.2 at 3072 x 3072 / 12288 x 3072 / 3072 x
-# 12288 (H200, NOTES_kernels.md version 30; measured at 64 rows only).
-CLUSTER_M = 64
+# From 33 rows to 64 (K >= STREAM_MIN_K, 2-byte outputs; both kernels on a 64-row tile) the
+# streaming kernel with K split in two and summed in its cluster beats the small-M kernel,
+# whose float32 partials cost an XLA pass: at 3072 x 3072 / 12288 x 3072 / 3072 x 12288,
+# 9.1 / 22.7 / 21.5 us against 10.1 / 25.3 / 22.2 at 64 rows, 9.1 / 22.7 / 22.5 against
+# 12.2 / 25.0 / 24.3 at 48 (H200, NOTES_kernels.md versions 30, 31). At 32 rows the small-M
+# kernel's 32-row tile (7.4 / 16.9 / 16.2) is below the cluster's shape rule (tile_m >= 64).
+CLUSTER_MIN_M = 33
 N_INNER_BYTES = 2**24  # f16 activations larger than this: CTAs sweep N (measured from 24 MiB)
 # decode_ctas x N at which the decoding CTAs keep pace with the products (a K tile's products
 # take time in proportion to N): 12 did at N = 3072, 8 fell behind (H200, version 29)
@@ -515,8 +517,8 @@ def prefers_stream(m: int, n: int, k: int) -> bool:
 
 def pick_method(m: int, n: int, k: int, w4a4_nvfp4: bool = True) -> str:
   """The method ``"auto"`` uses for ``(M, K) x (K, N)``: the kernels up to M = 64 (the
-  small-M one, or at ``CLUSTER_M`` rows ``auto_config``'s streaming tiling); then, for W4A4
-  NVFP4 (``w4a4_nvfp4``: NVFP4 weights, activations as packed codes or float16 values) on
+  small-M one, or from ``CLUSTER_MIN_M`` rows ``auto_config``'s streaming tiling); then, for
+  W4A4 NVFP4 (``w4a4_nvfp4``: NVFP4 weights, activations as packed codes or float16 values) on
   JAX >= 0.11, the streaming kernel where ``prefers_stream``; else the XLA path (W4A16 and
   the other formats, whose streaming kernel is not measured, from ``STREAM_MIN_M``)."""
   if m < STREAM_MIN_M:
@@ -547,12 +549,12 @@ def auto_config(m: int, n: int, k: int, w4a4_nvfp4: bool = True,
   XLA pass before the kernel: 1024 x 12288 x 3072 107.5 us against 111.6, 1024 x 3072 x
   3072 33.1 against 33.0 (H200, version 29).
 
-  At ``CLUSTER_M`` rows (W4A4 NVFP4, K >= ``STREAM_MIN_K``, 2-byte outputs) the streaming
-  kernel with K split in two, summed in the cluster (``fp4_matmul`` takes
+  From ``CLUSTER_MIN_M`` rows to 64 (W4A4 NVFP4, K >= ``STREAM_MIN_K``, 2-byte outputs) the
+  streaming kernel with K split in two, summed in the cluster (``fp4_matmul`` takes
   ``default_config`` instead where clusters or the streaming kernel are missing: the
   interpreter, JAX < 0.11)."""
-  if (w4a4_nvfp4 and m == CLUSTER_M and k >= STREAM_MIN_K and out_itemsize == 2
-      and (k // TILE_K) % 2 == 0):
+  if (w4a4_nvfp4 and CLUSTER_MIN_M <= m < STREAM_MIN_M and k >= STREAM_MIN_K
+      and out_itemsize == 2 and (k // TILE_K) % 2 == 0):
     return stream_config(m, n, k, k_splits=2, cluster_splits=True)
   if w4a4_nvfp4 and m >= STREAM_MIN_M:
     if m >= FIT_MIN_M:
@@ -1902,7 +1904,7 @@ def fp4_matmul(a, w_codes, w_scales=None, w_tensor_scale=None, *, a_scales=None,
       config = auto_config(m, n, k, w4a4_nvfp4, 2 if direct else 4,
                            codes=packed and w.fmt == "nvfp4")
       if config.cluster_splits and (interpret or not _REGISTER_CONCAT):
-        config = default_config(m, n, k)  # (CLUSTER_M rows) no clusters or no streaming
+        config = default_config(m, n, k)  # (33-64 rows) no clusters or no streaming
       if config.tile_m == 8 and interpret:  # the interpreter lays activations out (K, M)
         config = dataclasses.replace(config, tile_m=16)
     if not direct:  # float32 or gated outputs: float32 partials for XLA

@@ -42,9 +42,11 @@ def test_small_m_candidates_are_valid(m, k, n):
 
 def test_report_names_the_auto_candidate():
   """The report's "auto" column follows the thresholds ``fp4_matmul`` uses on the GPU."""
-  for m, k, n, want in [(fm.STREAM_MIN_M - 2, 3072, 12288, "kernel"),
-                        (fm.CLUSTER_M, 3072, 12288, "stream_cl2"),  # K split in the cluster
-                        (fm.CLUSTER_M, 1152, 4608, "kernel"),  # short K
+  for m, k, n, want in [(16, 3072, 12288, "kernel"),
+                        (64, 3072, 12288, "stream_cl2"),  # K split in the cluster
+                        (fm.CLUSTER_MIN_M, 12288, 3072, "stream_cl2"),
+                        (fm.CLUSTER_MIN_M - 1, 12288, 3072, "kernel"),
+                        (64, 1152, 4608, "kernel"),  # short K
                         (fm.STREAM_MIN_M, 3072, 12288, "stream"),
                         (fm.XLA_MIN_M, 3072, 12288, "stream"),  # 97% wave fill
                         (4608, 12288, 3072, "stream"),  # 100%: tile_m 216, 4 waves

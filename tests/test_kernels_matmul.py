@@ -448,11 +448,11 @@ def _dit_weights(k: int, n: int):
 
 
 @pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m", [1, 16, 64, 256, 1024, 4096, 4608])
+@pytest.mark.parametrize("m", [1, 16, 40, 64, 256, 1024, 4096, 4608])
 @pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 12288), (12288, 3072), (1152, 4608)])
 def test_auto_dit_shapes_gpu(k, n, m):
   """What a model runs: ``method="auto"`` (small-M kernel, streaming kernel or XLA path by M)
-  at every DiT shape the issue names, W4A4 with bias, bf16 out; activations redrawn per case,
+  at every DiT shape the issue names (and 40 rows: ragged in the cluster's 64-row tile), W4A4 with bias, bf16 out; activations redrawn per case,
   output memory poisoned first. Bound: ``_stream_reference``; where the XLA path runs, plus
   its bf16 rounding of the scaled activations and of the GEMM's output before the bias (two
   roundings of 2**-8 relative to ``sum |a w|``)."""
@@ -560,8 +560,8 @@ def test_auto_config(m, k, n, wgs, tm, splits, ni):
   assert cfg.overlap_wgmma == (tm <= 128)
   fm._check_config(cfg, n, k, 2 if splits == 1 else 4)  # noqa: SLF001
   assert fm.auto_config(m, n, k, w4a4_nvfp4=False) == fm.default_config(m, n, k)
-  assert fm.auto_config(fm.STREAM_MIN_M - 2, n, k) == fm.default_config(fm.STREAM_MIN_M - 2,
-                                                                         n, k)
+  small = fm.CLUSTER_MIN_M - 1
+  assert fm.auto_config(small, n, k) == fm.default_config(small, n, k)
   f32 = fm.auto_config(m, n, k, out_itemsize=4)
   assert fm.smem_bytes(f32, k, 4) <= fm.SMEM_BYTES and not f32.fixup_splits
   # packed codes: the SMs one wave of CTAs leaves idle decode them, where enough are idle
@@ -572,30 +572,32 @@ def test_auto_config(m, k, n, wgs, tm, splits, ni):
   assert fm.auto_config(m, n, k, codes=True, num_sms=128).decode_ctas == 0
 
 
+@pytest.mark.parametrize("m", [fm.CLUSTER_MIN_M, 48, fm.STREAM_MIN_M - 1])
 @pytest.mark.parametrize("k,n", [(3072, 3072), (12288, 3072), (3072, 12288), (1152, 4608)])
-def test_auto_config_at_cluster_m(k, n):
-  """At CLUSTER_M rows W4A4 NVFP4 with K >= STREAM_MIN_K and a 2-byte output streams with K
-  split in two, summed in the cluster (valid for that output); shorter K, float32 outputs,
-  other formats and other small M take ``default_config``."""
-  cfg = fm.auto_config(fm.CLUSTER_M, n, k)
+def test_auto_config_at_cluster_rows(k, n, m):
+  """From CLUSTER_MIN_M rows to 64, W4A4 NVFP4 with K >= STREAM_MIN_K and a 2-byte output
+  streams on a 64-row tile with K split in two, summed in the cluster (valid for that
+  output); shorter K, float32 outputs, other formats and fewer rows take
+  ``default_config``."""
+  cfg = fm.auto_config(m, n, k)
   if k >= fm.STREAM_MIN_K:
     assert cfg.stream and cfg.cluster_splits and cfg.k_splits == 2 and cfg.tile_m == 64
     fm._check_config(cfg, n, k, 2)  # noqa: SLF001
   else:
-    assert cfg == fm.default_config(fm.CLUSTER_M, n, k)
-  for other in (fm.auto_config(fm.CLUSTER_M, n, k, out_itemsize=4),
-                fm.auto_config(fm.CLUSTER_M, n, k, w4a4_nvfp4=False)):
-    assert other == fm.default_config(fm.CLUSTER_M, n, k)
-  assert not fm.auto_config(fm.CLUSTER_M - 8, n, k).stream
+    assert cfg == fm.default_config(m, n, k)
+  for other in (fm.auto_config(m, n, k, out_itemsize=4),
+                fm.auto_config(m, n, k, w4a4_nvfp4=False)):
+    assert other == fm.default_config(m, n, k)
+  assert not fm.auto_config(fm.CLUSTER_MIN_M - 1, n, k).stream
 
 
-def test_cluster_m_lowers_for_cuda():
-  """On JAX >= 0.11, ``fp4_matmul`` with no config at CLUSTER_M rows lowers for CUDA to a
+def test_cluster_rows_lower_for_cuda():
+  """On JAX >= 0.11, ``fp4_matmul`` with no config at 64 rows lowers for CUDA to a
   Mosaic GPU kernel with no XLA reduction after it (the cluster writes the output finished;
   the small-M kernel's split-K partials would be summed by a ``reduce``)."""
   if not fm._REGISTER_CONCAT:  # noqa: SLF001
     pytest.skip("the streaming kernel needs JAX >= 0.11")
-  m, k, n = fm.CLUSTER_M, 3072, 512
+  m, k, n = 64, 3072, 512
   a, qt = _case(6, m, n, k, "nvfp4")
   vals = gn.nvfp4_values(gn.quantize_nvfp4(a))
   f = lambda v, t: fm.fp4_matmul(v, qt.codes, qt.scales, qt.tensor_scale,  # noqa: E731
@@ -606,11 +608,11 @@ def test_cluster_m_lowers_for_cuda():
 
 
 @pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
-def test_cluster_m_falls_back_under_the_interpreter():
-  """``fp4_matmul`` with no config at CLUSTER_M rows, where ``auto_config`` picks clusters,
+def test_cluster_rows_fall_back_under_the_interpreter():
+  """``fp4_matmul`` with no config at 40 rows (ragged in the 64-row tile), where ``auto_config`` picks clusters,
   runs ``default_config``'s small-M kernel under the interpreter (no clusters there), within
   ``_stream_reference``'s bound (bf16 output)."""
-  m, k, n = fm.CLUSTER_M, 3072, 256
+  m, k, n = 40, 3072, 256
   a, qt = _case(5, m, n, k, "nvfp4")
   qa = gn.quantize_nvfp4(a)
   assert fm.auto_config(m, n, k).cluster_splits

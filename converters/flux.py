@@ -20,7 +20,7 @@ from converters import register
 from converters.attention import FeedForward, merge_heads, scaled_dot_product_attention, split_heads
 from converters.embeddings import (AdaLayerNormZero, CombinedTimestepGuidanceTextProjEmbeddings,
                                    CombinedTimestepTextProjEmbeddings)
-from converters.layers import Identity, Linear, Norm, linear_act
+from converters.layers import Identity, Linear, Norm, linear_act, linear_concat
 from pqjax.sites import Consumer, Producer, Site
 
 Array = jax.Array
@@ -295,7 +295,7 @@ class FluxSingleTransformerBlock(nnx.Module):
     norm_x, gate = self.norm(residual, emb=temb)
     mlp = linear_act(self.proj_mlp, norm_x, "gelu_tanh")
     attn_out = self.attn(norm_x, image_rotary_emb=image_rotary_emb)
-    out = gate[:, None] * self.proj_out(jnp.concatenate([attn_out, mlp], axis=2))
+    out = gate[:, None] * linear_concat(self.proj_out, (attn_out, mlp))
     x = _clip_fp16(residual + out)
     return x[:, :n_txt], x[:, n_txt:]
 

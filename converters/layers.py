@@ -8,7 +8,7 @@ map by name, unchanged. The loader (``converters/checkpoint.py``) walks these ge
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +191,15 @@ def linear_act(linear: Callable[..., Array], x: Array, act: str) -> Array:
   if act in getattr(linear, "fused_epilogues", ()):
     return linear(x, epilogue=act)
   return _FUSABLE[act](linear(x))
+
+
+def linear_concat(linear: Callable[..., Array], parts: Sequence[Array]) -> Array:
+  """``linear(concatenate(parts, axis=-1))``; a linear with ``takes_parts`` (a quantized one:
+  ``pqjax.qmodules.QuantLinear``) is given the parts themselves, and where its activation
+  quantize reads them in place no pass writes the concatenation."""
+  if getattr(linear, "takes_parts", False):
+    return linear(tuple(parts))
+  return linear(jnp.concatenate(parts, axis=-1))
 
 
 def gelu_exact(x: Array) -> Array:

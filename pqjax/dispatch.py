@@ -32,7 +32,11 @@ the bf16 output no one reads. A linear called with ``epilogue="gelu_tanh"`` (an 
 projection) applies the GELU in the matmul's epilogue on ``"mosaic"`` (to the float32 result,
 before the cast; the streaming kernel writes it finished), so no pass of its own reads and
 writes the activations again; elsewhere after the matmul, as the unquantized model does.
-``fusion(False)`` (a context manager) turns both off: two passes each, as before.
+A W4A4 linear given its input as parts of a concatenation (``converters.layers.linear_concat``:
+FLUX single blocks' ``proj_out`` reads attention output and MLP activations) has the norm
+kernel quantize them where they are, from ``NORM_KERNEL_MIN_ROWS`` rows and without an input
+gather, instead of a pass writing the concatenation first.
+``fusion(False)`` (a context manager) turns these off: two passes each, as before.
 
 The backend is picked from ``jax.devices()[0]``; ``use_backend(name)`` (a context manager)
 or the ``backend=`` argument overrides it.
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Any, Literal
 import weakref
 
@@ -254,9 +259,14 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool,
   quantizes took ~1.5 ms of a 12.0 ms FLUX-width forward pass (H200,
   ``results/inference_NVIDIA_H200_2026-12-01_a.json``). Where ``src`` says how the norm
   kernel computed ``x2`` (in order), the norm and the quantize run as one kernel pass.
-  Below ``NORM_KERNEL_MIN_ROWS`` or off the GPU: XLA's fusion.
+  Below ``NORM_KERNEL_MIN_ROWS`` or off the GPU: XLA's fusion. ``x2`` may be a tuple of the
+  ``(M, K_i)`` parts of a concatenation that ``_quantizes_parts`` accepted: the norm kernel
+  reads them in place.
   """
   kw = dict(tensor_scale=act_tensor_scale, hadamard=rotate)
+  if isinstance(x2, tuple):  # parts of a concatenation (``_quantizes_parts``): read in place
+    q = norm_kernel.norm_quantize(x2, kind="none", out="nvfp4_f16", **kw)
+    return norm.NVFP4Values(q.values, q.tensor_scale)
   if _norm_kernel_runs() and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
     q = _quantize_normed(src, act_tensor_scale, rotate) if src and perm is None else None
     if q is not None:
@@ -296,6 +306,19 @@ def _linear_scaled_matmul(x2, w: QTensor, bias, act_tensor_scale, out_dtype):
   return y.astype(out_dtype)
 
 
+def _quantizes_parts(parts, w: QTensor, act_format, in_perm, rotate: bool, backend) -> bool:
+  """Whether a W4A4 linear on ``"mosaic"`` quantizes the parts of its input in place (the
+  norm kernel copies each CTA's rows from the part holding them; no pass writes their
+  concatenation): no input gather, ``NORM_KERNEL_MIN_ROWS`` rows or more, parts the kernel
+  takes, ``fusion()`` on."""
+  rows = math.prod(parts[0].shape[:-1])
+  return (backend == "mosaic" and _FUSION.get() and _norm_kernel_runs()
+          and act_format is not None and _mosaic_ok(w, act_format) and in_perm is None
+          and rows >= NORM_KERNEL_MIN_ROWS and len(w.shape) == 2
+          and sum(p.shape[-1] for p in parts) == w.shape[1]
+          and norm_kernel.accepts(parts, kind="none", out="nvfp4_f16", hadamard=rotate))
+
+
 def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
            act_format: str | None, act_tensor_scale=None, in_perm=None, rotate: bool = False,
            out_dtype=None, backend: Backend | None = None,
@@ -304,7 +327,9 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
   """``epilogue(Q(x[..., in_perm] H) @ W + bias)`` with ``w`` the quantized ``W.T`` ``(N, K)``.
 
   Args:
-    x: ``(..., K)`` activations.
+    x: ``(..., K)`` activations, or a tuple of parts ``(..., K_i)`` concatenated along the
+      last axis (``converters.layers.linear_concat``): a W4A4 linear on ``"mosaic"``
+      quantizes them where they are (``_quantizes_parts``), anything else concatenates.
     w: ``QTensor`` of ``W.T`` quantized along axis 1 (``pqjax.qmatmul.quantize_weight``).
     bias: optional ``(N,)``.
     act_format: activation format (None: W4A16).
@@ -329,8 +354,15 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
   if epilogue not in EPILOGUES:
     raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
   backend = _check_backend(backend) if backend is not None else current_backend()
-  src = _norm_source(x)
-  x = jnp.asarray(x)
+  parts = None
+  if isinstance(x, (tuple, list)):  # the parts of x along its last axis
+    parts = tuple(jnp.asarray(p) for p in x)
+    x = jax.ShapeDtypeStruct((*parts[0].shape[:-1], sum(p.shape[-1] for p in parts)),
+                             parts[0].dtype)
+    if not _quantizes_parts(parts, w, act_format, in_perm, rotate, backend):
+      x, parts = jnp.concatenate(parts, axis=-1), None
+  src = None if parts else _norm_source(x)
+  x = x if parts else jnp.asarray(x)
   out_dtype = x.dtype if out_dtype is None else out_dtype
   if len(w.shape) != 2 or w.axis != 1 or x.shape[-1] != w.shape[1]:
     raise ValueError(f"x of shape {x.shape} does not match w of shape (N, K) = {w.shape} "
@@ -339,9 +371,12 @@ def linear(x: jax.Array, w: QTensor, bias: jax.Array | None = None, *,
   mosaic = backend == "mosaic" and _mosaic_ok(w, act_format)
   # W4A4 on the mosaic path gathers and rotates inside the activation quantize.
   fused = mosaic and act_format is not None
-  x = _prepare_input(x, w, act_format, in_perm, rotate and not fused, gather=not fused)
   n, k = w.shape
-  x2 = x.reshape(-1, k)
+  if parts:
+    x2 = tuple(p.reshape(-1, p.shape[-1]) for p in parts)
+  else:
+    x = _prepare_input(x, w, act_format, in_perm, rotate and not fused, gather=not fused)
+    x2 = x.reshape(-1, k)
   in_kernel = mosaic and epilogue is not None and _FUSION.get()
   if mosaic:
     y = _linear_mosaic(x2, w, bias, act_format, act_tensor_scale, out_dtype, prepared,

@@ -52,9 +52,12 @@ class QuantLinear(nnx.Module):
     rotate: block Hadamard inside each group (weights were rotated at quantize time).
     fused_epilogues: the activations a call can apply in the matmul's epilogue
       (``quant_linear(x, epilogue="gelu_tanh")``; ``converters.layers.linear_act``).
+    takes_parts: a call takes ``x`` as the parts of a concatenation along the last axis
+      (``converters.layers.linear_concat``), which ``dispatch.linear`` may quantize in place.
   """
 
   fused_epilogues = ("gelu_tanh",)
+  takes_parts = True
 
   def __init__(self, qweight: QTensor, bias: Array | None = None, *,
                act_format: str | None = None, act_tensor_scale: Array | None = None,
@@ -101,8 +104,9 @@ class QuantLinear(nnx.Module):
                    shape=(self.out_features, self.in_features),
                    dtype=jnp.dtype(self.weight_dtype))
 
-  def __call__(self, x: Array, epilogue: str | None = None) -> Array:
-    """``epilogue(linear(x))``; ``epilogue`` in ``fused_epilogues`` (``dispatch.linear``)."""
+  def __call__(self, x: Array | tuple[Array, ...], epilogue: str | None = None) -> Array:
+    """``epilogue(linear(x))``; ``epilogue`` in ``fused_epilogues``, ``x`` an array or the
+    parts of one along its last axis (``dispatch.linear``)."""
     w = self.qweight
     prepared = (None if self.kernel_codes is None else
                 dispatch.prepared_weights(w, self.kernel_codes[...], self.kernel_scales[...]))

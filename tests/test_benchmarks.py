@@ -14,6 +14,7 @@ import report_kernels  # noqa: E402
 import sweep_matmul  # noqa: E402
 
 from pqjax_kernels import matmul_fp4 as fm  # noqa: E402
+from tests import interpret  # noqa: E402
 
 
 @pytest.mark.parametrize("m,k,n", [(4608, 3072, 12288), (1024, 12288, 3072), (256, 3072, 3072),
@@ -93,6 +94,20 @@ def test_bench_inference_tiny_runs(tmp_path):
   # the same model each way (on the CPU no kernel layout and no norm kernel)
   for variant in ("nvfp4 w4a4, fusions off", "nvfp4 w4a4, re-laid per call"):
     assert runs["nvfp4 w4a4"]["rel_error_vs_bf16"] == runs[variant]["rel_error_vs_bf16"]
+
+
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+def test_diag_parts_tiny_runs_and_checks(tmp_path):
+  """``diag_parts.py --tiny`` (CPU, the GPU interpreter) runs every variant and checks each
+  quantize against the plain-jnp quantize of the concatenation."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, os.path.join(root, "benchmarks", "diag_parts.py"),
+                  "--tiny", "--out", str(tmp_path)], check=True, cwd=root,
+                 env={**os.environ, "PYTHONPATH": root}, capture_output=True)
+  (path,) = tmp_path.glob("diag_parts_*.json")
+  (row,) = json.loads(path.read_text())["results"]
+  assert row["parts_ok"] and row["concat + quantize_ok"] and row["quantize_ok"]
+  assert row["parts_wall_us"] > 0
 
 
 def test_diag_decode_stand_ins_reach_the_lowered_kernel():

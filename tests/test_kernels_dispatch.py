@@ -216,6 +216,55 @@ def test_mosaic_quantize_cuts_wide_rows_in_order(monkeypatch, rotate):
   assert seen[-1] == (m, d)
 
 
+@pytest.mark.parametrize("backend", ["reference", "mosaic"])
+@pytest.mark.parametrize("act_format", [None, "nvfp4"])
+def test_linear_parts_equal_the_concatenation(backend, act_format):
+  """``x`` as parts (``converters.layers.linear_concat``) where no kernel runs (the reference;
+  mosaic off the tiling, K = 192): the linear of their concatenation, bit for bit; parts
+  that do not add up to K raise."""
+  rng = np.random.default_rng(14)
+  w = qmatmul.quantize_weight(rng.standard_normal((192, 128)).astype(np.float32), "nvfp4")
+  parts = [jnp.asarray(rng.standard_normal((2, 3, k)), jnp.bfloat16) for k in (64, 128)]
+  kw = dict(act_format=act_format, backend=backend,
+            act_tensor_scale=None if act_format is None else jnp.float32(0.01))
+  got = dispatch.linear(tuple(parts), w, **kw)
+  want = dispatch.linear(jnp.concatenate(parts, axis=-1), w, **kw)
+  assert got.shape == (2, 3, 128)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match=r"\(2, 3, 128\)"):
+    dispatch.linear((parts[1],), w, **kw)
+
+
+def _lowered_parts_linear(parts, w, **kw):
+  import jax
+  f = lambda ps: dispatch.linear(ps, w, act_format="nvfp4", backend="mosaic",  # noqa: E731
+                                 act_tensor_scale=jnp.float32(0.01), **kw)
+  return jax.jit(f).trace(parts).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_mosaic_quantizes_parts_in_place(monkeypatch):
+  """Traced on the mosaic backend, a W4A4 linear given parts from ``NORM_KERNEL_MIN_ROWS``
+  rows quantizes them in place (the norm kernel with the parts: no concatenation in the
+  program); with an input gather, below those rows, or under ``fusion(False)`` it
+  concatenates them first."""
+  import re
+  import jax
+  monkeypatch.setattr(dispatch, "_norm_kernel_runs", lambda: True)
+  rng = np.random.default_rng(15)
+  w = qmatmul.quantize_weight(rng.standard_normal((384, 128)).astype(np.float32), "nvfp4")
+  m = dispatch.NORM_KERNEL_MIN_ROWS
+  parts = tuple(jax.ShapeDtypeStruct((m, k), jnp.bfloat16) for k in (128, 256))
+  cat = re.compile(rf"concatenate[^\n]*{m}x384")
+  text = _lowered_parts_linear(parts, w)
+  assert "mosaic_gpu" in text and not cat.search(text)
+  assert dispatch._quantizes_parts(parts, w, "nvfp4", None, False, "mosaic")  # noqa: SLF001
+  assert cat.search(_lowered_parts_linear(parts, w, in_perm=jnp.arange(384, dtype=jnp.int32)))
+  with dispatch.fusion(False):
+    assert cat.search(_lowered_parts_linear(parts, w))
+  few = tuple(jax.ShapeDtypeStruct((m - 1, k), jnp.bfloat16) for k in (128, 256))
+  assert re.search(rf"concatenate[^\n]*{m - 1}x384", _lowered_parts_linear(few, w))
+
+
 def _norm_then_linears(x, perm, kw, ws, ts, rotate=False, other=None):
   """What a norm site computes: the gathered norm, then W4A4 linears reading its output
   (``other``: one more reading a different array of the same values)."""
@@ -410,3 +459,22 @@ def test_mosaic_w4a4_gathered_linear_on_gpu(m, rotate):
   assert (np.abs(got - xd @ wd.T) <= bound).all()
   ref = np.asarray(dispatch.linear(x, w, in_perm=perm, backend="reference", **kw), np.float64)
   assert (np.abs(got - ref) <= 2 * bound).all()
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+def test_mosaic_parts_linear_on_gpu():
+  """A W4A4 linear given parts (quantized in place by the norm kernel) against the same
+  linear given their concatenation, jitted on the GPU: the same float16 values reach the
+  same matmul, so the outputs are equal bit for bit."""
+  import jax
+  rng = np.random.default_rng(16)
+  w = qmatmul.quantize_weight(rng.standard_normal((4096, 256)).astype(np.float32), "nvfp4")
+  parts = tuple(jnp.asarray(rng.standard_normal((2, 520, k)), jnp.bfloat16)
+                for k in (3072, 1024))
+  kw = dict(act_format="nvfp4", act_tensor_scale=jnp.float32(0.004), backend="mosaic")
+  assert dispatch._quantizes_parts(parts, w, "nvfp4", None, False, "mosaic")  # noqa: SLF001
+  got = jax.jit(lambda ps: dispatch.linear(ps, w, **kw))(parts)
+  want = jax.jit(lambda ps: dispatch.linear(jnp.concatenate(ps, axis=-1), w, **kw))(parts)
+  assert got.shape == (2, 520, 256) and np.isfinite(np.asarray(got, np.float32)).all()
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+

@@ -10,6 +10,8 @@ value that moved by less than a bf16 ulp), and an NVFP4 code or E4M3 scale only 
 value lies within that distance of a rounding boundary (rare: bounded by a small fraction).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -409,3 +411,80 @@ def test_bank_friendly_perm_keeps_groups_and_cuts_conflicts(d):
   np.testing.assert_array_equal(got, nk.bank_friendly_perm(perm))  # deterministic
   with pytest.raises(ValueError, match="multiple of 64"):
     nk.bank_friendly_perm(np.arange(80))
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def _parts_case(rng, lead, widths, dtype=jnp.bfloat16):
+  parts = [jnp.asarray(rng.standard_normal((*lead, w)) * 3, dtype) for w in widths]
+  return parts, jnp.concatenate(parts, axis=-1)
+
+
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+@pytest.mark.parametrize("lead,widths,rows", [
+    ((5,), (128, 256), 4),  # 15 sub-rows of 128: the last block copies its last one twice
+    ((2, 3), (192, 64, 128), None),  # three parts, 3-D
+    ((4,), (384,), 8)])  # one part (sub-rows of 384)
+@pytest.mark.parametrize("out,dynamic,hadamard", [
+    ("nvfp4", False, False), ("nvfp4_f16", True, False), ("nvfp4_f16", False, True)])
+def test_parts_equal_the_concatenation(lead, widths, rows, out, dynamic, hadamard):
+  """The plain quantize of parts (``x`` a tuple: each CTA copies its rows from the part
+  holding them) equals ``gathered_quantize`` of their concatenation bit for bit (the same
+  elementwise arithmetic; a dynamic tensor scale is a maximum, exact in any order)."""
+  rng = np.random.default_rng(len(widths) + 3 * dynamic)
+  parts, cat = _parts_case(rng, lead, widths)
+  ts = None if dynamic else jnp.float32(TS)
+  with interpret.gpu_interpreter():
+    got = nk.norm_quantize(tuple(parts), kind="none", out=out, tensor_scale=ts, rows=rows,
+                           hadamard=hadamard, interpret=True)
+  ref = norm.gathered_quantize(cat, None, out=out, tensor_scale=ts, hadamard=hadamard)
+  _assert_nvfp4_equal(got, ref)
+  assert nk.accepts(parts, kind="none", out=out)
+
+
+@pytest.mark.parametrize("widths", [(3072, 12288), (1152, 4608)])
+def test_parts_lower_for_cuda(widths):
+  """The parts' per-row conditional copies lower to one Mosaic GPU kernel, with no
+  concatenation in the program."""
+  parts = tuple(jax.ShapeDtypeStruct((1000, w), jnp.bfloat16) for w in widths)
+  f = lambda ps: nk.norm_quantize(ps, kind="none", out="nvfp4_f16",  # noqa: E731
+                                  tensor_scale=jnp.float32(TS))
+  text = jax.jit(f).trace(parts).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 1
+  assert not re.search(rf"concatenate[^\n]*1000x{sum(widths)}", text)
+
+
+@pytest.mark.parametrize("parts,kwargs,match", [
+    ((jnp.zeros((8, 128), jnp.bfloat16),), dict(kind="layer"), "kind='none'"),
+    ((jnp.zeros((8, 128), jnp.bfloat16),), dict(perm=jnp.arange(128, dtype=jnp.int32)),
+     "perm=None"),
+    ((), {}, "non-empty"),
+    ((jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((4, 128), jnp.bfloat16)), {},
+     r"\(8, 128\), \(4, 128\)"),
+    ((jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((8, 128), jnp.float32)), {}, "float32"),
+    ((jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((8, 96), jnp.bfloat16)), {}, r"\[128, 96\]"),
+])
+def test_parts_bad_input_raises(parts, kwargs, match):
+  args = {**dict(kind="none", out="nvfp4", tensor_scale=jnp.float32(1.0)), **kwargs}
+  with pytest.raises(ValueError, match=match):
+    nk.norm_quantize(parts, **args)
+  assert not nk.accepts(parts, **{k: v for k, v in args.items() if k != "tensor_scale"})
+
+
+@pytest.mark.skipif(not interpret.has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("lead,widths", [((1000,), (3072, 12288)), ((2, 2304), (3072, 12288)),
+                                         ((333,), (1152, 4608))])
+def test_parts_gpu(lead, widths):
+  """The parts at FLUX's single-block widths (attention + MLP into ``proj_out``) on the GPU,
+  ragged row counts, output memory poisoned first: bit for bit the quantize of the
+  concatenation (elementwise arithmetic in the same order)."""
+  rng = np.random.default_rng(sum(lead))
+  parts, cat = _parts_case(rng, lead, widths)
+  jax.block_until_ready(jnp.full(cat.shape, jnp.nan, jnp.float16))  # poison freed memory
+  f = jax.jit(lambda ps: nk.norm_quantize(ps, kind="none", out="nvfp4_f16",
+                                          tensor_scale=jnp.float32(TS)))
+  got = f(tuple(parts))
+  ref = jax.jit(lambda x: norm.gathered_quantize(x, None, out="nvfp4_f16",
+                                                 tensor_scale=jnp.float32(TS)))(cat)
+  _assert_nvfp4_equal(got, ref)

@@ -403,10 +403,9 @@ def bench_norm(results, log, save, shapes, timer, sweep=False):
     xs = [x + i for i in range(r)]
     copy = jax.jit(lambda xs: [xi + 1 for xi in xs])
 
-    def norm_fn(out, ts, kernel=False, vec_dtype=jnp.float32, **kw):
+    def norm_fn(out, ts, kernel=False, **kw):
       impl = nk.norm_quantize if kernel else gn.gathered_norm
-      sh, sc = shift.astype(vec_dtype), scale.astype(vec_dtype)
-      return jax.jit(lambda xs, p: [impl(xi, p, kind="layer", shift=sh, scale=sc,
+      return jax.jit(lambda xs, p: [impl(xi, p, kind="layer", shift=shift, scale=scale,
                                          out=out, tensor_scale=ts, **kw) for xi in xs])
 
     def quant_fn(ts, kernel=False, hadamard=False, out="nvfp4"):
@@ -434,15 +433,6 @@ def bench_norm(results, log, save, shapes, timer, sweep=False):
          lambda k: norm_fn("nvfp4", ts, k), (xs, friendly), q_bytes),
         ("plain_norm_nvfp4_static", "kernel_inorder_nvfp4_static",
          lambda k: norm_fn("nvfp4", ts, k), (xs, None), q_bytes),
-        # the adaLN vectors in bf16, as a converted bf16 model passes them (the kernel stages
-        # them as bf16: half the shared memory of float32 ones)
-        ("gathered_norm_nvfp4_static_bf16vec", "kernel_gathered_nvfp4_static_bf16vec",
-         lambda k: norm_fn("nvfp4", ts, k, jnp.bfloat16), (xs, perm), q_bytes),
-        ("plain_norm_nvfp4_static_bf16vec", "kernel_inorder_nvfp4_static_bf16vec",
-         lambda k: norm_fn("nvfp4", ts, k, jnp.bfloat16), (xs, None), q_bytes),
-        ("bankfriendly_norm_nvfp4_static_bf16vec",
-         "kernel_gathered_bankfriendly_nvfp4_static_bf16vec",
-         lambda k: norm_fn("nvfp4", ts, k, jnp.bfloat16), (xs, friendly), q_bytes),
         ("gathered_norm_nvfp4_dynamic", "kernel_gathered_nvfp4_dynamic",
          lambda k: norm_fn("nvfp4", None, k), (xs, perm), q_bytes),
         ("gathered_norm_hadamard_static", "kernel_gathered_hadamard_static",

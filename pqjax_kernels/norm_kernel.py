@@ -115,23 +115,22 @@ def _perm_dtype(d: int):
   return jnp.int16 if d <= _PERM16_MAX_D else jnp.int32
 
 
-def _smem_bytes(x, perm, out: str, n_vec: int, rows: int, vec_bytes: int = 4) -> float:
+def _smem_bytes(x, perm, out: str, n_vec: int, rows: int) -> float:
   d = x.shape[-1]
   in_place = _in_place(x.dtype, out, perm)
   out_bytes = 0 if in_place else 2 if out in _TWO_BYTE_OUTS else 9 / 16
   perm_bytes = 0 if perm is None else d * jnp.dtype(_perm_dtype(d)).itemsize
-  return rows * d * (x.dtype.itemsize + out_bytes) + n_vec * d * vec_bytes + perm_bytes
+  return rows * d * (x.dtype.itemsize + out_bytes) + n_vec * d * 4 + perm_bytes
 
 
-def default_rows(x, perm=None, *, out: str = "nvfp4", n_vec: int = 0,
-                 vec_bytes: int = 4) -> int:
+def default_rows(x, perm=None, *, out: str = "nvfp4", n_vec: int = 0) -> int:
   """Rows per CTA: the fastest block height whose shared memory fits (else the smallest).
 
   Small blocks let several CTAs share an SM, so that one's copy overlaps another's
   arithmetic; per-sample adaLN vectors also need T to be a multiple of it.
   """
   for rows in _ROW_PREFERENCE[x.shape[-1] >= _WIDE]:
-    if _smem_bytes(x, perm, out, n_vec, rows, vec_bytes) <= SMEM_BYTES:
+    if _smem_bytes(x, perm, out, n_vec, rows) <= SMEM_BYTES:
       return rows
   return min(ROW_CHOICES)
 
@@ -154,29 +153,13 @@ def _resolve(x, perm, out: str, vecs, rows: int | None, chunk: int | None):
   """``rows`` and ``chunk``, with None replaced by the defaults (left None for a non-array
   ``x``: ``_check`` then names it)."""
   if hasattr(x, "shape") and hasattr(x, "dtype"):
-    rows = (default_rows(x, perm, out=out, n_vec=_n_vec(*vecs), vec_bytes=_vec_bytes(*vecs))
-            if rows is None else rows)
+    rows = default_rows(x, perm, out=out, n_vec=_n_vec(*vecs)) if rows is None else rows
     chunk = default_chunk(x.shape[-1], rows) if chunk is None else chunk
   return rows, chunk
 
 
 def _n_vec(*vs) -> int:
   return sum(v is not None for v in vs)
-
-
-def _vec_dtype(*vs):
-  """The dtype the kernel stages the present vectors in: their own where they all share one
-  two-byte float dtype (widening is exact, and ``1 + scale`` is then added in the kernel,
-  in float32 as the reference adds it), else float32. Half the shared memory of float32
-  vectors: at D = 3072 with per-sample adaLN, 4 CTAs per SM instead of 3."""
-  dtypes = {jnp.dtype(v.dtype) for v in vs if v is not None and hasattr(v, "dtype")}
-  if len(dtypes) == 1 and dtypes <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}:
-    return dtypes.pop()
-  return jnp.dtype(jnp.float32)
-
-
-def _vec_bytes(*vs) -> int:
-  return _vec_dtype(*vs).itemsize
 
 
 def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk,
@@ -205,8 +188,7 @@ def _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk,
     if x.shape[1] % rows:
       raise ValueError(f"per-sample {name} needs T={x.shape[1]} to be a multiple of "
                        f"rows={rows}")
-  vs = (weight, bias, shift, scale)
-  smem = _smem_bytes(x, perm, out, _n_vec(*vs), rows, _vec_bytes(*vs))
+  smem = _smem_bytes(x, perm, out, _n_vec(weight, bias, shift, scale), rows)
   if smem > SMEM_BYTES:
     raise ValueError(f"x of shape {x.shape} and dtype {x.dtype} needs {smem:.0f} bytes of "
                      f"shared memory per CTA with rows={rows}, more than {SMEM_BYTES}")
@@ -246,20 +228,19 @@ def _per_sample(v, x) -> bool:
 
 
 def _vectors(x, weight, bias, shift, scale):
-  """Stacks the present vectors as ``(B, n, D)`` (B = 1 unless one is per-sample) in
-  ``_vec_dtype`` in the order the kernel applies them (weight, bias, 1 + scale, shift; in a
-  two-byte dtype the scale itself, the kernel adding 1); returns it (or None) and which are
-  present."""
+  """Stacks the present vectors as float32 ``(B, n, D)`` (B = 1 unless one is per-sample) in
+  the order the kernel applies them (weight, bias, 1 + scale, shift); returns it (or None)
+  and which are present."""
   b = x.shape[0] if _per_sample(shift, x) or _per_sample(scale, x) else 1
   d = x.shape[-1]
-  dtype = _vec_dtype(weight, bias, shift, scale)
   rows = []
-  for v, is_scale in ((weight, False), (bias, False), (scale, True), (shift, False)):
+  for v, per_sample_op in ((weight, None), (bias, None), (scale, lambda s: 1.0 + s),
+                           (shift, None)):
     if v is None:
       continue
-    v = v.astype(dtype)
-    if is_scale and dtype == jnp.float32:  # the reference adds 1 in float32, so does this
-      v = 1.0 + v
+    v = v.astype(jnp.float32)
+    if per_sample_op is not None:  # the reference adds 1 in float32, so does this
+      v = per_sample_op(v)
     rows.append(jnp.broadcast_to(v.reshape(-1, d), (b, d)))
   flags = tuple(v is not None for v in (weight, bias, scale, shift))
   return (jnp.stack(rows, axis=1) if rows else None), flags
@@ -626,7 +607,6 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
   groups, gc = d // 16, chunk // 16
   n_chunks = d // chunk
   n_vec = 0 if vecs is None else vecs.shape[1]
-  plus_one = n_vec and vecs.dtype != jnp.float32  # _vectors staged the scale itself
   lc = _layout_cast(interpret)
   rows_shape = (rows, gc, 8, 2)
   # Each operand has a flat shape (GMEM copies need 16-byte aligned pitches and contiguous
@@ -712,12 +692,9 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
       var = accumulate(lambda v: centred(v) * centred(v)) / jnp.float32(d)
       rstd = lax.rsqrt(var + jnp.float32(eps))
 
-    def vec(j, c, scale: bool):
-      v = lc(view(vec_smem, (n_vec, groups, 8, 2)).at[j, pl.ds(c * gc, gc)][...],
-             _VEC_LAYOUT).astype(jnp.float32)  # exact
-      if scale and plus_one:  # staged as the scale itself: 1 + scale in float32 here
-        v = jnp.float32(1.0) + v
-      return _bcast(v, rows_shape, (1, 2, 3), interpret)
+    def vec(j, c):
+      v = view(vec_smem, (n_vec, groups, 8, 2)).at[j, pl.ds(c * gc, gc)][...]
+      return _bcast(lc(v, _VEC_LAYOUT), rows_shape, (1, 2, 3), interpret)
 
     @pl.loop(0, n_chunks)
     def _(c):
@@ -725,10 +702,9 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
       if kind != "none":
         y = y * _bcast(rstd, rows_shape, (0,), interpret)
       j = 0
-      for i, (present, op) in enumerate(zip(flags, (jnp.multiply, jnp.add, jnp.multiply,
-                                                    jnp.add))):
+      for present, op in zip(flags, (jnp.multiply, jnp.add, jnp.multiply, jnp.add)):
         if present:
-          y = op(y, vec(j, c, scale=i == 2))
+          y = op(y, vec(j, c))
           j += 1
       if round_to is not None:  # what quantizing a stored round_to result would see
         y = y.astype(round_to).astype(jnp.float32)
@@ -779,7 +755,7 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
   m_true = None if subs is None else sum(xp.shape[0] for xp in x_arrays)  # before padding
   if n_vec:
     args.append(vecs.reshape(*vecs.shape[:2], *grouped((d,), (groups, 8, 2))))
-    scratch.append(plgpu.SMEM(args[-1].shape[1:], vecs.dtype))
+    scratch.append(plgpu.SMEM(args[-1].shape[1:], jnp.float32))
   if out in norm.QUANTIZED:
     args.append(params)
     scratch.append(plgpu.SMEM(params.shape, jnp.float32))

@@ -37,14 +37,12 @@ def _exact_x(rng, shape, kind, dtype):
   return jnp.asarray(v, dtype)
 
 
-def _vectors(rng, shape, per_sample, dtype=None):
-  """Affine and adaLN vectors: float32 with a bf16 scale (staged as float32), or all in
-  ``dtype`` (a two-byte one is staged as is)."""
+def _vectors(rng, shape, per_sample):
   d = shape[-1]
   sv = (shape[0], d) if per_sample else (d,)
-  f = lambda s, k: jnp.asarray(rng.standard_normal(s) * k, dtype or jnp.float32)  # noqa: E731
+  f = lambda s, k: jnp.asarray(rng.standard_normal(s) * k, jnp.float32)  # noqa: E731
   return dict(weight=f(d, 1.0), bias=f(d, 0.5), shift=f(sv, 0.5),
-              scale=jnp.asarray(rng.standard_normal(sv) * 0.2, dtype or jnp.bfloat16))
+              scale=jnp.asarray(rng.standard_normal(sv) * 0.2, jnp.bfloat16))
 
 
 def _call(x, kind, out, vecs, perm=None, gpu=False, rows=None, dynamic=False, chunk=None,
@@ -220,27 +218,6 @@ class TestInterpreter:
     assert got.values.shape == shape
     _assert_nvfp4_equal(got, ref)
 
-  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-  @pytest.mark.parametrize("out,gathered,adaln_only", [
-      ("nvfp4", True, False), ("bf16", False, False), ("nvfp4_f16", True, True)])
-  def test_two_byte_vectors_bit_exact(self, dtype, out, gathered, adaln_only):
-    """Vectors all in one two-byte dtype are staged in it (half the shared memory) and
-    widened in the kernel, which adds 1 to the scale in float32 as the reference does: the
-    same results bit for bit (per-sample adaLN, with and without the affine)."""
-    shape = (2, 16, 256)
-    rng = np.random.default_rng(31)
-    x = _exact_x(rng, shape, "layer", jnp.bfloat16)
-    vecs = _vectors(rng, shape, True, dtype)
-    if adaln_only:
-      vecs = dict(shift=vecs["shift"], scale=vecs["scale"])
-    assert nk._vec_dtype(*vecs.values()) == dtype  # noqa: SLF001
-    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32) if gathered else None
-    got, ref = _call(x, "layer", out, vecs, perm, rows=4)
-    if out == "bf16":
-      np.testing.assert_array_equal(_bits(got), _bits(ref))
-    else:
-      _assert_nvfp4_equal(got, ref)
-
   @pytest.mark.parametrize("kind", ["layer", "rms"])
   def test_random_data_within_rounding(self, kind):
     shape = (2, 32, 320)
@@ -271,23 +248,6 @@ class TestGPU:
       return
     err = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64))
     assert (err <= bounds.norm_bf16_tolerance(x, ref, kind=kind, perm=perm, **vecs)).all()
-
-  @pytest.mark.parametrize("out", ["nvfp4", "bf16"])
-  def test_bf16_vectors_within_rounding(self, out):
-    """Per-sample adaLN vectors in bf16 (what a converted bf16 model passes), staged as bf16
-    and widened in the kernel, at D = 3072 gathered."""
-    shape = (2, 256, 3072)
-    rng = np.random.default_rng(41)
-    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
-    perm = jnp.asarray(rng.permutation(shape[-1]), jnp.int32)
-    vecs = _vectors(rng, shape, True, jnp.bfloat16)
-    vecs = dict(shift=vecs["shift"], scale=vecs["scale"])
-    got, ref = _call(x, "layer", out, vecs, perm, gpu=True)
-    if out == "nvfp4":
-      _assert_within_rounding(got, ref, out)
-      return
-    err = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64))
-    assert (err <= bounds.norm_bf16_tolerance(x, ref, kind="layer", perm=perm, **vecs)).all()
 
   @pytest.mark.parametrize("kind,gathered,rows", [
       ("none", True, 4), ("none", False, 16), ("layer", True, 4), ("rms", False, 16)])
@@ -365,31 +325,6 @@ def test_lowers_for_cuda(shape, dtype, kind, out, vecs, per_sample, gathered):
                                         hadamard=out in norm.QUANTIZED and gathered, **kw)
   text = jax.jit(f).trace(x, perm, kw).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
-
-
-def test_vec_dtype_and_shared_memory():
-  """Two-byte vectors of one dtype are staged in it; mixed or float32 ones in float32. The
-  shared-memory estimate follows: 12 KiB less per CTA at D = 3072 with per-sample adaLN."""
-  bf, f32 = jnp.ones(8, jnp.bfloat16), jnp.ones(8, jnp.float32)
-  assert nk._vec_dtype(bf, None, bf) == jnp.bfloat16  # noqa: SLF001
-  assert nk._vec_dtype(jnp.ones(8, jnp.float16)) == jnp.float16  # noqa: SLF001
-  assert nk._vec_dtype(bf, f32) == jnp.float32 and nk._vec_dtype() == jnp.float32  # noqa: SLF001
-  x = jax.ShapeDtypeStruct((2, 4608, 3072), jnp.bfloat16)
-  perm = jax.ShapeDtypeStruct((3072,), jnp.int32)
-  wide, narrow = (nk._smem_bytes(x, perm, "nvfp4", 2, 4, b) for b in (4, 2))  # noqa: SLF001
-  assert wide - narrow == 2 * 3072 * 2
-
-
-def test_two_byte_vectors_lower_for_cuda():
-  """bf16 adaLN vectors, staged as bf16 and widened in the kernel, lower to Mosaic GPU."""
-  x = jax.ShapeDtypeStruct((2, 1024, 3072), jnp.bfloat16)
-  kw = dict(shift=jax.ShapeDtypeStruct((2, 3072), jnp.bfloat16),
-            scale=jax.ShapeDtypeStruct((2, 3072), jnp.bfloat16))
-  f = lambda x, p, kw: nk.norm_quantize(x, p, out="nvfp4_f16",  # noqa: E731
-                                        tensor_scale=jnp.float32(TS), **kw)
-  perm = jax.ShapeDtypeStruct((3072,), jnp.int32)
-  assert "mosaic_gpu" in jax.jit(f).trace(x, perm, kw).lower(
-      lowering_platforms=("cuda",)).as_text()
 
 
 def test_round_to_lowers_for_cuda():

@@ -110,6 +110,36 @@ def test_diag_parts_tiny_runs_and_checks(tmp_path):
   assert row["parts_wall_us"] > 0
 
 
+@pytest.mark.skipif(not interpret.AVAILABLE, reason="JAX GPU interpreter not available")
+def test_diag_norm_smem_pads_without_changing_the_result(monkeypatch):
+  """``diag_norm_smem.padded`` hands the norm kernel one more scratch buffer of the given
+  size, last (the kernel never reads it), and puts ``plgpu`` back after; under the GPU
+  interpreter the codes are those of the unpadded kernel."""
+  import types
+  import jax.numpy as jnp
+  import numpy as np
+  import diag_norm_smem as dns  # noqa: PLC0415
+  from pqjax_kernels import norm_kernel as nk  # noqa: PLC0415
+  real, seen = nk.plgpu, []
+  def kernel(body, *, scratch_types=(), **kw):
+    seen.append(list(scratch_types))
+    return real.kernel(body, scratch_types=scratch_types, **kw)
+  spy = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real)
+                                 if not n.startswith("__")})
+  spy.kernel = kernel
+  monkeypatch.setattr(nk, "plgpu", spy)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 128)), jnp.bfloat16)
+  f = lambda x: nk.norm_quantize(x, tensor_scale=jnp.float32(0.01), rows=4,  # noqa: E731
+                                 interpret=True).codes
+  with interpret.gpu_interpreter():
+    want = f(x)
+    with dns.padded(4096):
+      got = f(x)
+  assert nk.plgpu is spy and len(seen) == 2 and len(seen[1]) == len(seen[0]) + 1
+  assert seen[1][-1].shape == (4096,)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_diag_decode_stand_ins_reach_the_lowered_kernel():
   """``diag_decode``'s stand-ins change the kernel it lowers (the PTX is read while lowering,
   after tracing) and are undone after; the auto-barrier variants put the barriers back (more

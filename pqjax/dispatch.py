@@ -265,8 +265,7 @@ def _quantize_activations(x2, act_tensor_scale, perm, rotate: bool,
   """
   kw = dict(tensor_scale=act_tensor_scale, hadamard=rotate)
   if isinstance(x2, tuple):  # parts of a concatenation (``_quantizes_parts``): read in place
-    q = norm_kernel.norm_quantize(x2, kind="none", out="nvfp4_f16", **kw)
-    return norm.NVFP4Values(q.values, q.tensor_scale)
+    return norm_kernel.norm_quantize(x2, kind="none", out="nvfp4_f16", **kw)
   if _norm_kernel_runs() and x2.shape[0] >= NORM_KERNEL_MIN_ROWS:
     q = _quantize_normed(src, act_tensor_scale, rotate) if src and perm is None else None
     if q is not None:

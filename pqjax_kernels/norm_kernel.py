@@ -206,11 +206,11 @@ def _as_rows(parts, perm, kind: str):
   if len({(s[:-1], jnp.dtype(p.dtype)) for s, p in zip(shapes, parts)}) != 1:
     raise ValueError(f"the parts of x must share their leading shape and dtype, got shapes "
                      f"{shapes} and dtypes {[str(p.dtype) for p in parts]}")
-  if not _parts_row(parts):
+  d_row = _parts_row(parts)
+  if not d_row:
     raise ValueError(f"the parts' last axes {[s[-1] for s in shapes]} must all be multiples "
                      f"of {CHUNK}")
   width = sum(s[-1] for s in shapes)
-  d_row = _parts_row(parts)
   rows = jax.ShapeDtypeStruct((math.prod(shapes[0][:-1]) * width // d_row, d_row),
                               parts[0].dtype)
   return rows, (*shapes[0][:-1], width)
@@ -596,13 +596,12 @@ def _kernel_call(x2, vecs, params, stats=None, *, perm, kind: str, flags, eps: f
                  t: int, rows: int, chunk: int, hadamard: bool, round_to, interpret: bool,
                  parts=None):
   """Runs the kernel on ``x2 (M, D)`` (M a multiple of ``rows``); returns its outputs
-  (row-major, in the kernel's array shapes). With ``parts`` (``_sub_rows``' arrays and
-  sub-rows per row), ``x2`` only gives the shape and dtype of the rows they make: each CTA
-  copies its rows one by one from the part that holds them (the last row stands in for the
-  padding). ``out="amax"``: instead of codes and scales
+  (row-major, in the kernel's array shapes). ``out="amax"``: instead of codes and scales
   (dynamic scale), one float32 row per CTA holding the amax of the result per row and chunk
   (chunk-major, ``D/chunk * rows``), then the row means and reciprocal standard deviations
-  (``rows`` each), which a later call takes as ``stats`` instead of computing them again."""
+  (``rows`` each), which a later call takes as ``stats`` instead of computing them again.
+  With ``parts`` (``_sub_rows``' arrays and sub-rows per row), ``x2`` only gives the shape
+  and dtype of the rows they make (``_copy_sub_rows``)."""
   m, d = x2.shape
   groups, gc = d // 16, chunk // 16
   n_chunks = d // chunk
@@ -834,8 +833,7 @@ def norm_quantize(x: jax.Array, perm: jax.Array | None = None, *,
   """
   parts, shape = None, getattr(x, "shape", None)
   if isinstance(x, (tuple, list)):  # a concatenation: quantized as rows of PART_ROW or less
-    (rows_of, shape), parts = _as_rows(x, perm, kind), _sub_rows(x, _parts_row(x))
-    x = rows_of
+    (x, shape), parts = _as_rows(x, perm, kind), _sub_rows(x, _parts_row(x))
   rows, chunk = _resolve(x, perm, out, (weight, bias, shift, scale), rows, chunk)
   _check(x, perm, kind, weight, bias, shift, scale, out, rows, chunk, hadamard)
   norm.check_round_to(round_to)

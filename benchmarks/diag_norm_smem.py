@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
 import sys
 import types
@@ -31,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_kernels import Timer  # noqa: E402
+from benchmarks.diag_parts import write_json  # noqa: E402
 from pqjax_kernels import norm_kernel as nk  # noqa: E402
 
 SMEM_PER_SM = 227 * 1024
@@ -94,15 +93,7 @@ def main() -> None:
                             kernel_us=kern, wall_us=wall))
         print(f"gathered={gathered} adaln={vecs} ctas/SM={ctas} smem={base + pad} "
               f"kernel={kern:.1f} us wall={wall:.1f} us", flush=True)
-  dev = jax.devices()[0]
-  out = dict(benchmark="diag_norm_smem", shape=[b, t, d], device=dev.device_kind,
-             jax=jax.__version__, date=datetime.date.today().isoformat(), results=results)
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"diag_norm_smem_{dev.device_kind.replace(' ', '_')}_"
-                                f"{out['date']}.json")
-  with open(path, "w") as fh:
-    json.dump(out, fh, indent=1)
-  print("wrote", path)
+  write_json(args.out, "diag_norm_smem", shape=[b, t, d], results=results)
 
 
 if __name__ == "__main__":

@@ -85,15 +85,22 @@ def main() -> None:
       print(f"rows={m} widths={widths} " + " ".join(
           f"{n}={row[n + '_kernel_us']:.1f}/{row[n + '_wall_us']:.1f}" for n in fns)
             + " ok=" + str(all(v for k, v in row.items() if k.endswith("_ok"))))
+  write_json(args.out, "diag_parts", results=results)
+
+
+def write_json(out_dir: str, benchmark: str, **fields) -> str:
+  """Writes ``fields`` with the benchmark's name, the device, JAX version and date as
+  ``<benchmark>_<device>_<date>.json`` under ``out_dir``; returns the path."""
   dev = jax.devices()[0]
-  out = dict(benchmark="diag_parts", device=dev.device_kind, platform=dev.platform,
-             jax=jax.__version__, date=datetime.date.today().isoformat(), results=results)
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"diag_parts_{dev.device_kind.replace(' ', '_')}_"
-                                f"{out['date']}.json")
+  out = dict(benchmark=benchmark, device=dev.device_kind, platform=dev.platform,
+             jax=jax.__version__, date=datetime.date.today().isoformat(), **fields)
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{benchmark}_{dev.device_kind.replace(' ', '_')}_"
+                               f"{out['date']}.json")
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
   print("wrote", path)
+  return path
 
 
 if __name__ == "__main__":
